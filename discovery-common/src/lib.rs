@@ -1,0 +1,243 @@
+//! Map layouts shared by the eBPF programs (`discovery-ebpf`) and the agent.
+//!
+//! This file is the single definition of what lives in the pinned maps. Every
+//! type is `#[repr(C)]`, has explicit padding and no implicit holes, so the
+//! kernel, the agent and `bpftool map dump` (through BTF) agree on each byte.
+//!
+//! Addresses are 16 bytes everywhere: IPv4 is stored IPv4-mapped
+//! (`::ffff:a.b.c.d`), so IPv6 needs no layout change. Ports are stored in
+//! host byte order so `bpftool` prints the number an operator expects.
+//!
+//! # Hitless updates
+//!
+//! A service entry points at a *backend set* (`set_id`) and says how many
+//! slots it has. The agent writes a change as: backends first, then the slots
+//! of a brand-new set, then flips the service entry (one atomic map update),
+//! then deletes the old set's slots and any backend no longer referenced. A
+//! `connect()` therefore sees either the old set or the new one, never a mix.
+#![no_std]
+
+/// Names of the maps and programs in the eBPF object. Pinned files under the
+/// pin directory carry the same names.
+pub mod names {
+    /// [`crate::ServiceKey`] → [`crate::Service`].
+    pub const SERVICES: &str = "disc_services";
+    /// [`crate::SlotKey`] → [`crate::Slot`].
+    pub const SLOTS: &str = "disc_slots";
+    /// Array indexed by backend id → [`crate::Backend`].
+    pub const BACKENDS: &str = "disc_backends";
+    /// Per-CPU array indexed by [`crate::Counter`] → `u64`.
+    pub const COUNTERS: &str = "disc_counters";
+    /// Socket-local storage: [`crate::SockRevNat`], freed with the socket.
+    pub const REVNAT: &str = "disc_revnat";
+
+    /// Every map the agent pins, in the order it creates them.
+    pub const ALL_MAPS: [&str; 5] = [SERVICES, SLOTS, BACKENDS, COUNTERS, REVNAT];
+
+    /// The cgroup/sock_addr programs: (program name, pinned link name).
+    pub const PROGRAMS: [(&str, &str); 4] = [
+        ("disc_connect4", "link_connect4"),
+        ("disc_sendmsg4", "link_sendmsg4"),
+        ("disc_recvmsg4", "link_recvmsg4"),
+        ("disc_getpeername4", "link_getpeername4"),
+    ];
+}
+
+/// Default map sizes; the agent overrides them with `--max-services` and
+/// `--max-backends`.
+pub const DEFAULT_MAX_SERVICES: u32 = 16_384;
+pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
+/// Slots are service/backend pairs; the map has room for one extra full set
+/// of the largest service while it is being replaced.
+pub const DEFAULT_MAX_SLOTS: u32 = DEFAULT_MAX_BACKENDS + 65_536;
+
+/// `BPF_F_NO_PREALLOC`: hash maps only take memory for entries in use.
+pub const BPF_F_NO_PREALLOC: usize = 1;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Entries per socket in [`SockRevNat`]: how many (frontend, backend) pairs
+/// one UDP socket can talk to at once and still see replies from the
+/// frontend address.
+pub const REVNAT_ENTRIES: usize = 4;
+
+/// A frontend: the loopback address clients connect to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// IPv4-mapped or IPv6 address.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// Service entry: which backend set is live and how many slots it has.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Set id of the live slots; never reused while referenced.
+    pub set_id: u32,
+    /// Number of slots in the set; 0 means "no backend": connect fails with
+    /// `ECONNREFUSED` at once.
+    pub count: u32,
+    /// Reserved for per-service policy flags.
+    pub flags: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub set_id: u32,
+    /// 0..count.
+    pub slot: u32,
+}
+
+/// One column of a Walker alias table: pick a uniformly random slot, then
+/// `backend` if a second random `u32` is below `threshold`, else `alias`.
+/// Weighted random choice in O(1) with exactly one slot per backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// Backend id (index into the backends array).
+    pub backend: u32,
+    /// Backend id used when the draw is at or above `threshold`.
+    pub alias: u32,
+    /// Probability of `backend`, scaled to 2^32.
+    pub threshold: u32,
+    pub pad: u32,
+}
+
+/// A backend address. Array slot 0 is never used, so an all-zero entry is
+/// simply "no backend".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// [`BACKEND_F_VALID`] when in use.
+    pub flags: u16,
+    pub pad: u32,
+}
+
+pub const BACKEND_F_VALID: u16 = 1;
+
+/// One (frontend, backend) pair a socket was redirected for, so replies
+/// (`recvmsg`) and `getpeername` report the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNatEntry {
+    pub backend_addr: [u8; 16],
+    pub frontend_addr: [u8; 16],
+    /// Host byte order; 0 marks an empty entry.
+    pub backend_port: u16,
+    pub frontend_port: u16,
+    pub pad: u32,
+}
+
+/// Socket-local storage value: lives and dies with the socket, so there is
+/// nothing to garbage-collect and no LRU to evict live entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRevNat {
+    pub entries: [RevNatEntry; REVNAT_ENTRIES],
+    /// Next entry to overwrite when all are taken.
+    pub next: u32,
+    pub pad: u32,
+}
+
+/// Indexes into the per-CPU counters map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// connect() to a frontend rewritten to a backend (TCP and connected UDP).
+    ConnectRedirected = 0,
+    /// Unconnected UDP datagrams rewritten to a backend.
+    SendmsgRedirected = 1,
+    /// connect()/sendmsg() to a frontend with no backend: failed at once.
+    NoBackend = 2,
+    /// Replies whose source was rewritten back to the frontend.
+    RecvmsgRevNat = 3,
+    /// getpeername() answers rewritten to the frontend.
+    PeerRevNat = 4,
+    /// A lookup raced a set flip and was retried against the new set.
+    StaleRetry = 5,
+    /// Socket storage could not be allocated; reply source not rewritten.
+    RevNatAllocFailed = 6,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::ConnectRedirected,
+        Counter::SendmsgRedirected,
+        Counter::NoBackend,
+        Counter::RecvmsgRevNat,
+        Counter::PeerRevNat,
+        Counter::StaleRetry,
+        Counter::RevNatAllocFailed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::ConnectRedirected => "connect_redirected",
+            Counter::SendmsgRedirected => "sendmsg_redirected",
+            Counter::NoBackend => "no_backend",
+            Counter::RecvmsgRevNat => "recvmsg_revnat",
+            Counter::PeerRevNat => "peer_revnat",
+            Counter::StaleRetry => "stale_retry",
+            Counter::RevNatAllocFailed => "revnat_alloc_failed",
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` from the 4 address bytes in network order.
+#[inline(always)]
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all types are repr(C), Copy, made of integers with explicit
+    // padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for Service {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Slot {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for SockRevNat {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Slot>(), 16);
+        assert_eq!(size_of::<Backend>(), 24);
+        assert_eq!(size_of::<RevNatEntry>(), 40);
+        assert_eq!(size_of::<SockRevNat>(), 40 * REVNAT_ENTRIES + 8);
+    }
+
+    #[test]
+    fn v4_mapped_layout() {
+        let a = v4_mapped([127, 0, 0, 1]);
+        assert_eq!(&a[10..], &[0xff, 0xff, 127, 0, 0, 1]);
+        assert!(a[..10].iter().all(|b| *b == 0));
+    }
+}

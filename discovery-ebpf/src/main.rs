@@ -1,0 +1,281 @@
+//! cgroup/sock_addr programs: rewrite a client's connect()/sendmsg() to a
+//! frontend into one of the service's backends, and make replies and
+//! getpeername() report the frontend again.
+//!
+//! Per call: one hash lookup for the frontend, one for the slot, one array
+//! lookup for the backend. Traffic to anything that is not a frontend costs
+//! one hash lookup and is left untouched.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
+    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    macros::{btf_map, cgroup_sock_addr},
+    programs::SockAddrContext,
+};
+use discovery_common::{
+    BACKEND_F_VALID, BPF_F_NO_PREALLOC, Backend, Counter, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, IPPROTO_TCP, IPPROTO_UDP, REVNAT_ENTRIES,
+    RevNatEntry, Service, ServiceKey, Slot, SlotKey, SockRevNat, v4_mapped,
+};
+
+#[btf_map(name = "disc_services")]
+static SERVICES: HashMap<
+    ServiceKey,
+    Service,
+    { DEFAULT_MAX_SERVICES as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
+
+#[btf_map(name = "disc_slots")]
+static SLOTS: HashMap<SlotKey, Slot, { DEFAULT_MAX_SLOTS as usize }, BPF_F_NO_PREALLOC> =
+    HashMap::new();
+
+#[btf_map(name = "disc_backends")]
+static BACKENDS: Array<Backend, { DEFAULT_MAX_BACKENDS as usize }> = Array::new();
+
+#[btf_map(name = "disc_counters")]
+static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "disc_revnat")]
+static REVNAT: SkStorage<SockRevNat> = SkStorage::new();
+
+/// cgroup sock_addr verdicts.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[inline(always)]
+fn bump(counter: Counter) {
+    if let Some(v) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other writer while we run.
+        unsafe { *v += 1 };
+    }
+}
+
+/// What the hook saw: the destination (or, for recvmsg/getpeername, the
+/// peer) as written by the kernel into the context.
+#[inline(always)]
+fn ctx_addr(ctx: &SockAddrContext) -> ([u8; 16], u16) {
+    let sa = unsafe { &*ctx.sock_addr };
+    // user_ip4 holds the address bytes in network order; user_port holds
+    // the port in network order in its low 16 bits.
+    let ip = sa.user_ip4.to_ne_bytes();
+    let port = u16::from_be(sa.user_port as u16);
+    (v4_mapped(ip), port)
+}
+
+#[inline(always)]
+fn set_ctx_addr(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    sa.user_ip4 = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    sa.user_port = u32::from(port.to_be());
+}
+
+/// Weighted choice of a backend: `r1` picks the slot, `r2` decides between
+/// the slot's backend and its alias. A lookup that races a set flip (slot of
+/// the old set already deleted) re-reads the service once and uses the new
+/// set.
+#[inline(always)]
+fn pick(key: &ServiceKey, r1: u32, r2: u32) -> Option<Backend> {
+    let mut attempt = 0;
+    while attempt < 2 {
+        attempt += 1;
+        let svc = unsafe { SERVICES.get(key) }?;
+        let (set_id, count) = (svc.set_id, svc.count);
+        if count == 0 {
+            return None;
+        }
+        let slot = ((u64::from(r1) * u64::from(count)) >> 32) as u32;
+        let Some(slot) = (unsafe { SLOTS.get(SlotKey { set_id, slot }) }) else {
+            bump(Counter::StaleRetry);
+            continue;
+        };
+        let id = if r2 < slot.threshold {
+            slot.backend
+        } else {
+            slot.alias
+        };
+        match BACKENDS.get(id) {
+            Some(b) if b.flags & BACKEND_F_VALID != 0 => return Some(*b),
+            _ => {
+                bump(Counter::StaleRetry);
+                continue;
+            }
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn is_frontend(key: &ServiceKey) -> bool {
+    unsafe { SERVICES.get(key) }.is_some()
+}
+
+#[inline(always)]
+fn proto_of(ctx: &SockAddrContext) -> u8 {
+    unsafe { (*ctx.sock_addr).protocol as u8 }
+}
+
+/// Remember that this socket talks to `backend` on behalf of `frontend`.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, frontend: &ServiceKey, backend: &Backend) {
+    let st = unsafe { REVNAT.get_or_insert_ptr_mut(ctx, None) };
+    if st.is_null() {
+        bump(Counter::RevNatAllocFailed);
+        return;
+    }
+    let st = unsafe { &mut *st };
+    let mut i = 0;
+    while i < REVNAT_ENTRIES {
+        let e = &mut st.entries[i];
+        if e.backend_port == backend.port && e.backend_addr == backend.addr {
+            e.frontend_addr = frontend.addr;
+            e.frontend_port = frontend.port;
+            return;
+        }
+        if e.backend_port == 0 {
+            break;
+        }
+        i += 1;
+    }
+    if i >= REVNAT_ENTRIES {
+        i = (st.next as usize) % REVNAT_ENTRIES;
+        st.next = st.next.wrapping_add(1);
+    }
+    if let Some(e) = st.entries.get_mut(i) {
+        *e = RevNatEntry {
+            backend_addr: backend.addr,
+            frontend_addr: frontend.addr,
+            backend_port: backend.port,
+            frontend_port: frontend.port,
+            pad: 0,
+        };
+    }
+}
+
+/// Rewrite the peer address back to the frontend if this socket was
+/// redirected to it. Returns whether it did.
+#[inline(always)]
+fn restore_frontend(ctx: &SockAddrContext) -> bool {
+    let st = unsafe { REVNAT.get_ptr_mut(ctx) };
+    if st.is_null() {
+        return false;
+    }
+    let st = unsafe { &*st };
+    let (addr, port) = ctx_addr(ctx);
+    let mut i = 0;
+    while i < REVNAT_ENTRIES {
+        let e = &st.entries[i];
+        if e.backend_port == port && e.backend_addr == addr {
+            set_ctx_addr(ctx, &e.frontend_addr, e.frontend_port);
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Fail the call with ECONNREFUSED right away instead of letting it hang.
+#[inline(always)]
+fn refuse() -> i32 {
+    bump(Counter::NoBackend);
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REJECT
+}
+
+/// splitmix64 finaliser: spreads a socket cookie over both halves.
+#[inline(always)]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// TCP connect() and connected UDP: a fresh random backend per connect().
+#[cgroup_sock_addr(connect4)]
+pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
+    let proto = proto_of(&ctx);
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return ALLOW;
+    }
+    let (addr, port) = ctx_addr(&ctx);
+    let key = ServiceKey {
+        addr,
+        port,
+        proto,
+        pad: 0,
+    };
+    if !is_frontend(&key) {
+        return ALLOW;
+    }
+    let (r1, r2) = unsafe { (bpf_get_prandom_u32(), bpf_get_prandom_u32()) };
+    let Some(backend) = pick(&key, r1, r2) else {
+        return refuse();
+    };
+    set_ctx_addr(&ctx, &backend.addr, backend.port);
+    remember(&ctx, &key, &backend);
+    bump(Counter::ConnectRedirected);
+    ALLOW
+}
+
+/// Unconnected UDP sendto(): rewritten per datagram. The choice is derived
+/// from the socket cookie, so one socket keeps one backend per frontend while
+/// the backend set is unchanged (request/response protocols need replies from
+/// the backend they asked) and different sockets spread over the backends.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn disc_sendmsg4(ctx: SockAddrContext) -> i32 {
+    if proto_of(&ctx) != IPPROTO_UDP {
+        return ALLOW;
+    }
+    let (addr, port) = ctx_addr(&ctx);
+    let key = ServiceKey {
+        addr,
+        port,
+        proto: IPPROTO_UDP,
+        pad: 0,
+    };
+    if !is_frontend(&key) {
+        return ALLOW;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let h = mix(cookie ^ (u64::from(port) << 32));
+    let Some(backend) = pick(&key, (h >> 32) as u32, h as u32) else {
+        return refuse();
+    };
+    set_ctx_addr(&ctx, &backend.addr, backend.port);
+    remember(&ctx, &key, &backend);
+    bump(Counter::SendmsgRedirected);
+    ALLOW
+}
+
+/// recvfrom() on a UDP socket that sent to a frontend: the reply appears to
+/// come from the frontend, as resolvers and other clients that check the
+/// source require.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn disc_recvmsg4(ctx: SockAddrContext) -> i32 {
+    if proto_of(&ctx) == IPPROTO_UDP && restore_frontend(&ctx) {
+        bump(Counter::RecvmsgRevNat);
+    }
+    ALLOW
+}
+
+/// getpeername() on a redirected socket reports the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn disc_getpeername4(ctx: SockAddrContext) -> i32 {
+    if restore_frontend(&ctx) {
+        bump(Counter::PeerRevNat);
+    }
+    ALLOW
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
