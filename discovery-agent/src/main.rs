@@ -1,2 +1,54 @@
-static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/discovery"));
-fn main() { println!("{}", OBJ.len()); }
+//! discovery-agent: watches etcd and keeps the redirect maps in sync.
+mod agent;
+mod config;
+mod etcd;
+mod loader;
+mod maps;
+mod model;
+mod reconcile;
+
+use clap::Parser as _;
+use config::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = match &cli.log {
+        Some(f) => EnvFilter::try_new(f),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
+    };
+    let filter = match filter {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: invalid --log filter: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(agent::run(args))),
+        Command::Detach(args) => loader::detach(&args.pin_dir),
+        Command::Counters(args) => maps::BpfMaps::open(&args.pin_dir)
+            .and_then(|m| m.counters())
+            .map(|cs| {
+                for (name, v) in cs {
+                    println!("{name} {v}");
+                }
+            }),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use discovery_common::{
     BACKEND_F_VALID, BPF_F_NO_PREALLOC, Backend, Counter, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, IPPROTO_TCP, IPPROTO_UDP, REVNAT_ENTRIES,
-    RevNatEntry, Service, ServiceKey, Slot, SlotKey, SockRevNat, v4_mapped,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, IPPROTO_TCP, IPPROTO_UDP, REVNAT_ENTRIES, RevNatEntry,
+    Service, ServiceKey, Slot, SlotKey, SockRevNat, v4_mapped,
 };
 
 #[btf_map(name = "disc_services")]

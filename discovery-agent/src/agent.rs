@@ -1,0 +1,159 @@
+//! The run loop: etcd → model → desired table → reconciler → maps.
+use std::collections::BTreeSet;
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::RunArgs,
+    etcd::{Change as EtcdChange, Source, Update},
+    loader,
+    maps::BpfMaps,
+    model::{Applied, Conflict, Model, proto_name},
+    reconcile::{Change, Reconciler},
+};
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    loader::ensure_root()?;
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => loader::cgroup2_root()?,
+    };
+    let pin_dir = args.pin.pin_dir.clone();
+    loader::load_and_attach(
+        &cgroup,
+        &pin_dir,
+        &loader::Sizes {
+            max_services: args.max_services,
+            max_backends: args.max_backends,
+        },
+    )?;
+    let maps = BpfMaps::open(&pin_dir)?;
+    let mut reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
+    info!(cgroup = %cgroup.display(), pin_dir = %pin_dir.display(), prefix = %args.prefix,
+          services = reconciler.services_installed(), "agent started; waiting for etcd");
+
+    let mut model = Model::new(args.prefix.clone(), args.allowed_frontends.clone());
+    let (tx, mut rx) = mpsc::channel(64);
+    let source = Source {
+        endpoints: args.etcd.clone(),
+        prefix: args.prefix.clone(),
+    };
+    let source_task = tokio::spawn(source.run(tx));
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut conflicts = BTreeSet::new();
+    loop {
+        let first = tokio::select! {
+            u = rx.recv() => match u {
+                Some(u) => u,
+                None => anyhow::bail!("etcd source stopped"),
+            },
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break }
+        };
+        // Coalesce a burst of updates into one reconcile.
+        let mut revision = apply(&mut model, first);
+        while let Ok(u) = rx.try_recv() {
+            revision = apply(&mut model, u);
+        }
+        let desired = model.desired();
+        report_conflicts(&mut conflicts, &desired.conflicts);
+        let (changes, errors) = reconciler.reconcile(&desired);
+        for c in changes {
+            match c {
+                Change::Updated {
+                    key,
+                    service,
+                    frontend,
+                    backends,
+                    slots,
+                } => info!(
+                    service,
+                    frontend,
+                    proto = proto_name(key.proto),
+                    backends,
+                    slots,
+                    revision,
+                    "service applied"
+                ),
+                Change::Removed { key } => info!(
+                    frontend = %std::net::SocketAddrV4::new(
+                        std::net::Ipv4Addr::new(key.addr[12], key.addr[13], key.addr[14], key.addr[15]),
+                        key.port),
+                    proto = proto_name(key.proto), revision, "service removed"
+                ),
+            }
+        }
+        for e in errors {
+            error!(service = e.service, frontend = e.frontend, error = %e.source,
+                   "could not apply service; it keeps its previous state");
+        }
+    }
+    source_task.abort();
+    if args.detach_on_exit {
+        loader::detach(&pin_dir)?;
+    } else {
+        info!(pin_dir = %pin_dir.display(),
+              "programs stay attached and maps pinned; traffic keeps flowing");
+    }
+    Ok(())
+}
+
+/// Feeds one etcd update into the model; returns its revision.
+fn apply(model: &mut Model, u: Update) -> i64 {
+    let one = |key: &str, r: Applied| {
+        if let Applied::Invalid(reason) = r {
+            warn!(key, %reason, "skipping invalid etcd key");
+        }
+    };
+    match u {
+        Update::Snapshot { kvs, revision } => {
+            model.clear();
+            for kv in kvs {
+                let r = model.put(&kv.key, &kv.value, kv.create_revision);
+                one(&kv.key, r);
+            }
+            let invalid = model.invalid_keys().len();
+            if invalid > 0 {
+                warn!(
+                    revision,
+                    invalid, "snapshot has invalid keys (each logged above)"
+                );
+            }
+            revision
+        }
+        Update::Changes { puts, revision } => {
+            for c in puts {
+                match c {
+                    EtcdChange::Put(kv) => {
+                        let r = model.put(&kv.key, &kv.value, kv.create_revision);
+                        one(&kv.key, r);
+                    }
+                    EtcdChange::Delete(key) => {
+                        model.delete(&key);
+                    }
+                }
+            }
+            revision
+        }
+    }
+}
+
+/// Logs each conflict once when it appears.
+fn report_conflicts(seen: &mut BTreeSet<Conflict>, now: &BTreeSet<Conflict>) {
+    for c in now.difference(seen) {
+        warn!(
+            frontend = c.frontend,
+            service = c.loser,
+            winner = c.winner,
+            "frontend already claimed by an older service; this service is not routed"
+        );
+    }
+    *seen = now.clone();
+}

@@ -1,0 +1,183 @@
+//! The etcd source: reads the whole prefix at one revision, then watches
+//! from the next one. Any loss (stream error, cancel, compaction, member
+//! without leader) ends in a fresh list, so deletes made meanwhile are seen.
+//! It never gives up: it retries with capped, jittered backoff.
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use rand::Rng as _;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+/// One key as read from etcd.
+#[derive(Debug, Clone)]
+pub struct Kv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+}
+
+#[derive(Debug)]
+pub enum Update {
+    /// The whole prefix at `revision`: replaces everything known.
+    Snapshot { kvs: Vec<Kv>, revision: i64 },
+    /// Changes in revision order.
+    Changes { puts: Vec<Change>, revision: i64 },
+}
+
+#[derive(Debug)]
+pub enum Change {
+    Put(Kv),
+    Delete(String),
+}
+
+pub struct Source {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::rng().random_range(0.5..1.0))
+}
+
+fn key_string(k: &[u8]) -> String {
+    String::from_utf8_lossy(k).into_owned()
+}
+
+impl Source {
+    /// Runs until `tx` is closed.
+    pub async fn run(self, tx: mpsc::Sender<Update>) {
+        let mut backoff = BACKOFF_MIN;
+        let mut client: Option<Client> = None;
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            let c = match client.as_mut() {
+                Some(c) => c,
+                None => match self.connect().await {
+                    Ok(c) => client.insert(c),
+                    Err(e) => {
+                        let wait = jittered(backoff);
+                        warn!(endpoints = ?self.endpoints, error = %e, retry_in = ?wait,
+                              "etcd unreachable; retrying");
+                        tokio::time::sleep(wait).await;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
+                },
+            };
+            match self.list_and_watch(c, &tx, &mut backoff).await {
+                Ok(()) => return,
+                Err(e) => {
+                    let wait = jittered(backoff);
+                    warn!(prefix = %self.prefix, error = %e, retry_in = ?wait,
+                          "etcd watch lost; will re-list and reconcile");
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    // A fresh client re-resolves endpoints and skips a dead
+                    // member.
+                    client = None;
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Client, etcd_client::Error> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            // A member cut off from the quorum must fail the watch, not go
+            // silent.
+            .with_require_leader(true);
+        Client::connect(&self.endpoints, Some(opts)).await
+    }
+
+    /// Returns Ok(()) only when the receiver is gone.
+    async fn list_and_watch(
+        &self,
+        client: &mut Client,
+        tx: &mpsc::Sender<Update>,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<()> {
+        let resp = client
+            .get(
+                self.prefix.as_bytes(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let kvs: Vec<Kv> = resp
+            .kvs()
+            .iter()
+            .map(|kv| Kv {
+                key: key_string(kv.key()),
+                value: kv.value().to_vec(),
+                create_revision: kv.create_revision(),
+            })
+            .collect();
+        info!(prefix = %self.prefix, revision, keys = kvs.len(), "listed etcd prefix");
+        if tx.send(Update::Snapshot { kvs, revision }).await.is_err() {
+            return Ok(());
+        }
+        let mut stream = client
+            .watch(
+                self.prefix.as_bytes(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1)
+                        .with_progress_notify(),
+                ),
+            )
+            .await?;
+        *backoff = BACKOFF_MIN;
+        while let Some(resp) = stream.message().await? {
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    anyhow::bail!(
+                        "watch from revision {} was compacted (compact revision {})",
+                        revision + 1,
+                        resp.compact_revision()
+                    );
+                }
+                anyhow::bail!("watch canceled by etcd: {}", resp.cancel_reason());
+            }
+            let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+            if resp.events().is_empty() {
+                debug!(revision = rev, "watch progress");
+                continue;
+            }
+            let puts = resp
+                .events()
+                .iter()
+                .filter_map(|ev| {
+                    let kv = ev.kv()?;
+                    Some(match ev.event_type() {
+                        EventType::Put => Change::Put(Kv {
+                            key: key_string(kv.key()),
+                            value: kv.value().to_vec(),
+                            create_revision: kv.create_revision(),
+                        }),
+                        EventType::Delete => Change::Delete(key_string(kv.key())),
+                    })
+                })
+                .collect();
+            if tx
+                .send(Update::Changes {
+                    puts,
+                    revision: rev,
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("watch stream closed by etcd")
+    }
+}

@@ -1,0 +1,229 @@
+//! Loads the embedded programs, attaches them to a cgroup with bpf links and
+//! pins maps and links, so traffic keeps flowing while the agent is down.
+use std::{
+    fs,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
+};
+use discovery_common::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SLOTS, names};
+use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
+use tracing::{info, warn};
+
+/// The eBPF object, built from `discovery-ebpf` by build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/discovery"));
+
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+pub fn ensure_root() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "discovery-agent must run as root: loading and attaching BPF programs needs \
+             CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"
+        );
+    }
+    Ok(())
+}
+
+/// The cgroup v2 mount point, from /proc/mounts.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    cgroup2_mount_in(&mounts).context(
+        "cgroup v2 is not mounted (no cgroup2 entry in /proc/mounts); \
+         mount it or pass --cgroup",
+    )
+}
+
+fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// Makes sure `pin_dir` sits on a bpffs, mounting one at /sys/fs/bpf when
+/// that is where it belongs and nothing is mounted there.
+fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    let parent = pin_dir
+        .parent()
+        .context("pin dir must not be the filesystem root")?;
+    let on_bpffs = |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
+    if on_bpffs(parent) {
+        return Ok(());
+    }
+    if parent == Path::new(DEFAULT_BPFFS) {
+        fs::create_dir_all(parent).with_context(|| format!("creating {DEFAULT_BPFFS}"))?;
+        nix::mount::mount(
+            Some("bpf"),
+            parent,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            Some("mode=0700"),
+        )
+        .with_context(|| format!("mounting bpffs at {DEFAULT_BPFFS}"))?;
+        info!(path = DEFAULT_BPFFS, "mounted bpffs");
+        return Ok(());
+    }
+    bail!(
+        "pin dir {} is not on a bpf filesystem; use a directory under a bpffs mount such as {DEFAULT_BPFFS}",
+        pin_dir.display()
+    )
+}
+
+pub struct Sizes {
+    pub max_services: u32,
+    pub max_backends: u32,
+}
+
+impl Sizes {
+    fn slots(&self) -> u32 {
+        // Room for one extra set of the largest service while it is replaced.
+        self.max_backends
+            .saturating_add(DEFAULT_MAX_SLOTS - DEFAULT_MAX_BACKENDS)
+    }
+}
+
+/// Loads the programs with the maps pinned under `pin_dir` (reusing pinned
+/// maps if an earlier agent left them), attaches the programs to `cgroup`
+/// unless links are already pinned there, and pins the links.
+pub fn load_and_attach(cgroup: &Path, pin_dir: &Path, sizes: &Sizes) -> anyhow::Result<()> {
+    ensure_root()?;
+    match statfs(cgroup) {
+        Ok(s) if s.filesystem_type() == CGROUP2_SUPER_MAGIC => {}
+        Ok(_) => bail!("{} is not a cgroup v2 directory", cgroup.display()),
+        Err(e) => bail!("cgroup {}: {e}", cgroup.display()),
+    }
+    ensure_bpffs(pin_dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(pin_dir)
+        .with_context(|| format!("creating pin dir {}", pin_dir.display()))?;
+    fs::set_permissions(pin_dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting pin dir {}", pin_dir.display()))?;
+
+    let paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
+        .iter()
+        .map(|n| (*n, pin_dir.join(n)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader
+        .map_max_entries(names::SERVICES, sizes.max_services)
+        .map_max_entries(names::SLOTS, sizes.slots())
+        // Id 0 is reserved, so one more entry than backends.
+        .map_max_entries(names::BACKENDS, sizes.max_backends.saturating_add(1));
+    let mut ebpf = loader.load(PROGRAMS).context(
+        "loading the BPF programs and maps (kernel needs cgroup sock_addr programs, \
+         BTF and socket storage: Linux 5.10 or newer)",
+    )?;
+    check_sizes(&ebpf, sizes)?;
+
+    let cgroup_file =
+        fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    for (prog_name, link_name) in names::PROGRAMS {
+        let link_path = pin_dir.join(link_name);
+        if link_path.exists() {
+            PinnedLink::from_pin(&link_path)
+                .with_context(|| format!("opening pinned link {}", link_path.display()))?;
+            info!(program = prog_name, link = %link_path.display(), "adopted attached program");
+            continue;
+        }
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(prog_name)
+            .with_context(|| format!("program {prog_name} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("verifier rejected {prog_name}"))?;
+        // bpf links on cgroups always coexist with other programs; the
+        // multi-attach flag is for the legacy attach API and EINVAL here.
+        let id = prog
+            .attach(&cgroup_file, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {prog_name} to {}", cgroup.display()))?;
+        let link: FdLink = prog.take_link(id)?.try_into()?;
+        link.pin(&link_path)
+            .with_context(|| format!("pinning link {}", link_path.display()))?;
+        info!(program = prog_name, cgroup = %cgroup.display(), "attached");
+    }
+    Ok(())
+}
+
+/// Pinned maps from an earlier run keep their sizes; say so rather than
+/// silently running with other limits than the flags ask for.
+fn check_sizes(ebpf: &aya::Ebpf, sizes: &Sizes) -> anyhow::Result<()> {
+    for (name, want) in [
+        (names::SERVICES, sizes.max_services),
+        (names::BACKENDS, sizes.max_backends.saturating_add(1)),
+    ] {
+        let map = ebpf
+            .map(name)
+            .with_context(|| format!("map {name} missing"))?;
+        let info = match map {
+            aya::maps::Map::HashMap(d) | aya::maps::Map::Array(d) => d.info()?,
+            _ => continue,
+        };
+        if info.max_entries() != want {
+            warn!(
+                map = name,
+                pinned = info.max_entries(),
+                requested = want,
+                "pinned map keeps its size from an earlier run; run `discovery-agent detach` to resize"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes the pinned links (which detaches the programs) and maps.
+pub fn detach(pin_dir: &Path) -> anyhow::Result<()> {
+    ensure_root()?;
+    if !pin_dir.exists() {
+        info!(pin_dir = %pin_dir.display(), "nothing pinned; nothing to detach");
+        return Ok(());
+    }
+    for (_, link) in names::PROGRAMS {
+        remove_pin(&pin_dir.join(link))?;
+    }
+    for map in names::ALL_MAPS {
+        remove_pin(&pin_dir.join(map))?;
+    }
+    match fs::remove_dir(pin_dir) {
+        Ok(()) => info!(pin_dir = %pin_dir.display(), "detached and removed pins"),
+        Err(e) => warn!(pin_dir = %pin_dir.display(), error = %e,
+                        "detached; pin dir left in place (it holds other files)"),
+    }
+    Ok(())
+}
+
+fn remove_pin(path: &Path) -> anyhow::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_mount() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_mount_in(mounts),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(cgroup2_mount_in("tmpfs /tmp tmpfs rw 0 0\n"), None);
+    }
+}

@@ -1,0 +1,596 @@
+//! The etcd layout (the contract with announcers, scripts and etcdctl) and
+//! the desired routing state derived from it.
+//!
+//! ```text
+//! <prefix>services/<name>                 {"frontend": "127.0.0.1:11211", "protocol": "tcp"}
+//! <prefix>backends/<name>/<instance-id>   10.0.0.5:11211
+//!                                         {"addr": "10.0.0.5:11211", "weight": 1}
+//! ```
+//!
+//! `protocol` is `tcp`, `udp` or `both` (default `tcp`); `weight` defaults to
+//! 1, and 0 takes a backend out of rotation for new connections. Unknown JSON
+//! fields are ignored. An invalid key or value is treated as absent and
+//! reported; it never affects another service.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+};
+
+use discovery_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey, v4_mapped};
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// Largest value accepted; anything bigger is not a hand-written definition.
+pub const MAX_VALUE_LEN: usize = 4096;
+/// Largest weight accepted (HAProxy allows 256; leave headroom).
+pub const MAX_WEIGHT: u32 = 65_535;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Both,
+}
+
+impl Protocol {
+    pub fn ip_protos(self) -> &'static [u8] {
+        match self {
+            Protocol::Tcp => &[IPPROTO_TCP],
+            Protocol::Udp => &[IPPROTO_UDP],
+            Protocol::Both => &[IPPROTO_TCP, IPPROTO_UDP],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceDef {
+    pub frontend: SocketAddrV4,
+    pub protocol: Protocol,
+    /// etcd create revision: the oldest definition wins a frontend.
+    pub create_revision: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendDef {
+    pub addr: SocketAddrV4,
+    pub weight: u32,
+}
+
+/// Why a key or value was skipped. The message names the problem; callers
+/// add the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("unknown key layout (expected services/<name> or backends/<name>/<instance-id>)")]
+    Layout,
+    #[error("invalid name {0:?}: must match [a-z0-9][a-z0-9._-]{{0,62}}")]
+    Name(String),
+    #[error("invalid instance id {0:?}: 1-128 characters of [A-Za-z0-9._:-]")]
+    Instance(String),
+    #[error("value is {0} bytes, more than {MAX_VALUE_LEN}")]
+    TooLarge(usize),
+    #[error("value is not UTF-8")]
+    NotUtf8,
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("invalid address {0:?}: expected ip:port")]
+    Addr(String),
+    #[error("IPv6 address {0} is not supported yet")]
+    Ipv6(String),
+    #[error("port 0 in {0}")]
+    PortZero(String),
+    #[error("address {0} cannot be a backend (unspecified, broadcast or multicast)")]
+    BadBackendIp(String),
+    #[error("frontend {0} is outside the allowed frontend ranges {1}")]
+    FrontendNotAllowed(String, String),
+    #[error("weight {0} is above the maximum {MAX_WEIGHT}")]
+    Weight(u64),
+}
+
+/// A parsed key under the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRef {
+    Service(String),
+    Backend { service: String, instance: String },
+}
+
+pub fn valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
+}
+
+fn valid_instance(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(&c))
+}
+
+/// Classifies a key. `Ok(None)` is a key of another subtree under the prefix
+/// (reserved for later features) that the agent ignores.
+pub fn parse_key(prefix: &str, key: &str) -> Result<Option<KeyRef>, Invalid> {
+    let Some(rest) = key.strip_prefix(prefix) else {
+        return Err(Invalid::Layout);
+    };
+    let mut parts = rest.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("services"), Some(name), None, None) => {
+            if !valid_name(name) {
+                return Err(Invalid::Name(name.to_owned()));
+            }
+            Ok(Some(KeyRef::Service(name.to_owned())))
+        }
+        (Some("backends"), Some(name), Some(instance), None) => {
+            if !valid_name(name) {
+                return Err(Invalid::Name(name.to_owned()));
+            }
+            if !valid_instance(instance) {
+                return Err(Invalid::Instance(instance.to_owned()));
+            }
+            Ok(Some(KeyRef::Backend {
+                service: name.to_owned(),
+                instance: instance.to_owned(),
+            }))
+        }
+        (Some("services" | "backends"), ..) => Err(Invalid::Layout),
+        _ => Ok(None),
+    }
+}
+
+fn value_str(value: &[u8]) -> Result<&str, Invalid> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(Invalid::TooLarge(value.len()));
+    }
+    std::str::from_utf8(value).map_err(|_| Invalid::NotUtf8)
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddrV4, Invalid> {
+    match s.trim().parse::<SocketAddr>() {
+        Ok(SocketAddr::V4(a)) if a.port() == 0 => Err(Invalid::PortZero(a.to_string())),
+        Ok(SocketAddr::V4(a)) => Ok(a),
+        Ok(SocketAddr::V6(a)) => Err(Invalid::Ipv6(a.to_string())),
+        Err(_) => match s.trim().parse::<IpAddr>() {
+            Ok(IpAddr::V6(a)) => Err(Invalid::Ipv6(a.to_string())),
+            _ => Err(Invalid::Addr(s.to_owned())),
+        },
+    }
+}
+
+#[derive(Deserialize)]
+struct ServiceJson {
+    frontend: String,
+    #[serde(default = "default_protocol")]
+    protocol: Protocol,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Deserialize)]
+struct BackendJson {
+    addr: String,
+    #[serde(default = "default_weight")]
+    weight: u64,
+}
+
+fn default_weight() -> u64 {
+    1
+}
+
+pub fn parse_service(
+    value: &[u8],
+    allowed: &[Ipv4Net],
+    create_revision: i64,
+) -> Result<ServiceDef, Invalid> {
+    let s = value_str(value)?;
+    let j: ServiceJson = serde_json::from_str(s).map_err(|e| Invalid::Json(e.to_string()))?;
+    let frontend = parse_addr(&j.frontend)?;
+    if !allowed.iter().any(|n| n.contains(frontend.ip())) {
+        let ranges = allowed
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        return Err(Invalid::FrontendNotAllowed(frontend.to_string(), ranges));
+    }
+    Ok(ServiceDef {
+        frontend,
+        protocol: j.protocol,
+        create_revision,
+    })
+}
+
+pub fn parse_backend(value: &[u8]) -> Result<BackendDef, Invalid> {
+    let s = value_str(value)?.trim();
+    let (addr, weight) = if s.starts_with('{') {
+        let j: BackendJson = serde_json::from_str(s).map_err(|e| Invalid::Json(e.to_string()))?;
+        (parse_addr(&j.addr)?, j.weight)
+    } else {
+        (parse_addr(s)?, 1)
+    };
+    let ip = addr.ip();
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        return Err(Invalid::BadBackendIp(addr.to_string()));
+    }
+    if weight > u64::from(MAX_WEIGHT) {
+        return Err(Invalid::Weight(weight));
+    }
+    Ok(BackendDef {
+        addr,
+        weight: weight as u32,
+    })
+}
+
+/// What one frontend should route to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredService {
+    pub service: String,
+    pub frontend: SocketAddrV4,
+    /// Sorted, so the same set always gives the same slot table.
+    pub backends: Vec<BackendDef>,
+}
+
+/// A frontend claimed by more than one service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Conflict {
+    pub frontend: String,
+    pub winner: String,
+    pub loser: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Desired {
+    pub services: BTreeMap<ServiceKey, DesiredService>,
+    pub conflicts: BTreeSet<Conflict>,
+}
+
+pub fn service_key(frontend: SocketAddrV4, proto: u8) -> ServiceKey {
+    ServiceKey {
+        addr: v4_mapped(frontend.ip().octets()),
+        port: frontend.port(),
+        proto,
+        pad: 0,
+    }
+}
+
+/// Outcome of applying one etcd key, for logging by the caller.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    Changed,
+    Ignored,
+    Invalid(Invalid),
+}
+
+/// The valid definitions currently in etcd, and the invalid keys with why.
+#[derive(Debug)]
+pub struct Model {
+    prefix: String,
+    allowed: Vec<Ipv4Net>,
+    services: BTreeMap<String, ServiceDef>,
+    backends: BTreeMap<String, BTreeMap<String, BackendDef>>,
+    invalid: BTreeMap<String, Invalid>,
+}
+
+impl Model {
+    pub fn new(prefix: String, allowed: Vec<Ipv4Net>) -> Self {
+        Self {
+            prefix,
+            allowed,
+            services: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            invalid: BTreeMap::new(),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.services.clear();
+        self.backends.clear();
+        self.invalid.clear();
+    }
+
+    pub fn invalid_keys(&self) -> &BTreeMap<String, Invalid> {
+        &self.invalid
+    }
+
+    /// Applies a put. An invalid value removes any earlier valid one for the
+    /// key: the maps always follow what etcd says, on every node alike.
+    pub fn put(&mut self, key: &str, value: &[u8], create_revision: i64) -> Applied {
+        self.delete(key);
+        let parsed = parse_key(&self.prefix, key).and_then(|k| match k {
+            None => Ok(None),
+            Some(KeyRef::Service(name)) => {
+                parse_service(value, &self.allowed, create_revision).map(|d| Some((name, Ok(d))))
+            }
+            Some(KeyRef::Backend { service, instance }) => {
+                parse_backend(value).map(|b| Some((service, Err((instance, b)))))
+            }
+        });
+        match parsed {
+            Ok(None) => Applied::Ignored,
+            Ok(Some((name, Ok(def)))) => {
+                self.services.insert(name, def);
+                Applied::Changed
+            }
+            Ok(Some((service, Err((instance, def))))) => {
+                self.backends
+                    .entry(service)
+                    .or_default()
+                    .insert(instance, def);
+                Applied::Changed
+            }
+            Err(e) => {
+                self.invalid.insert(key.to_owned(), e.clone());
+                Applied::Invalid(e)
+            }
+        }
+    }
+
+    pub fn delete(&mut self, key: &str) -> Applied {
+        let was_invalid = self.invalid.remove(key).is_some();
+        let removed = match parse_key(&self.prefix, key) {
+            Ok(Some(KeyRef::Service(name))) => self.services.remove(&name).is_some(),
+            Ok(Some(KeyRef::Backend { service, instance })) => {
+                let set = self.backends.get_mut(&service);
+                let removed = set.as_ref().is_some_and(|s| s.contains_key(&instance));
+                if let Some(set) = set {
+                    set.remove(&instance);
+                    if set.is_empty() {
+                        self.backends.remove(&service);
+                    }
+                }
+                removed
+            }
+            _ => false,
+        };
+        if removed || was_invalid {
+            Applied::Changed
+        } else {
+            Applied::Ignored
+        }
+    }
+
+    /// The routing table: for each frontend+protocol, the winning service
+    /// (oldest create revision, then name) and its backends.
+    pub fn desired(&self) -> Desired {
+        let mut claims: BTreeMap<ServiceKey, Vec<(i64, &str)>> = BTreeMap::new();
+        for (name, def) in &self.services {
+            for &proto in def.protocol.ip_protos() {
+                claims
+                    .entry(service_key(def.frontend, proto))
+                    .or_default()
+                    .push((def.create_revision, name));
+            }
+        }
+        let mut out = Desired::default();
+        for (key, mut claimants) in claims {
+            claimants.sort();
+            let winner = claimants[0].1;
+            let def = &self.services[winner];
+            for (_, loser) in &claimants[1..] {
+                out.conflicts.insert(Conflict {
+                    frontend: format!("{}/{}", def.frontend, proto_name(key.proto)),
+                    winner: winner.to_owned(),
+                    loser: (*loser).to_owned(),
+                });
+            }
+            let mut backends: Vec<BackendDef> = self
+                .backends
+                .get(winner)
+                .map(|b| b.values().copied().collect())
+                .unwrap_or_default();
+            backends.sort();
+            out.services.insert(
+                key,
+                DesiredService {
+                    service: winner.to_owned(),
+                    frontend: def.frontend,
+                    backends,
+                },
+            );
+        }
+        out
+    }
+}
+
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_TCP => "tcp",
+        IPPROTO_UDP => "udp",
+        _ => "?",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "/discovery/";
+
+    fn model() -> Model {
+        Model::new(P.into(), vec!["127.0.0.0/8".parse().unwrap()])
+    }
+
+    #[test]
+    fn keys_are_classified() {
+        assert_eq!(
+            parse_key(P, "/discovery/services/memcached").unwrap(),
+            Some(KeyRef::Service("memcached".into()))
+        );
+        assert_eq!(
+            parse_key(P, "/discovery/backends/memcached/host-1:11211").unwrap(),
+            Some(KeyRef::Backend {
+                service: "memcached".into(),
+                instance: "host-1:11211".into()
+            })
+        );
+        assert_eq!(parse_key(P, "/discovery/consumers/x/y").unwrap(), None);
+        assert_eq!(
+            parse_key(P, "/discovery/services/Mem").unwrap_err(),
+            Invalid::Name("Mem".into())
+        );
+        assert_eq!(
+            parse_key(P, "/discovery/services/a/b").unwrap_err(),
+            Invalid::Layout
+        );
+        assert_eq!(
+            parse_key(P, "/discovery/backends/a/..").unwrap_err(),
+            Invalid::Instance("..".into())
+        );
+        assert!(parse_key(P, "/discovery/backends/a").is_err());
+        assert!(parse_key(P, "/discovery/services/").is_err());
+    }
+
+    #[test]
+    fn names_follow_the_documented_pattern() {
+        assert!(valid_name("a"));
+        assert!(valid_name("mc-router.v2_x"));
+        assert!(valid_name(&"a".repeat(63)));
+        assert!(!valid_name(&"a".repeat(64)));
+        assert!(!valid_name("-a"));
+        assert!(!valid_name(".a"));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(""));
+    }
+
+    #[test]
+    fn service_values() {
+        let allowed = ["127.0.0.0/8".parse().unwrap()];
+        let d = parse_service(br#"{"frontend":"127.0.0.1:11211"}"#, &allowed, 5).unwrap();
+        assert_eq!(d.protocol, Protocol::Tcp);
+        assert_eq!(d.frontend, "127.0.0.1:11211".parse().unwrap());
+        let d = parse_service(
+            br#"{"frontend":"127.0.0.9:53","protocol":"both","extra":[1]}"#,
+            &allowed,
+            5,
+        )
+        .unwrap();
+        assert_eq!(d.protocol, Protocol::Both);
+        assert!(matches!(
+            parse_service(br#"{"frontend":"10.0.0.1:80"}"#, &allowed, 1),
+            Err(Invalid::FrontendNotAllowed(..))
+        ));
+        assert!(matches!(
+            parse_service(br#"{"frontend":"[::1]:80"}"#, &allowed, 1),
+            Err(Invalid::Ipv6(_))
+        ));
+        assert!(matches!(
+            parse_service(
+                br#"{"frontend":"127.0.0.1:80","protocol":"sctp"}"#,
+                &allowed,
+                1
+            ),
+            Err(Invalid::Json(_))
+        ));
+        assert!(matches!(
+            parse_service(b"127.0.0.1:80", &allowed, 1),
+            Err(Invalid::Json(_))
+        ));
+        assert!(matches!(
+            parse_service(br#"{"frontend":"127.0.0.1:0"}"#, &allowed, 1),
+            Err(Invalid::PortZero(_))
+        ));
+    }
+
+    #[test]
+    fn backend_values() {
+        assert_eq!(
+            parse_backend(b"10.0.0.5:11211\n").unwrap(),
+            BackendDef {
+                addr: "10.0.0.5:11211".parse().unwrap(),
+                weight: 1
+            }
+        );
+        assert_eq!(
+            parse_backend(br#"{"addr":"127.0.0.2:80","weight":0}"#)
+                .unwrap()
+                .weight,
+            0
+        );
+        assert!(matches!(parse_backend(b"::1"), Err(Invalid::Ipv6(_))));
+        assert!(matches!(parse_backend(b"[::1]:80"), Err(Invalid::Ipv6(_))));
+        assert!(matches!(parse_backend(b"host:80"), Err(Invalid::Addr(_))));
+        assert!(matches!(
+            parse_backend(b"0.0.0.0:80"),
+            Err(Invalid::BadBackendIp(_))
+        ));
+        assert!(matches!(
+            parse_backend(br#"{"addr":"127.0.0.2:80","weight":-1}"#),
+            Err(Invalid::Json(_))
+        ));
+        assert!(matches!(
+            parse_backend(br#"{"addr":"127.0.0.2:80","weight":70000}"#),
+            Err(Invalid::Weight(70000))
+        ));
+        assert!(matches!(
+            parse_backend(&[b'1'; 5000]),
+            Err(Invalid::TooLarge(5000))
+        ));
+        assert!(matches!(
+            parse_backend(&[0xff, 0xfe]),
+            Err(Invalid::NotUtf8)
+        ));
+    }
+
+    #[test]
+    fn invalid_value_replaces_valid_one_and_is_reported() {
+        let mut m = model();
+        let k = "/discovery/backends/web/a";
+        assert_eq!(m.put(k, b"127.0.0.2:80", 1), Applied::Changed);
+        assert!(matches!(m.put(k, b"garbage", 1), Applied::Invalid(_)));
+        assert!(m.invalid_keys().contains_key(k));
+        m.put(
+            "/discovery/services/web",
+            br#"{"frontend":"127.0.0.1:80"}"#,
+            2,
+        );
+        let d = m.desired();
+        assert_eq!(d.services.len(), 1);
+        assert!(d.services.values().next().unwrap().backends.is_empty());
+        assert_eq!(m.delete(k), Applied::Changed);
+        assert!(m.invalid_keys().is_empty());
+    }
+
+    #[test]
+    fn oldest_service_wins_a_frontend() {
+        let mut m = model();
+        m.put(
+            "/discovery/services/new",
+            br#"{"frontend":"127.0.0.1:80","protocol":"both"}"#,
+            20,
+        );
+        m.put(
+            "/discovery/services/old",
+            br#"{"frontend":"127.0.0.1:80"}"#,
+            10,
+        );
+        m.put("/discovery/backends/old/1", b"127.0.0.2:80", 11);
+        m.put("/discovery/backends/new/1", b"127.0.0.3:80", 21);
+        let d = m.desired();
+        let tcp = &d.services[&service_key("127.0.0.1:80".parse().unwrap(), IPPROTO_TCP)];
+        let udp = &d.services[&service_key("127.0.0.1:80".parse().unwrap(), IPPROTO_UDP)];
+        assert_eq!(tcp.service, "old");
+        assert_eq!(udp.service, "new", "udp is not contested");
+        assert_eq!(
+            d.conflicts.iter().cloned().collect::<Vec<_>>(),
+            vec![Conflict {
+                frontend: "127.0.0.1:80/tcp".into(),
+                winner: "old".into(),
+                loser: "new".into()
+            }]
+        );
+        m.delete("/discovery/services/old");
+        let d = m.desired();
+        assert!(d.conflicts.is_empty());
+        assert_eq!(
+            d.services[&service_key("127.0.0.1:80".parse().unwrap(), IPPROTO_TCP)].service,
+            "new"
+        );
+    }
+}

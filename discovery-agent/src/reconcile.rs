@@ -1,0 +1,814 @@
+//! Diffs the desired routing table against what is in the maps and writes
+//! only the difference, in an order that never lets a connect() see a
+//! half-written service:
+//!
+//! 1. new backend entries,
+//! 2. the slots of a brand-new backend set,
+//! 3. the service entry, flipped to the new set in one map update,
+//! 4. the old set's slots, then backends nothing references any more.
+//!
+//! A failed write (map full, memory) is undone and leaves the service on its
+//! previous set; other services are not affected.
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use discovery_common::{BACKEND_F_VALID, Backend, Service, ServiceKey, Slot, SlotKey, v4_mapped};
+
+use crate::model::{BackendDef, Desired, DesiredService};
+
+/// A backend address as stored in the maps.
+pub type Addr = ([u8; 16], u16);
+
+/// One slot resolved to addresses: (backend, alias, threshold).
+pub type ResolvedSlot = (Addr, Addr, u32);
+
+#[derive(Debug, thiserror::Error)]
+#[error("{op} in map {map}: {source}")]
+pub struct MapError {
+    pub map: &'static str,
+    pub op: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// What the reconciler needs from the maps. Implemented over the pinned BPF
+/// maps (`maps.rs`) and by an in-memory fake in tests.
+pub trait Dataplane {
+    fn set_backend(&mut self, id: u32, b: Backend) -> Result<(), MapError>;
+    fn clear_backend(&mut self, id: u32) -> Result<(), MapError>;
+    fn set_slot(&mut self, key: SlotKey, slot: Slot) -> Result<(), MapError>;
+    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError>;
+    fn set_service(&mut self, key: ServiceKey, svc: Service) -> Result<(), MapError>;
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
+    /// Capacity of the backends array (ids are 1..capacity).
+    fn backend_capacity(&self) -> u32;
+    /// Everything currently in the maps.
+    fn dump(&self) -> Result<Dump, MapError>;
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Dump {
+    pub services: Vec<(ServiceKey, Service)>,
+    pub slots: Vec<(SlotKey, Slot)>,
+    /// Valid backend entries by id.
+    pub backends: Vec<(u32, Backend)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Installed {
+    set_id: u32,
+    slots: Vec<ResolvedSlot>,
+    /// Distinct backend ids the set references.
+    ids: Vec<u32>,
+}
+
+/// Walker's alias table over the weights: one column per backend, built so
+/// that choosing a column uniformly and then the column's backend with
+/// probability `threshold / 2^32` (else its alias) picks backend i with
+/// probability `w_i / sum(w)`. Weight-0 backends get no traffic unless every
+/// backend has weight 0, in which case all are used equally (a service that
+/// is entirely draining still answers rather than failing).
+pub fn alias_table(weights: &[u32]) -> Vec<(usize, usize, u32)> {
+    let live: Vec<usize> = if weights.iter().any(|&w| w > 0) {
+        (0..weights.len()).filter(|&i| weights[i] > 0).collect()
+    } else {
+        (0..weights.len()).collect()
+    };
+    let n = live.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let total: u64 = live.iter().map(|&i| u64::from(weights[i].max(1))).sum();
+    // Scaled probabilities p_i * n * 2^32, exact in integers (n*w fits: w <=
+    // 65535 and n <= 2^20).
+    let one: u128 = 1 << 32;
+    let mut prob: Vec<u128> = live
+        .iter()
+        .map(|&i| u128::from(weights[i].max(1)) * n as u128 * one / u128::from(total))
+        .collect();
+    let mut alias: Vec<usize> = (0..n).collect();
+    let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&j| prob[j] < one);
+    while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
+        alias[s] = l;
+        prob[l] -= one - prob[s];
+        if prob[l] < one {
+            large.pop();
+            small.push(l);
+        }
+    }
+    // Leftovers are 1 up to rounding: always their own backend.
+    for j in small.into_iter().chain(large) {
+        prob[j] = one;
+        alias[j] = j;
+    }
+    (0..n)
+        .map(|j| {
+            let t = if prob[j] >= one {
+                u32::MAX
+            } else {
+                prob[j] as u32
+            };
+            (live[j], live[alias[j]], t)
+        })
+        .collect()
+}
+
+fn addr_of(b: &BackendDef) -> Addr {
+    (v4_mapped(b.addr.ip().octets()), b.addr.port())
+}
+
+/// The slot table a desired service should have, resolved to addresses.
+pub fn desired_slots(svc: &DesiredService) -> Vec<ResolvedSlot> {
+    let weights: Vec<u32> = svc.backends.iter().map(|b| b.weight).collect();
+    alias_table(&weights)
+        .into_iter()
+        .map(|(b, a, t)| {
+            let (b, a) = (addr_of(&svc.backends[b]), addr_of(&svc.backends[a]));
+            // A column that always picks its own backend names it twice, so
+            // equal inputs give equal tables whatever the rounding did.
+            if t == u32::MAX { (b, b, t) } else { (b, a, t) }
+        })
+        .collect()
+}
+
+/// One service written to the maps, for the caller to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Updated {
+        key: ServiceKey,
+        service: String,
+        frontend: String,
+        backends: usize,
+        slots: usize,
+    },
+    Removed {
+        key: ServiceKey,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("service {service} ({frontend}): {source}")]
+pub struct ApplyError {
+    pub service: String,
+    pub frontend: String,
+    #[source]
+    pub source: MapError,
+}
+
+pub struct Reconciler<D: Dataplane> {
+    dp: D,
+    installed: HashMap<ServiceKey, Installed>,
+    backend_ids: HashMap<Addr, u32>,
+    addrs: HashMap<u32, Addr>,
+    refs: HashMap<u32, u32>,
+    /// Freed ids are reused oldest first, so an id is not rewritten while a
+    /// program that read a stale slot may still be looking at it.
+    free_ids: VecDeque<u32>,
+    next_id: u32,
+    next_set: u32,
+}
+
+impl<D: Dataplane> Reconciler<D> {
+    /// Adopts what is already in the maps (pinned by an earlier agent) so a
+    /// restart rewrites nothing that is still right. Leftovers of an update
+    /// that was interrupted (slots of no live set, unreferenced backends)
+    /// are removed.
+    pub fn new(dp: D) -> Result<Self, MapError> {
+        let dump = dp.dump()?;
+        let backends: HashMap<u32, Backend> = dump.backends.iter().copied().collect();
+        let slots: HashMap<SlotKey, Slot> = dump.slots.iter().copied().collect();
+        let mut r = Self {
+            dp,
+            installed: HashMap::new(),
+            backend_ids: HashMap::new(),
+            addrs: HashMap::new(),
+            refs: HashMap::new(),
+            free_ids: VecDeque::new(),
+            next_id: 1,
+            next_set: 1,
+        };
+        let mut live_slots = HashSet::new();
+        let mut max_set = 0;
+        for (key, svc) in dump.services {
+            max_set = max_set.max(svc.set_id);
+            let mut resolved = Vec::new();
+            let mut ids = Vec::new();
+            let mut complete = true;
+            for i in 0..svc.count {
+                let sk = SlotKey {
+                    set_id: svc.set_id,
+                    slot: i,
+                };
+                live_slots.insert(sk);
+                let Some(slot) = slots.get(&sk) else {
+                    complete = false;
+                    continue;
+                };
+                match (backends.get(&slot.backend), backends.get(&slot.alias)) {
+                    (Some(b), Some(a)) => {
+                        resolved.push(((b.addr, b.port), (a.addr, a.port), slot.threshold));
+                        for id in [slot.backend, slot.alias] {
+                            if !ids.contains(&id) {
+                                ids.push(id);
+                            }
+                        }
+                    }
+                    _ => complete = false,
+                }
+            }
+            if !complete {
+                // Cannot happen with our write order; rewrite it from etcd.
+                resolved.clear();
+            }
+            for &id in &ids {
+                *r.refs.entry(id).or_default() += 1;
+                let b = backends[&id];
+                r.backend_ids.insert((b.addr, b.port), id);
+                r.addrs.insert(id, (b.addr, b.port));
+            }
+            r.installed.insert(
+                key,
+                Installed {
+                    set_id: svc.set_id,
+                    slots: resolved,
+                    ids,
+                },
+            );
+        }
+        for (sk, _) in &dump.slots {
+            max_set = max_set.max(sk.set_id);
+            if !live_slots.contains(sk) {
+                r.dp.delete_slot(*sk)?;
+            }
+        }
+        for (id, _) in &dump.backends {
+            if !r.refs.contains_key(id) {
+                r.dp.clear_backend(*id)?;
+            }
+        }
+        let max_id = r.refs.keys().copied().max().unwrap_or(0);
+        r.next_id = max_id + 1;
+        r.free_ids = (1..max_id).filter(|id| !r.refs.contains_key(id)).collect();
+        r.next_set = max_set.wrapping_add(1).max(1);
+        Ok(r)
+    }
+
+    #[cfg(test)]
+    pub fn dataplane(&self) -> &D {
+        &self.dp
+    }
+
+    pub fn services_installed(&self) -> usize {
+        self.installed.len()
+    }
+
+    /// Brings the maps to `desired`, returning what changed and what failed.
+    /// Removals go first so their room is free for additions.
+    pub fn reconcile(&mut self, desired: &Desired) -> (Vec<Change>, Vec<ApplyError>) {
+        let mut changes = Vec::new();
+        let mut errors = Vec::new();
+        let stale: Vec<ServiceKey> = self
+            .installed
+            .keys()
+            .filter(|k| !desired.services.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            match self.remove(key) {
+                Ok(()) => changes.push(Change::Removed { key }),
+                Err(source) => errors.push(ApplyError {
+                    service: "?".into(),
+                    frontend: format!("{key:?}"),
+                    source,
+                }),
+            }
+        }
+        for (key, svc) in &desired.services {
+            match self.apply(*key, svc) {
+                Ok(Some(c)) => changes.push(c),
+                Ok(None) => {}
+                Err(source) => errors.push(ApplyError {
+                    service: svc.service.clone(),
+                    frontend: svc.frontend.to_string(),
+                    source,
+                }),
+            }
+        }
+        (changes, errors)
+    }
+
+    fn alloc_id(&mut self) -> Option<u32> {
+        if let Some(id) = self.free_ids.pop_front() {
+            return Some(id);
+        }
+        if self.next_id < self.dp.backend_capacity() {
+            self.next_id += 1;
+            return Some(self.next_id - 1);
+        }
+        None
+    }
+
+    fn alloc_set(&mut self) -> u32 {
+        let in_use: HashSet<u32> = self.installed.values().map(|i| i.set_id).collect();
+        loop {
+            let s = self.next_set;
+            self.next_set = self.next_set.wrapping_add(1).max(1);
+            if !in_use.contains(&s) {
+                return s;
+            }
+        }
+    }
+
+    /// Drops one reference to each id; unreferenced backends are cleared.
+    fn release(&mut self, ids: &[u32]) -> Result<(), MapError> {
+        for &id in ids {
+            let r = self.refs.get_mut(&id).expect("released id is referenced");
+            *r -= 1;
+            if *r == 0 {
+                self.refs.remove(&id);
+                if let Some(addr) = self.addrs.remove(&id) {
+                    self.backend_ids.remove(&addr);
+                }
+                self.dp.clear_backend(id)?;
+                self.free_ids.push_back(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, key: ServiceKey) -> Result<(), MapError> {
+        let Some(old) = self.installed.get(&key).cloned() else {
+            return Ok(());
+        };
+        self.dp.delete_service(key)?;
+        self.installed.remove(&key);
+        for i in 0..old.slots.len() as u32 {
+            self.dp.delete_slot(SlotKey {
+                set_id: old.set_id,
+                slot: i,
+            })?;
+        }
+        self.release(&old.ids)
+    }
+
+    fn apply(&mut self, key: ServiceKey, svc: &DesiredService) -> Result<Option<Change>, MapError> {
+        let want = desired_slots(svc);
+        if let Some(cur) = self.installed.get(&key)
+            && cur.slots == want
+        {
+            return Ok(None);
+        }
+        // 1. Backends: reuse ids of addresses already present, write new ones.
+        let mut ids_of: BTreeMap<Addr, u32> = BTreeMap::new();
+        let mut result = Ok(());
+        for (b, a, _) in &want {
+            for addr in [*b, *a] {
+                if ids_of.contains_key(&addr) {
+                    continue;
+                }
+                let id = match self.backend_ids.get(&addr) {
+                    Some(&id) => id,
+                    None => {
+                        let Some(id) = self.alloc_id() else {
+                            result = Err(MapError {
+                                map: discovery_common::names::BACKENDS,
+                                op: "allocate backend",
+                                source: std::io::Error::other(format!(
+                                    "all {} backend entries are in use (raise --max-backends)",
+                                    self.dp.backend_capacity() - 1
+                                )),
+                            });
+                            break;
+                        };
+                        let entry = Backend {
+                            addr: addr.0,
+                            port: addr.1,
+                            flags: BACKEND_F_VALID,
+                            pad: 0,
+                        };
+                        if let Err(e) = self.dp.set_backend(id, entry) {
+                            self.free_ids.push_front(id);
+                            result = Err(e);
+                            break;
+                        }
+                        self.backend_ids.insert(addr, id);
+                        self.addrs.insert(id, addr);
+                        self.refs.insert(id, 0);
+                        id
+                    }
+                };
+                ids_of.insert(addr, id);
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        let ids: Vec<u32> = ids_of.values().copied().collect();
+        // Hold a reference while writing so a failure can release uniformly.
+        for id in &ids {
+            *self.refs.get_mut(id).expect("id registered") += 1;
+        }
+        let set_id = if want.is_empty() { 0 } else { self.alloc_set() };
+        // 2. Slots of the new set.
+        let mut written = 0u32;
+        if result.is_ok() {
+            for (i, (b, a, t)) in want.iter().enumerate() {
+                let slot = Slot {
+                    backend: ids_of[b],
+                    alias: ids_of[a],
+                    threshold: *t,
+                    pad: 0,
+                };
+                if let Err(e) = self.dp.set_slot(
+                    SlotKey {
+                        set_id,
+                        slot: i as u32,
+                    },
+                    slot,
+                ) {
+                    result = Err(e);
+                    break;
+                }
+                written += 1;
+            }
+        }
+        // 3. Flip.
+        if result.is_ok() {
+            result = self.dp.set_service(
+                key,
+                Service {
+                    set_id,
+                    count: want.len() as u32,
+                    flags: 0,
+                    pad: 0,
+                },
+            );
+        }
+        if let Err(e) = result {
+            for i in 0..written {
+                let _ = self.dp.delete_slot(SlotKey { set_id, slot: i });
+            }
+            // Fresh ids drop to zero references and are cleared here.
+            let _ = self.release(&ids);
+            return Err(e);
+        }
+        // 4. Old set and unreferenced backends.
+        let old = self.installed.insert(
+            key,
+            Installed {
+                set_id,
+                slots: want.clone(),
+                ids,
+            },
+        );
+        if let Some(old) = old {
+            for i in 0..old.slots.len() as u32 {
+                self.dp.delete_slot(SlotKey {
+                    set_id: old.set_id,
+                    slot: i,
+                })?;
+            }
+            self.release(&old.ids)?;
+        }
+        Ok(Some(Change::Updated {
+            key,
+            service: svc.service.clone(),
+            frontend: svc.frontend.to_string(),
+            backends: svc.backends.len(),
+            slots: want.len(),
+        }))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::{Model, service_key};
+    use discovery_common::IPPROTO_TCP;
+
+    /// In-memory maps that check, after every single write, that each
+    /// service entry points at complete slots and valid backends: the
+    /// invariant a concurrent connect() relies on.
+    #[derive(Default)]
+    pub struct FakeMaps {
+        pub services: HashMap<ServiceKey, Service>,
+        pub slots: HashMap<SlotKey, Slot>,
+        pub backends: HashMap<u32, Backend>,
+        pub cap: u32,
+        pub slot_cap: usize,
+        pub writes: usize,
+    }
+
+    impl FakeMaps {
+        pub fn new(cap: u32, slot_cap: usize) -> Self {
+            Self {
+                cap,
+                slot_cap,
+                ..Default::default()
+            }
+        }
+
+        fn check(&self) {
+            for (k, s) in &self.services {
+                for i in 0..s.count {
+                    let slot = self
+                        .slots
+                        .get(&SlotKey {
+                            set_id: s.set_id,
+                            slot: i,
+                        })
+                        .unwrap_or_else(|| panic!("{k:?} points at missing slot {i}"));
+                    for id in [slot.backend, slot.alias] {
+                        assert!(
+                            self.backends.contains_key(&id),
+                            "{k:?} slot {i} points at missing backend {id}"
+                        );
+                    }
+                }
+            }
+        }
+
+        /// What a connect() to `key` can reach: (addr, probability).
+        pub fn reachable(&self, key: &ServiceKey) -> Vec<(Addr, f64)> {
+            let s = &self.services[key];
+            let mut out: BTreeMap<Addr, f64> = BTreeMap::new();
+            for i in 0..s.count {
+                let slot = self.slots[&SlotKey {
+                    set_id: s.set_id,
+                    slot: i,
+                }];
+                let p = f64::from(slot.threshold) / 4294967296.0;
+                let b = self.backends[&slot.backend];
+                let a = self.backends[&slot.alias];
+                *out.entry((b.addr, b.port)).or_default() += p / f64::from(s.count);
+                *out.entry((a.addr, a.port)).or_default() += (1.0 - p) / f64::from(s.count);
+            }
+            out.into_iter().filter(|(_, p)| *p > 1e-6).collect()
+        }
+    }
+
+    fn full() -> MapError {
+        MapError {
+            map: "fake",
+            op: "update",
+            source: std::io::Error::from_raw_os_error(libc::E2BIG),
+        }
+    }
+
+    impl Dataplane for FakeMaps {
+        fn set_backend(&mut self, id: u32, b: Backend) -> Result<(), MapError> {
+            self.backends.insert(id, b);
+            self.writes += 1;
+            self.check();
+            Ok(())
+        }
+        fn clear_backend(&mut self, id: u32) -> Result<(), MapError> {
+            self.backends.remove(&id);
+            self.writes += 1;
+            self.check();
+            Ok(())
+        }
+        fn set_slot(&mut self, key: SlotKey, slot: Slot) -> Result<(), MapError> {
+            if !self.slots.contains_key(&key) && self.slots.len() >= self.slot_cap {
+                return Err(full());
+            }
+            self.slots.insert(key, slot);
+            self.writes += 1;
+            self.check();
+            Ok(())
+        }
+        fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError> {
+            self.slots.remove(&key);
+            self.writes += 1;
+            self.check();
+            Ok(())
+        }
+        fn set_service(&mut self, key: ServiceKey, svc: Service) -> Result<(), MapError> {
+            self.services.insert(key, svc);
+            self.writes += 1;
+            self.check();
+            Ok(())
+        }
+        fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
+            self.services.remove(&key);
+            self.writes += 1;
+            self.check();
+            Ok(())
+        }
+        fn backend_capacity(&self) -> u32 {
+            self.cap
+        }
+        fn dump(&self) -> Result<Dump, MapError> {
+            Ok(Dump {
+                services: self.services.iter().map(|(k, v)| (*k, *v)).collect(),
+                slots: self.slots.iter().map(|(k, v)| (*k, *v)).collect(),
+                backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            })
+        }
+    }
+
+    fn model() -> Model {
+        let mut m = Model::new("/d/".into(), vec!["127.0.0.0/8".parse().unwrap()]);
+        m.put("/d/services/web", br#"{"frontend":"127.0.0.1:80"}"#, 1);
+        m
+    }
+
+    fn a(s: &str) -> Addr {
+        let s: std::net::SocketAddrV4 = s.parse().unwrap();
+        (v4_mapped(s.ip().octets()), s.port())
+    }
+
+    fn web() -> ServiceKey {
+        service_key("127.0.0.1:80".parse().unwrap(), IPPROTO_TCP)
+    }
+
+    #[test]
+    fn alias_table_matches_weights() {
+        for weights in [
+            vec![1, 1, 1],
+            vec![1, 2, 3, 4],
+            vec![0, 5, 0, 1],
+            vec![65535, 1],
+            vec![7],
+            vec![0, 0],
+        ] {
+            let t = alias_table(&weights);
+            let mut p = vec![0f64; weights.len()];
+            for &(b, al, th) in &t {
+                let q = f64::from(th) / 4294967296.0;
+                p[b] += q / t.len() as f64;
+                p[al] += (1.0 - q) / t.len() as f64;
+            }
+            let total: u32 = weights.iter().sum();
+            for (i, w) in weights.iter().enumerate() {
+                let want = if total == 0 {
+                    1.0 / weights.len() as f64
+                } else {
+                    f64::from(*w) / f64::from(total)
+                };
+                assert!((p[i] - want).abs() < 1e-6, "{weights:?}: {p:?}");
+            }
+        }
+        assert!(alias_table(&[]).is_empty());
+    }
+
+    #[test]
+    fn writes_only_the_difference_and_never_half_a_service() {
+        let mut m = model();
+        m.put("/d/backends/web/a", b"127.0.0.2:80", 2);
+        m.put("/d/backends/web/b", b"127.0.0.3:80", 3);
+        let mut r = Reconciler::new(FakeMaps::new(100, 100)).unwrap();
+        let (changes, errors) = r.reconcile(&m.desired());
+        assert!(errors.is_empty());
+        assert_eq!(changes.len(), 1);
+        let reach = r.dataplane().reachable(&web());
+        assert_eq!(reach.len(), 2);
+        // Same desired state: nothing written.
+        let before = r.dataplane().writes;
+        let (changes, _) = r.reconcile(&m.desired());
+        assert!(changes.is_empty());
+        assert_eq!(r.dataplane().writes, before);
+        // Weight 0 takes b out; delete a then leaves b alone (all weight 0
+        // means all in rotation).
+        m.put(
+            "/d/backends/web/b",
+            br#"{"addr":"127.0.0.3:80","weight":0}"#,
+            3,
+        );
+        r.reconcile(&m.desired());
+        assert_eq!(
+            r.dataplane().reachable(&web()),
+            vec![(a("127.0.0.2:80"), 1.0)]
+        );
+        m.delete("/d/backends/web/a");
+        r.reconcile(&m.desired());
+        assert_eq!(
+            r.dataplane().reachable(&web()),
+            vec![(a("127.0.0.3:80"), 1.0)]
+        );
+        // Old sets and backends are gone.
+        assert_eq!(r.dataplane().slots.len(), 1);
+        assert_eq!(r.dataplane().backends.len(), 1);
+        // Service delete removes everything.
+        m.delete("/d/services/web");
+        let (changes, _) = r.reconcile(&m.desired());
+        assert_eq!(changes, vec![Change::Removed { key: web() }]);
+        let dp = r.dataplane();
+        assert!(dp.services.is_empty() && dp.slots.is_empty() && dp.backends.is_empty());
+    }
+
+    #[test]
+    fn service_without_backends_has_an_empty_entry() {
+        let m = model();
+        let mut r = Reconciler::new(FakeMaps::new(100, 100)).unwrap();
+        r.reconcile(&m.desired());
+        assert_eq!(r.dataplane().services[&web()].count, 0);
+    }
+
+    #[test]
+    fn restart_adopts_maps_and_cleans_leftovers() {
+        let mut m = model();
+        m.put("/d/backends/web/a", b"127.0.0.2:80", 2);
+        m.put(
+            "/d/backends/web/b",
+            br#"{"addr":"127.0.0.3:80","weight":3}"#,
+            3,
+        );
+        let mut r = Reconciler::new(FakeMaps::new(100, 100)).unwrap();
+        r.reconcile(&m.desired());
+        let mut maps = std::mem::take(&mut r.dp);
+        // Leftovers of an interrupted update.
+        maps.slots.insert(
+            SlotKey {
+                set_id: 999,
+                slot: 0,
+            },
+            Slot {
+                backend: 1,
+                alias: 1,
+                threshold: 0,
+                pad: 0,
+            },
+        );
+        maps.backends.insert(
+            50,
+            Backend {
+                addr: [9; 16],
+                port: 9,
+                flags: BACKEND_F_VALID,
+                pad: 0,
+            },
+        );
+        let mut r = Reconciler::new(maps).unwrap();
+        assert!(!r.dataplane().slots.keys().any(|k| k.set_id == 999));
+        assert!(!r.dataplane().backends.contains_key(&50));
+        let before = r.dataplane().writes;
+        let (changes, _) = r.reconcile(&m.desired());
+        assert!(changes.is_empty(), "adopted state is already right");
+        assert_eq!(r.dataplane().writes, before);
+        // And changes after the restart still work.
+        m.delete("/d/backends/web/a");
+        r.reconcile(&m.desired());
+        assert_eq!(
+            r.dataplane().reachable(&web()),
+            vec![(a("127.0.0.3:80"), 1.0)]
+        );
+        assert_eq!(r.dataplane().backends.len(), 1);
+    }
+
+    #[test]
+    fn full_map_fails_one_service_and_keeps_the_rest() {
+        let mut m = model();
+        m.put("/d/backends/web/a", b"127.0.0.2:80", 2);
+        m.put("/d/services/big", br#"{"frontend":"127.0.0.1:81"}"#, 4);
+        for i in 0..5 {
+            m.put(
+                &format!("/d/backends/big/{i}"),
+                format!("127.0.1.{i}:80").as_bytes(),
+                5,
+            );
+        }
+        let mut r = Reconciler::new(FakeMaps::new(100, 4)).unwrap();
+        let (changes, errors) = r.reconcile(&m.desired());
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].service, "big");
+        assert!(errors[0].to_string().contains("service big (127.0.0.1:81)"));
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            r.dataplane().reachable(&web()),
+            vec![(a("127.0.0.2:80"), 1.0)]
+        );
+        // Nothing of the failed update is left behind.
+        assert_eq!(r.dataplane().slots.len(), 1);
+        assert_eq!(r.dataplane().backends.len(), 1);
+        // Backend ids running out is reported the same way.
+        let mut r = Reconciler::new(FakeMaps::new(3, 100)).unwrap();
+        let (_, errors) = r.reconcile(&m.desired());
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].to_string().contains("--max-backends"),
+            "{}",
+            errors[0]
+        );
+        assert_eq!(
+            r.dataplane().reachable(&web()),
+            vec![(a("127.0.0.2:80"), 1.0)]
+        );
+    }
+
+    #[test]
+    fn backends_shared_between_services_are_kept_until_unused() {
+        let mut m = model();
+        m.put("/d/services/api", br#"{"frontend":"127.0.0.1:81"}"#, 4);
+        m.put("/d/backends/web/a", b"127.0.0.2:80", 2);
+        m.put("/d/backends/api/a", b"127.0.0.2:80", 5);
+        let mut r = Reconciler::new(FakeMaps::new(100, 100)).unwrap();
+        r.reconcile(&m.desired());
+        assert_eq!(r.dataplane().backends.len(), 1);
+        m.delete("/d/services/web");
+        r.reconcile(&m.desired());
+        assert_eq!(r.dataplane().backends.len(), 1);
+        m.delete("/d/services/api");
+        r.reconcile(&m.desired());
+        assert!(r.dataplane().backends.is_empty());
+    }
+}
