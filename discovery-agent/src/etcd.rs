@@ -31,6 +31,13 @@ pub enum Change {
     Delete(String),
 }
 
+/// Where the loop broke: before a consistent list (etcd unreachable) or
+/// after (the watch was lost and a re-list will reconcile).
+enum Lost {
+    List(anyhow::Error),
+    Watch(anyhow::Error),
+}
+
 pub struct Source {
     pub endpoints: Vec<String>,
     pub prefix: String,
@@ -74,8 +81,12 @@ impl Source {
                 Ok(()) => return,
                 Err(e) => {
                     let wait = jittered(backoff);
-                    warn!(prefix = %self.prefix, error = %e, retry_in = ?wait,
-                          "etcd watch lost; will re-list and reconcile");
+                    match e {
+                        Lost::List(e) => warn!(endpoints = ?self.endpoints, prefix = %self.prefix,
+                            error = %e, retry_in = ?wait, "etcd unreachable; retrying"),
+                        Lost::Watch(e) => warn!(endpoints = ?self.endpoints, prefix = %self.prefix,
+                            error = %e, retry_in = ?wait, "etcd watch lost; will re-list and reconcile"),
+                    }
                     tokio::time::sleep(wait).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                     // A fresh client re-resolves endpoints and skips a dead
@@ -103,13 +114,14 @@ impl Source {
         client: &mut Client,
         tx: &mpsc::Sender<Update>,
         backoff: &mut Duration,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Lost> {
         let resp = client
             .get(
                 self.prefix.as_bytes(),
                 Some(GetOptions::new().with_prefix()),
             )
-            .await?;
+            .await
+            .map_err(|e| Lost::List(e.into()))?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
         let kvs: Vec<Kv> = resp
             .kvs()
@@ -124,6 +136,18 @@ impl Source {
         if tx.send(Update::Snapshot { kvs, revision }).await.is_err() {
             return Ok(());
         }
+        self.watch(client, tx, backoff, revision)
+            .await
+            .map_err(Lost::Watch)
+    }
+
+    async fn watch(
+        &self,
+        client: &mut Client,
+        tx: &mpsc::Sender<Update>,
+        backoff: &mut Duration,
+        revision: i64,
+    ) -> anyhow::Result<()> {
         let mut stream = client
             .watch(
                 self.prefix.as_bytes(),

@@ -7,6 +7,8 @@ mod maps;
 mod model;
 mod reconcile;
 
+use std::io::IsTerminal as _;
+
 use clap::Parser as _;
 use config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
@@ -27,6 +29,8 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()

@@ -1,1 +1,526 @@
+//! Test harness: a real etcd on free loopback ports, the real agent attached
+//! to a per-test child cgroup with its own pin dir, real backends on
+//! 127.0.0.x, and real clients moved into the cgroup. Every guard cleans up
+//! on drop, so a failing (panicking) test still removes its cgroup, pins and
+//! processes.
+//!
+//! Only client processes are moved into the test cgroup (a child writes its
+//! own PID to `cgroup.procs` before exec), never the test runner.
+use std::{
+    collections::HashMap,
+    fs,
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::unix::{io::AsRawFd as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
 
+use serde::{Deserialize, Serialize};
+
+/// One attempt of `discovery-probe`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Outcome {
+    /// The name the backend answered with.
+    pub backend: Option<String>,
+    /// getpeername() for TCP/connected UDP; reply source for unconnected UDP.
+    pub peer: Option<String>,
+    pub errno: Option<i32>,
+    pub micros: u64,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test process and call.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "discovery-test-{}-{}-{tag}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+fn workspace_target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// The agent binary: `DISCOVERY_AGENT_BIN`, else the workspace's debug build
+/// (`cargo xtask test` builds it first).
+pub fn agent_bin() -> PathBuf {
+    let p = std::env::var_os("DISCOVERY_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_target().join("debug/discovery-agent"));
+    assert!(
+        p.exists(),
+        "agent binary {} not found: run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+// ---------------------------------------------------------------- backends
+
+/// An in-process backend answering with its name: TCP connections get the
+/// name and are closed; UDP datagrams are answered with the name.
+pub struct Backend {
+    addr: SocketAddr,
+    udp: bool,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    pub fn tcp(name: &str, addr: SocketAddr) -> Self {
+        let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+        let addr = l.local_addr().expect("local addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, name) = (stop.clone(), name.to_owned());
+        let thread = thread::spawn(move || {
+            for c in l.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(mut c) = c {
+                    let _ = c.write_all(format!("{name}\n").as_bytes());
+                }
+            }
+        });
+        Self {
+            addr,
+            udp: false,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn udp(name: &str, addr: SocketAddr) -> Self {
+        let sock = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+        let addr = sock.local_addr().expect("local addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, name) = (stop.clone(), name.to_owned());
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((_, from)) = sock.recv_from(&mut buf) {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let _ = sock.send_to(format!("{name}\n").as_bytes(), from);
+            }
+        });
+        Self {
+            addr,
+            udp: true,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the blocked accept/recv; the test runner is not redirected.
+        if self.udp {
+            if let Ok(s) = UdpSocket::bind("127.0.0.1:0") {
+                let _ = s.send_to(b"stop", self.addr);
+            }
+        } else {
+            let _ = TcpStream::connect(self.addr);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// -------------------------------------------------------------------- etcd
+
+/// A private single-member etcd on free loopback ports, data in a temp dir.
+pub struct Etcd {
+    child: Option<Child>,
+    pub url: String,
+    peer_url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Self {
+        // tmpfs keeps fsync cheap for many small tests on 2 cores.
+        let base = if Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("discovery-etcd-")
+            .tempdir_in(base)
+            .expect("etcd temp dir");
+        let mut e = Self {
+            child: None,
+            url: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            dir,
+        };
+        e.spawn();
+        e
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", "default"])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.url])
+            .args(["--advertise-client-urls", &self.url])
+            .args(["--listen-peer-urls", &self.peer_url])
+            .args(["--initial-advertise-peer-urls", &self.peer_url])
+            .args(["--initial-cluster", &format!("default={}", self.peer_url)])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start etcd (is etcd-server installed? run `cargo xtask bootstrap`)");
+        self.child = Some(child);
+        let ok = wait_until(Duration::from_secs(15), || {
+            self.ctl(&["endpoint", "health"])
+                .status
+                .success()
+                .then_some(())
+        });
+        assert!(ok.is_some(), "etcd did not become healthy:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.url, "--command-timeout", "5s"])
+            .args(args)
+            .output()
+            .expect("run etcdctl (is etcd-client installed?)")
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        let out = self.ctl(&["put", key, value]);
+        assert!(out.status.success(), "etcdctl put {key}: {out:?}");
+    }
+
+    pub fn del(&self, key: &str) {
+        let out = self.ctl(&["del", key]);
+        assert!(out.status.success(), "etcdctl del {key}: {out:?}");
+    }
+
+    /// Stops the member (by our own PID), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ------------------------------------------------------------------ cgroup
+
+/// The cgroup v2 mount point, from /proc/mounts.
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("cgroup v2 is not mounted")
+}
+
+/// A child cgroup of the cgroup v2 root for one test's clients.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(tag: &str) -> Self {
+        let path = cgroup2_root().join(unique(tag));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        Self { path }
+    }
+
+    /// Runs `cmd` to completion as a process inside this cgroup.
+    pub fn output(&self, cmd: &mut Command) -> Output {
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join("cgroup.procs"))
+            .expect("open cgroup.procs");
+        let fd = procs.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (getpid, write) between fork
+        // and exec; the buffer is on the stack.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut buf = [0u8; 16];
+                let mut pid = libc::getpid() as u32;
+                let mut i = buf.len();
+                loop {
+                    i -= 1;
+                    buf[i] = b'0' + (pid % 10) as u8;
+                    pid /= 10;
+                    if pid == 0 {
+                        break;
+                    }
+                }
+                let n = buf.len() - i;
+                if libc::write(fd, buf[i..].as_ptr().cast(), n) != n as isize {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().expect("spawn client in test cgroup");
+        drop(procs);
+        out
+    }
+
+    /// Runs `discovery-probe MODE ADDR COUNT` in the cgroup.
+    pub fn probe(&self, probe_bin: &str, mode: &str, addr: &str, count: usize) -> Vec<Outcome> {
+        let out = self.output(Command::new(probe_bin).args([mode, addr, &count.to_string()]));
+        assert!(
+            out.status.success(),
+            "probe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("probe output is JSON"))
+            .collect()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Only our clients can be in here; end any that outlived a failure.
+        let _ = wait_until(Duration::from_secs(5), || {
+            if let Ok(procs) = fs::read_to_string(self.path.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            fs::remove_dir(&self.path).ok()
+        });
+    }
+}
+
+// ------------------------------------------------------------------- agent
+
+/// The real agent, attached to a test cgroup with its own pin dir.
+pub struct Agent {
+    child: Option<Child>,
+    pub pin_dir: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts `discovery-agent run` and waits until it has listed etcd.
+    pub fn start(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str]) -> Self {
+        let a = Self::spawn(etcd_url, cgroup, extra);
+        a.wait_log("listed etcd prefix", Duration::from_secs(20));
+        a
+    }
+
+    /// Starts it without waiting for etcd.
+    pub fn spawn(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("agent temp dir");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("pins"));
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--etcd".into(),
+            etcd_url.into(),
+            "--cgroup".into(),
+            cgroup.path.display().to_string(),
+            "--pin-dir".into(),
+            pin_dir.display().to_string(),
+            // Small maps: quick to create and dump in many parallel tests.
+            "--max-services".into(),
+            "256".into(),
+            "--max-backends".into(),
+            "1024".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut a = Self {
+            child: None,
+            pin_dir,
+            args,
+            log: dir.path().join("agent.log"),
+            _dir: dir,
+        };
+        a.respawn();
+        a
+    }
+
+    /// Starts the agent process again with the same flags and pins.
+    pub fn respawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let child = Command::new(agent_bin())
+            .args(&self.args)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn discovery-agent");
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        // The agent logs with colours off only when not a tty; strip any.
+        strip_ansi(&s)
+    }
+
+    /// Waits for `needle` in the log; panics with the log if it never comes.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let found = wait_until(timeout, || self.log().contains(needle).then_some(()));
+        assert!(
+            found.is_some(),
+            "agent never logged {needle:?}:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().map(|s| s.is_none()).unwrap_or(false))
+    }
+
+    /// SIGTERM and wait: the programs stay attached.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().ok()
+    }
+
+    pub fn run_cmd(&self, sub: &str) -> Output {
+        Command::new(agent_bin())
+            .args([sub, "--pin-dir"])
+            .arg(&self.pin_dir)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run discovery-agent")
+    }
+
+    /// The kernel counters from the pinned maps.
+    pub fn counters(&self) -> HashMap<String, u64> {
+        let out = self.run_cmd("counters");
+        assert!(out.status.success(), "counters: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.run_cmd("detach");
+        let _ = fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Counts answers per backend name; failures under "errno N".
+pub fn tally(outcomes: &[Outcome]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for o in outcomes {
+        let k = match (&o.backend, o.errno) {
+            (Some(b), _) => b.clone(),
+            (None, Some(e)) => format!("errno {e}"),
+            (None, None) => "?".into(),
+        };
+        *m.entry(k).or_default() += 1;
+    }
+    m
+}

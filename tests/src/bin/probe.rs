@@ -1,0 +1,76 @@
+//! A real client for tests and the demo: opens connections or sends
+//! datagrams to an address and prints one JSON line per attempt.
+//!
+//! discovery-probe tcp|udp|udp-connected ADDR COUNT
+use std::{
+    io::Read as _,
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use discovery_tests::Outcome;
+
+fn once(mode: &str, addr: SocketAddr) -> std::io::Result<(String, String)> {
+    let timeout = Some(Duration::from_secs(2));
+    match mode {
+        "tcp" => {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(timeout)?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf)?;
+            Ok((buf.trim().to_owned(), s.peer_addr()?.to_string()))
+        }
+        "udp" => {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(timeout)?;
+            s.send_to(b"ping", addr)?;
+            let mut buf = [0u8; 256];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok((
+                String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
+                from.to_string(),
+            ))
+        }
+        "udp-connected" => {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(timeout)?;
+            s.connect(addr)?;
+            s.send(b"ping")?;
+            let mut buf = [0u8; 256];
+            let n = s.recv(&mut buf)?;
+            Ok((
+                String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
+                s.peer_addr()?.to_string(),
+            ))
+        }
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, mode, addr, count] = &args[..] else {
+        eprintln!("usage: discovery-probe tcp|udp|udp-connected ADDR COUNT");
+        std::process::exit(2);
+    };
+    let addr: SocketAddr = addr.parse().expect("ADDR is ip:port");
+    let count: usize = count.parse().expect("COUNT is a number");
+    for _ in 0..count {
+        let t = Instant::now();
+        let o = match once(mode, addr) {
+            Ok((backend, peer)) => Outcome {
+                backend: Some(backend),
+                peer: Some(peer),
+                errno: None,
+                micros: t.elapsed().as_micros() as u64,
+            },
+            Err(e) => Outcome {
+                backend: None,
+                peer: None,
+                errno: Some(e.raw_os_error().unwrap_or(-1)),
+                micros: t.elapsed().as_micros() as u64,
+            },
+        };
+        println!("{}", serde_json::to_string(&o).expect("serialise"));
+    }
+}

@@ -1,0 +1,425 @@
+//! End-to-end: real etcd, the real agent and kernel programs on a per-test
+//! child cgroup, real backends on 127.0.0.x, real clients in the cgroup.
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use discovery_tests::{Agent, Backend, Etcd, Outcome, TestCgroup, tally, wait_until};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_discovery-probe");
+const ECONNREFUSED: i32 = 111;
+/// Changes must reach new connections within a second.
+const CONVERGE: Duration = Duration::from_secs(1);
+
+struct World {
+    // Drop order: agent (detach) before cgroup before etcd.
+    agent: Agent,
+    cg: TestCgroup,
+    etcd: Etcd,
+}
+
+impl World {
+    fn start(tag: &str, extra: &[&str]) -> Self {
+        let etcd = Etcd::start();
+        let cg = TestCgroup::new(tag);
+        let agent = Agent::start(&etcd.url, &cg, extra);
+        Self { agent, cg, etcd }
+    }
+
+    fn service(&self, name: &str, frontend: &str, protocol: &str) {
+        self.etcd.put(
+            &format!("/discovery/services/{name}"),
+            &format!(r#"{{"frontend":"{frontend}","protocol":"{protocol}"}}"#),
+        );
+    }
+
+    fn backend(&self, service: &str, instance: &str, value: &str) {
+        self.etcd
+            .put(&format!("/discovery/backends/{service}/{instance}"), value);
+    }
+
+    fn probe(&self, mode: &str, addr: &str, n: usize) -> Vec<Outcome> {
+        self.cg.probe(PROBE, mode, addr, n)
+    }
+
+    /// Polls with fresh connections until `ok` holds for a whole batch.
+    fn converge(
+        &self,
+        mode: &str,
+        addr: &str,
+        n: usize,
+        ok: impl Fn(&HashMap<String, usize>) -> bool,
+    ) -> HashMap<String, usize> {
+        let mut last = HashMap::new();
+        let r = wait_until(CONVERGE, || {
+            last = tally(&self.probe(mode, addr, n));
+            ok(&last).then(|| last.clone())
+        });
+        r.unwrap_or_else(|| {
+            panic!(
+                "{mode} {addr} did not converge within {CONVERGE:?}; last: {last:?}\nagent log:\n{}",
+                self.agent.log()
+            )
+        })
+    }
+}
+
+fn only(name: &str) -> impl Fn(&HashMap<String, usize>) -> bool + '_ {
+    move |t| t.len() == 1 && t.contains_key(name)
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn tcp_is_redirected_and_getpeername_reports_the_frontend() {
+    let w = World::start("tcp", &[]);
+    let b = Backend::tcp("alpha", addr("127.0.0.2:0"));
+    w.service("web", "127.0.0.1:8080", "tcp");
+    w.backend("web", "alpha", &b.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8080", 5, only("alpha"));
+    for o in w.probe("tcp", "127.0.0.1:8080", 20) {
+        assert_eq!(o.backend.as_deref(), Some("alpha"));
+        assert_eq!(o.peer.as_deref(), Some("127.0.0.1:8080"), "getpeername");
+    }
+    let c = w.agent.counters();
+    assert!(c["connect_redirected"] >= 20, "{c:?}");
+    assert!(c["peer_revnat"] >= 20, "{c:?}");
+}
+
+#[test]
+fn udp_unconnected_and_connected_replies_come_from_the_frontend() {
+    let w = World::start("udp", &[]);
+    let b = Backend::udp("dns1", addr("127.0.0.3:0"));
+    w.service("dns", "127.0.0.1:5353", "udp");
+    w.backend("dns", "one", &b.addr().to_string());
+    w.converge("udp", "127.0.0.1:5353", 3, only("dns1"));
+    for o in w.probe("udp", "127.0.0.1:5353", 10) {
+        assert_eq!(o.backend.as_deref(), Some("dns1"));
+        assert_eq!(o.peer.as_deref(), Some("127.0.0.1:5353"), "reply source");
+    }
+    for o in w.probe("udp-connected", "127.0.0.1:5353", 10) {
+        assert_eq!(o.backend.as_deref(), Some("dns1"));
+        assert_eq!(o.peer.as_deref(), Some("127.0.0.1:5353"), "getpeername");
+    }
+    // TCP to the same frontend is not a service here: untouched.
+    let t = tally(&w.probe("tcp", "127.0.0.1:5353", 1));
+    assert_eq!(t.get(&format!("errno {ECONNREFUSED}")), Some(&1), "{t:?}");
+    let c = w.agent.counters();
+    assert!(c["sendmsg_redirected"] >= 10, "{c:?}");
+    assert!(c["recvmsg_revnat"] >= 10, "{c:?}");
+    assert_eq!(c["no_backend"], 0, "{c:?}");
+}
+
+#[test]
+fn protocol_both_serves_tcp_and_udp() {
+    let w = World::start("both", &[]);
+    let t = Backend::tcp("t", addr("127.0.0.4:0"));
+    // Same port for UDP, as a real dual-protocol daemon would use.
+    let u = Backend::udp("t", t.addr());
+    w.service("statsd", "127.0.0.1:8125", "both");
+    w.backend("statsd", "a", &t.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8125", 3, only("t"));
+    w.converge("udp", "127.0.0.1:8125", 3, only("t"));
+    drop(u);
+}
+
+#[test]
+fn balances_across_backends_by_weight() {
+    let w = World::start("balance", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    w.service("web", "127.0.0.1:8080", "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.backend(
+        "web",
+        "b",
+        &format!(r#"{{"addr":"{}","weight":3}}"#, b.addr()),
+    );
+    w.converge("tcp", "127.0.0.1:8080", 20, |t| t.len() == 2);
+    let n = 800;
+    let t = tally(&w.probe("tcp", "127.0.0.1:8080", n));
+    let share_b = t.get("b").copied().unwrap_or(0) as f64 / n as f64;
+    // Expected 0.75; the binomial standard deviation is 0.015, so this
+    // bound is over 6 sigma wide and still rejects equal or inverted weights.
+    assert!((0.65..0.85).contains(&share_b), "b share {share_b}: {t:?}");
+    assert_eq!(
+        t.values().sum::<usize>(),
+        n,
+        "every connect succeeded: {t:?}"
+    );
+    // Many unconnected UDP sockets spread over backends too.
+    let ua = Backend::udp("ua", addr("127.0.0.2:0"));
+    let ub = Backend::udp("ub", addr("127.0.0.3:0"));
+    w.service("dns", "127.0.0.1:53", "udp");
+    w.backend("dns", "a", &ua.addr().to_string());
+    w.backend("dns", "b", &ub.addr().to_string());
+    w.converge("udp", "127.0.0.1:53", 60, |t| {
+        t.len() == 2 && t.contains_key("ua") && t.contains_key("ub")
+    });
+}
+
+#[test]
+fn backend_add_weight_zero_and_delete_reach_new_connections() {
+    let w = World::start("changes", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    w.service("web", "127.0.0.1:8080", "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8080", 5, only("a"));
+    // Add.
+    w.backend("web", "b", &b.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8080", 30, |t| {
+        t.contains_key("b") && t.contains_key("a")
+    });
+    // Weight 0 takes a out of rotation.
+    w.backend(
+        "web",
+        "a",
+        &format!(r#"{{"addr":"{}","weight":0}}"#, a.addr()),
+    );
+    w.converge("tcp", "127.0.0.1:8080", 30, only("b"));
+    // Delete b: a is all that is left; a service whose backends are all at
+    // weight 0 still answers.
+    w.etcd.del("/discovery/backends/web/b");
+    w.converge("tcp", "127.0.0.1:8080", 10, only("a"));
+    // Delete a: no backend, refused at once.
+    w.etcd.del("/discovery/backends/web/a");
+    w.converge(
+        "tcp",
+        "127.0.0.1:8080",
+        3,
+        only(&format!("errno {ECONNREFUSED}")),
+    );
+}
+
+#[test]
+fn service_delete_leaves_the_frontend_untouched() {
+    let w = World::start("svcdel", &[]);
+    // Something really listens on the frontend address: after the service
+    // is deleted, clients must reach it directly.
+    let direct = Backend::tcp("direct", addr("127.0.0.1:0"));
+    let fe = direct.addr().to_string();
+    let b = Backend::tcp("redirected", addr("127.0.0.2:0"));
+    w.service("web", &fe, "tcp");
+    w.backend("web", "a", &b.addr().to_string());
+    w.converge("tcp", &fe, 5, only("redirected"));
+    w.etcd.del("/discovery/services/web");
+    w.converge("tcp", &fe, 5, only("direct"));
+}
+
+#[test]
+fn frontend_without_backend_fails_immediately() {
+    let w = World::start("nobackend", &[]);
+    w.service("empty", "127.0.0.1:9999", "both");
+    w.converge(
+        "tcp",
+        "127.0.0.1:9999",
+        1,
+        only(&format!("errno {ECONNREFUSED}")),
+    );
+    let before = w.agent.counters()["no_backend"];
+    let tcp = w.probe("tcp", "127.0.0.1:9999", 5);
+    let udp = w.probe("udp", "127.0.0.1:9999", 5);
+    for o in tcp.iter().chain(&udp) {
+        assert_eq!(o.errno, Some(ECONNREFUSED), "{o:?}");
+    }
+    // The counter proves the refusal came from the program (a plain closed
+    // port would also refuse TCP, but never a UDP send).
+    assert_eq!(w.agent.counters()["no_backend"], before + 10);
+}
+
+#[test]
+fn invalid_values_are_skipped_and_others_keep_working() {
+    let mut w = World::start("invalid", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    w.service("web", "127.0.0.1:8080", "tcp");
+    w.backend("web", "good", &a.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8080", 3, only("a"));
+    let bad = [
+        ("/discovery/backends/web/bad1", "not-an-address"),
+        ("/discovery/backends/web/bad2", "[::1]:80"),
+        (
+            "/discovery/backends/web/bad3",
+            r#"{"addr":"127.0.0.9:1","weight":"x"}"#,
+        ),
+        ("/discovery/services/broken", "{"),
+        ("/discovery/services/UPPER", r#"{"frontend":"127.0.0.1:1"}"#),
+        ("/discovery/backends/web/x/y", "127.0.0.2:1"),
+    ];
+    for (k, v) in bad {
+        w.etcd.put(k, v);
+    }
+    for (k, _) in bad {
+        w.agent
+            .wait_log(&format!("key=\"{k}\""), Duration::from_secs(5));
+    }
+    let log = w.agent.log();
+    assert!(
+        log.contains("IPv6 address [::1]:80 is not supported yet"),
+        "{log}"
+    );
+    assert!(w.agent.is_running());
+    // A second service added after the garbage still works.
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    w.service("api", "127.0.0.1:8081", "tcp");
+    w.backend("api", "one", &b.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8081", 3, only("b"));
+    let t = tally(&w.probe("tcp", "127.0.0.1:8080", 20));
+    assert_eq!(t, HashMap::from([("a".to_owned(), 20)]));
+}
+
+#[test]
+fn frontend_outside_allowed_ranges_is_refused() {
+    let w = World::start("allowed", &["--allowed-frontends", "127.0.0.0/24"]);
+    // 127.0.1.1 is loopback but outside the allowed /24: the service must
+    // not hijack it, so clients keep reaching what really listens there.
+    let direct = Backend::tcp("direct", addr("127.0.1.1:0"));
+    let fe = direct.addr().to_string();
+    let b = Backend::tcp("hijacker", addr("127.0.0.2:0"));
+    w.service("evil", &fe, "tcp");
+    w.backend("evil", "a", &b.addr().to_string());
+    w.agent
+        .wait_log("key=\"/discovery/services/evil\"", Duration::from_secs(5));
+    assert!(
+        w.agent
+            .log()
+            .contains("outside the allowed frontend ranges")
+    );
+    let t = tally(&w.probe("tcp", &fe, 10));
+    assert_eq!(t, HashMap::from([("direct".to_owned(), 10)]));
+}
+
+#[test]
+fn contested_frontend_goes_to_the_oldest_service() {
+    let w = World::start("conflict", &[]);
+    let a = Backend::tcp("first", addr("127.0.0.2:0"));
+    let b = Backend::tcp("second", addr("127.0.0.3:0"));
+    w.service("first", "127.0.0.1:7000", "tcp");
+    w.backend("first", "a", &a.addr().to_string());
+    w.converge("tcp", "127.0.0.1:7000", 3, only("first"));
+    w.service("second", "127.0.0.1:7000", "tcp");
+    w.backend("second", "a", &b.addr().to_string());
+    w.agent
+        .wait_log("frontend already claimed", Duration::from_secs(5));
+    assert_eq!(
+        tally(&w.probe("tcp", "127.0.0.1:7000", 10)),
+        HashMap::from([("first".to_owned(), 10)])
+    );
+    // The loser takes over when the winner goes.
+    w.etcd.del("/discovery/services/first");
+    w.converge("tcp", "127.0.0.1:7000", 5, only("second"));
+}
+
+#[test]
+fn watch_resumes_after_etcd_restart_and_traffic_flows_meanwhile() {
+    let mut w = World::start("etcdrestart", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    w.service("web", "127.0.0.1:8080", "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8080", 3, only("a"));
+    w.etcd.stop();
+    w.agent.wait_log("etcd watch lost", Duration::from_secs(10));
+    // Last known backends keep serving while etcd is down.
+    assert_eq!(
+        tally(&w.probe("tcp", "127.0.0.1:8080", 10)),
+        HashMap::from([("a".to_owned(), 10)])
+    );
+    w.etcd.restart();
+    w.backend("web", "b", &b.addr().to_string());
+    w.etcd.del("/discovery/backends/web/a");
+    let r = wait_until(Duration::from_secs(15), || {
+        (tally(&w.probe("tcp", "127.0.0.1:8080", 10)) == HashMap::from([("b".to_owned(), 10)]))
+            .then_some(())
+    });
+    assert!(
+        r.is_some(),
+        "agent did not resume the watch:\n{}",
+        w.agent.log()
+    );
+}
+
+#[test]
+fn agent_waits_for_etcd_at_start_and_says_so() {
+    let etcd = Etcd::start();
+    let url = etcd.url.clone();
+    let cg = TestCgroup::new("noetcd");
+    // Nothing listens here yet: the agent must keep retrying, not exit.
+    drop(etcd);
+    let mut agent = Agent::spawn(&url, &cg, &[]);
+    agent.wait_log("etcd unreachable; retrying", Duration::from_secs(15));
+    assert!(agent.is_running(), "{}", agent.log());
+    agent.stop();
+}
+
+#[test]
+fn stop_keeps_traffic_flowing_restart_adopts_and_detach_removes() {
+    let mut w = World::start("lifecycle", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    w.service("web", "127.0.0.1:8080", "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8080", 3, only("a"));
+    let status = w.agent.stop().expect("agent was running");
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    // Agent down: pinned programs and maps keep redirecting.
+    assert_eq!(
+        tally(&w.probe("tcp", "127.0.0.1:8080", 10)),
+        HashMap::from([("a".to_owned(), 10)])
+    );
+    // A change made while it was down is applied after the restart.
+    w.backend("web", "b", &b.addr().to_string());
+    w.etcd.del("/discovery/backends/web/a");
+    w.agent.respawn();
+    w.agent
+        .wait_log("adopted attached program", Duration::from_secs(20));
+    w.converge("tcp", "127.0.0.1:8080", 10, only("b"));
+    w.agent.stop();
+    let out = w.agent.run_cmd("detach");
+    assert!(out.status.success(), "{out:?}");
+    assert!(!w.agent.pin_dir.exists(), "pins removed");
+    // Detached: the frontend is an ordinary closed port again.
+    assert_eq!(
+        tally(&w.probe("tcp", "127.0.0.1:8080", 3)),
+        HashMap::from([(format!("errno {ECONNREFUSED}"), 3)])
+    );
+}
+
+#[test]
+fn clear_errors_for_bad_setup() {
+    let out = std::process::Command::new(discovery_tests::agent_bin())
+        .args([
+            "run",
+            "--cgroup",
+            "/nonexistent-cgroup",
+            "--pin-dir",
+            "/sys/fs/bpf/discovery-test-never",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent-cgroup"), "{err}");
+    let out = std::process::Command::new(discovery_tests::agent_bin())
+        .args([
+            "run",
+            "--cgroup",
+            "/tmp",
+            "--pin-dir",
+            "/sys/fs/bpf/discovery-test-never",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/tmp is not a cgroup v2 directory"), "{err}");
+    let out = std::process::Command::new(discovery_tests::agent_bin())
+        .args(["run", "--prefix", "relative/"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("must start with '/'"),
+        "{err}"
+    );
+    assert!(!std::path::Path::new("/sys/fs/bpf/discovery-test-never").exists());
+}
