@@ -40,7 +40,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// A name unique to this test process and call.
 pub fn unique(tag: &str) -> String {
     format!(
-        "discovery-test-{}-{}-{tag}",
+        "discovery-{tag}-{}-{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
@@ -205,6 +205,7 @@ impl Etcd {
             .open(self.dir.path().join("etcd.log"))
             .expect("etcd log");
         let child = Command::new("etcd")
+            .process_group(0)
             .args(["--name", "default"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -362,6 +363,9 @@ impl Drop for TestCgroup {
 
 // ------------------------------------------------------------------- agent
 
+/// Small maps: quick to create and dump in many parallel tests.
+pub const SMALL_MAPS: [&str; 4] = ["--max-services", "256", "--max-backends", "1024"];
+
 /// The real agent, attached to a test cgroup with its own pin dir.
 pub struct Agent {
     child: Option<Child>,
@@ -391,11 +395,6 @@ impl Agent {
             cgroup.path.display().to_string(),
             "--pin-dir".into(),
             pin_dir.display().to_string(),
-            // Small maps: quick to create and dump in many parallel tests.
-            "--max-services".into(),
-            "256".into(),
-            "--max-backends".into(),
-            "1024".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut a = Self {
@@ -418,6 +417,7 @@ impl Agent {
             .open(&self.log)
             .expect("agent log");
         let child = Command::new(agent_bin())
+            .process_group(0)
             .args(&self.args)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")

@@ -2,7 +2,7 @@
 //! child cgroup, real backends on 127.0.0.x, real clients in the cgroup.
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use discovery_tests::{Agent, Backend, Etcd, Outcome, TestCgroup, tally, wait_until};
+use discovery_tests::{Agent, Backend, Etcd, Outcome, SMALL_MAPS, TestCgroup, tally, wait_until};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_discovery-probe");
 const ECONNREFUSED: i32 = 111;
@@ -20,7 +20,9 @@ impl World {
     fn start(tag: &str, extra: &[&str]) -> Self {
         let etcd = Etcd::start();
         let cg = TestCgroup::new(tag);
-        let agent = Agent::start(&etcd.url, &cg, extra);
+        let mut args = SMALL_MAPS.to_vec();
+        args.extend_from_slice(extra);
+        let agent = Agent::start(&etcd.url, &cg, &args);
         Self { agent, cg, etcd }
     }
 
@@ -346,7 +348,7 @@ fn agent_waits_for_etcd_at_start_and_says_so() {
     let cg = TestCgroup::new("noetcd");
     // Nothing listens here yet: the agent must keep retrying, not exit.
     drop(etcd);
-    let mut agent = Agent::spawn(&url, &cg, &[]);
+    let mut agent = Agent::spawn(&url, &cg, &SMALL_MAPS);
     agent.wait_log("etcd unreachable; retrying", Duration::from_secs(15));
     assert!(agent.is_running(), "{}", agent.log());
     agent.stop();

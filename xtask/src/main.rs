@@ -1,1 +1,185 @@
-fn main() {}
+//! Project tasks: `cargo xtask bootstrap|build|run|demo|test`.
+mod bootstrap;
+mod demo;
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing to build, run and test (idempotent).
+    Bootstrap,
+    /// Bootstrap, then build the programs, the agent and the test clients.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Bootstrap, build, and run the agent as root with the given flags,
+    /// e.g. `cargo xtask run -- --etcd http://127.0.0.1:2379`.
+    Run {
+        /// Flags for `discovery-agent run`.
+        #[arg(last = true)]
+        flags: Vec<String>,
+    },
+    /// A private etcd, the agent on a child cgroup, backends on 127.0.0.x and
+    /// a client being redirected and rebalanced. Cleans up on exit or Ctrl-C.
+    Demo,
+    /// Bootstrap, lint, then run unit and integration tests (as root).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one total
+/// line: cargo's own last line belongs to whichever crate ran last (often a
+/// doc-test run of 0 tests).
+fn test(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let out = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut w = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (w.next(), w.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match kind {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut c = cargo();
+    c.args([
+        "build",
+        "-p",
+        "discovery-agent",
+        "-p",
+        "discovery-tests",
+        "--bins",
+    ]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    Ok(target_dir().join(if release { "release" } else { "debug" }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Bootstrap => bootstrap::bootstrap(),
+        Task::Build { release } => {
+            bootstrap::bootstrap()?;
+            build(release).map(drop)
+        }
+        Task::Run { flags } => {
+            bootstrap::bootstrap()?;
+            let bin = build(true)?.join("discovery-agent");
+            let mut c = if is_root() {
+                Command::new(&bin)
+            } else {
+                eprintln!("not root: running the agent through sudo");
+                let mut c = Command::new("sudo");
+                c.arg(&bin);
+                c
+            };
+            c.arg("run").args(flags);
+            eprintln!("+ {c:?}");
+            Err(c.exec()).context("starting discovery-agent")
+        }
+        Task::Demo => {
+            if !is_root() {
+                bail!("the demo attaches BPF programs to a child cgroup: run it as root");
+            }
+            bootstrap::bootstrap()?;
+            let dir = build(false)?;
+            demo::demo(&dir)
+        }
+        Task::Test { args } => {
+            if !is_root() {
+                bail!(
+                    "the integration tests attach BPF programs to child cgroups: run them as root"
+                );
+            }
+            bootstrap::bootstrap()?;
+            run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            let dir = build(false)?;
+            test(
+                cargo()
+                    .arg("test")
+                    .args(args)
+                    .env("DISCOVERY_AGENT_BIN", dir.join("discovery-agent")),
+            )
+        }
+    }
+}
