@@ -14,7 +14,7 @@ use crate::{
     loader,
     maps::BpfMaps,
     model::{Applied, Conflict, Model, proto_name},
-    reconcile::{Change, Reconciler},
+    reconcile::{Change, Reconciler, frontend_of},
 };
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -82,11 +82,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     revision,
                     "service applied"
                 ),
-                Change::Removed { key } => info!(
-                    frontend = %std::net::SocketAddrV4::new(
-                        std::net::Ipv4Addr::new(key.addr[12], key.addr[13], key.addr[14], key.addr[15]),
-                        key.port),
-                    proto = proto_name(key.proto), revision, "service removed"
+                Change::Removed { key, service } => info!(
+                    service = service.as_deref().unwrap_or("(adopted)"),
+                    frontend = frontend_of(&key),
+                    revision,
+                    "service removed"
                 ),
             }
         }

@@ -55,6 +55,8 @@ pub struct Dump {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Installed {
+    /// Known once this agent wrote it; the maps do not store names.
+    service: Option<String>,
     set_id: u32,
     slots: Vec<ResolvedSlot>,
     /// Distinct backend ids the set references.
@@ -130,6 +132,20 @@ pub fn desired_slots(svc: &DesiredService) -> Vec<ResolvedSlot> {
         .collect()
 }
 
+/// `ip:port/proto` of a map key, for messages.
+pub fn frontend_of(key: &ServiceKey) -> String {
+    let a = &key.addr;
+    format!(
+        "{}.{}.{}.{}:{}/{}",
+        a[12],
+        a[13],
+        a[14],
+        a[15],
+        key.port,
+        crate::model::proto_name(key.proto)
+    )
+}
+
 /// One service written to the maps, for the caller to log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -142,6 +158,8 @@ pub enum Change {
     },
     Removed {
         key: ServiceKey,
+        /// None for an entry adopted from an earlier run.
+        service: Option<String>,
     },
 }
 
@@ -228,6 +246,7 @@ impl<D: Dataplane> Reconciler<D> {
             r.installed.insert(
                 key,
                 Installed {
+                    service: None,
                     set_id: svc.set_id,
                     slots: resolved,
                     ids,
@@ -273,11 +292,12 @@ impl<D: Dataplane> Reconciler<D> {
             .copied()
             .collect();
         for key in stale {
+            let service = self.installed.get(&key).and_then(|i| i.service.clone());
             match self.remove(key) {
-                Ok(()) => changes.push(Change::Removed { key }),
+                Ok(()) => changes.push(Change::Removed { key, service }),
                 Err(source) => errors.push(ApplyError {
-                    service: "?".into(),
-                    frontend: format!("{key:?}"),
+                    service: service.unwrap_or_else(|| "(adopted)".into()),
+                    frontend: frontend_of(&key),
                     source,
                 }),
             }
@@ -455,6 +475,7 @@ impl<D: Dataplane> Reconciler<D> {
         let old = self.installed.insert(
             key,
             Installed {
+                service: Some(svc.service.clone()),
                 set_id,
                 slots: want.clone(),
                 ids,
@@ -691,7 +712,14 @@ pub(crate) mod tests {
         // Service delete removes everything.
         m.delete("/d/services/web");
         let (changes, _) = r.reconcile(&m.desired());
-        assert_eq!(changes, vec![Change::Removed { key: web() }]);
+        assert_eq!(
+            changes,
+            vec![Change::Removed {
+                key: web(),
+                service: Some("web".into())
+            }]
+        );
+        assert_eq!(frontend_of(&web()), "127.0.0.1:80/tcp");
         let dp = r.dataplane();
         assert!(dp.services.is_empty() && dp.slots.is_empty() && dp.backends.is_empty());
     }

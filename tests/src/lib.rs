@@ -184,21 +184,28 @@ impl Etcd {
         } else {
             "/tmp"
         };
-        let dir = tempfile::Builder::new()
-            .prefix("discovery-etcd-")
-            .tempdir_in(base)
-            .expect("etcd temp dir");
-        let mut e = Self {
-            child: None,
-            url: format!("http://127.0.0.1:{}", free_port()),
-            peer_url: format!("http://127.0.0.1:{}", free_port()),
-            dir,
-        };
-        e.spawn();
-        e
+        // A port found free can be taken before etcd binds it (parallel
+        // tests): if etcd exits at start, try again with other ports.
+        for _ in 0..3 {
+            let mut e = Self {
+                child: None,
+                url: format!("http://127.0.0.1:{}", free_port()),
+                peer_url: format!("http://127.0.0.1:{}", free_port()),
+                dir: tempfile::Builder::new()
+                    .prefix("discovery-etcd-")
+                    .tempdir_in(base)
+                    .expect("etcd temp dir"),
+            };
+            if e.spawn() {
+                return e;
+            }
+        }
+        panic!("etcd did not start in 3 attempts");
     }
 
-    fn spawn(&mut self) {
+    /// Starts the member; false if it exited (port taken), panics if it
+    /// runs but never becomes healthy.
+    fn spawn(&mut self) -> bool {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -220,12 +227,24 @@ impl Etcd {
             .expect("start etcd (is etcd-server installed? run `cargo xtask bootstrap`)");
         self.child = Some(child);
         let ok = wait_until(Duration::from_secs(15), || {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                return Some(false);
+            }
             self.ctl(&["endpoint", "health"])
                 .status
                 .success()
-                .then_some(())
+                .then_some(true)
         });
-        assert!(ok.is_some(), "etcd did not become healthy:\n{}", self.log());
+        match ok {
+            Some(true) => true,
+            Some(false) => {
+                self.child = None;
+                false
+            }
+            None => panic!("etcd did not become healthy:\n{}", self.log()),
+        }
     }
 
     pub fn log(&self) -> String {
@@ -262,7 +281,7 @@ impl Etcd {
     /// Starts it again on the same ports with the same data.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        assert!(self.spawn(), "etcd did not restart:\n{}", self.log());
     }
 }
 

@@ -20,7 +20,13 @@ impl World {
     fn start(tag: &str, extra: &[&str]) -> Self {
         let etcd = Etcd::start();
         let cg = TestCgroup::new(tag);
-        let mut args = SMALL_MAPS.to_vec();
+        // Small maps unless the test sizes them itself.
+        let mut args: Vec<&str> = SMALL_MAPS
+            .chunks(2)
+            .filter(|kv| !extra.contains(&kv[0]))
+            .flatten()
+            .copied()
+            .collect();
         args.extend_from_slice(extra);
         let agent = Agent::start(&etcd.url, &cg, &args);
         Self { agent, cg, etcd }
@@ -424,4 +430,44 @@ fn clear_errors_for_bad_setup() {
         "{err}"
     );
     assert!(!std::path::Path::new("/sys/fs/bpf/discovery-test-never").exists());
+}
+
+#[test]
+fn non_root_gets_a_clear_error() {
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(discovery_tests::agent_bin())
+        .args(["run", "--pin-dir", "/sys/fs/bpf/discovery-test-never"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("must run as root"), "{err}");
+}
+
+#[test]
+fn full_map_reports_the_service_and_keeps_the_rest() {
+    let w = World::start("full", &["--max-services", "1"]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    // Applied in frontend order: 7001 fits, 7002 does not.
+    w.service("first", "127.0.0.1:7001", "tcp");
+    w.backend("first", "a", &a.addr().to_string());
+    w.converge("tcp", "127.0.0.1:7001", 3, only("a"));
+    w.service("second", "127.0.0.1:7002", "tcp");
+    w.backend("second", "b", &b.addr().to_string());
+    w.agent.wait_log("map is full", Duration::from_secs(5));
+    let log = w.agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("map is full") && l.contains("service=\"second\"")),
+        "{log}"
+    );
+    assert_eq!(
+        tally(&w.probe("tcp", "127.0.0.1:7001", 10)),
+        HashMap::from([("a".to_owned(), 10)])
+    );
+    // Room freed: the waiting service is applied.
+    w.etcd.del("/discovery/services/first");
+    w.converge("tcp", "127.0.0.1:7002", 3, only("b"));
 }
