@@ -37,6 +37,16 @@ pub fn demo(bin_dir: &Path) -> anyhow::Result<()> {
         s.store(true, Ordering::SeqCst);
     })
     .context("installing the Ctrl-C handler")?;
+    let result = steps(bin_dir, &stop);
+    // The guards inside `steps` have cleaned up by now.
+    if stop.load(Ordering::SeqCst) {
+        eprintln!("cleaned up");
+        std::process::exit(130);
+    }
+    result
+}
+
+fn steps(bin_dir: &Path, stop: &AtomicBool) -> anyhow::Result<()> {
     let check = || -> anyhow::Result<()> {
         if stop.load(Ordering::SeqCst) {
             bail!("interrupted");
@@ -145,10 +155,12 @@ pub fn demo(bin_dir: &Path) -> anyhow::Result<()> {
         .status();
     let counters = agent.run_cmd("counters");
     print!("{}", String::from_utf8_lossy(&counters.stdout));
-    println!(
-        "      inspect the maps with: bpftool map dump pinned {}/disc_services",
-        agent.pin_dir.display()
-    );
+    let services = agent.pin_dir.join("disc_services");
+    println!("      bpftool map dump pinned {}", services.display());
+    let _ = Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(&services)
+        .status();
     println!("\ncleaning up: agent detached, cgroup removed, etcd stopped");
     drop((alpha, beta, gamma));
     drop(agent);
