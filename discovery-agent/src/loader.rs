@@ -1,8 +1,15 @@
 //! Loads the embedded programs, attaches them to a cgroup with bpf links and
 //! pins maps and links, so traffic keeps flowing while the agent is down.
 use std::{
-    fs,
-    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    ffi::CString,
+    fs, io,
+    os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::{
+            ffi::OsStrExt as _,
+            fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
+        },
+    },
     path::{Path, PathBuf},
 };
 
@@ -125,15 +132,29 @@ pub fn load_and_attach(cgroup: &Path, pin_dir: &Path, sizes: &Sizes) -> anyhow::
         "loading the BPF programs and maps (kernel needs cgroup sock_addr programs, \
          BTF and socket storage: Linux 5.10 or newer)",
     )?;
-    check_sizes(&ebpf, sizes)?;
+    check_pinned_maps(&ebpf, sizes, pin_dir)?;
 
     let cgroup_file =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    // A cgroup v2 directory's inode number is its cgroup id.
+    let cgroup_id = cgroup_file.metadata()?.ino();
     for (prog_name, link_name) in names::PROGRAMS {
         let link_path = pin_dir.join(link_name);
         if link_path.exists() {
             PinnedLink::from_pin(&link_path)
                 .with_context(|| format!("opening pinned link {}", link_path.display()))?;
+            let attached_to = link_cgroup_id(&link_path)
+                .with_context(|| format!("reading pinned link {}", link_path.display()))?;
+            if attached_to != Some(cgroup_id) {
+                bail!(
+                    "pinned link {} is attached to another cgroup (id {attached_to:?}), not {} \
+                     (id {cgroup_id}); run `discovery-agent detach --pin-dir {}` first or use \
+                     another --pin-dir",
+                    link_path.display(),
+                    cgroup.display(),
+                    pin_dir.display()
+                );
+            }
             info!(program = prog_name, link = %link_path.display(), "adopted attached program");
             continue;
         }
@@ -156,21 +177,57 @@ pub fn load_and_attach(cgroup: &Path, pin_dir: &Path, sizes: &Sizes) -> anyhow::
     Ok(())
 }
 
-/// Pinned maps from an earlier run keep their sizes; say so rather than
-/// silently running with other limits than the flags ask for.
-fn check_sizes(ebpf: &aya::Ebpf, sizes: &Sizes) -> anyhow::Result<()> {
-    for (name, want) in [
-        (names::SERVICES, sizes.max_services),
-        (names::BACKENDS, sizes.max_backends.saturating_add(1)),
-    ] {
+/// Pinned maps from an earlier run are reused as they are. A map whose key
+/// or value layout differs from this build's would be misread, so refuse
+/// it; a different size only means other limits, so say so.
+fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow::Result<()> {
+    use discovery_common::{Backend, Service, ServiceKey, Slot, SlotKey};
+    use std::mem::size_of;
+    let expect: [(&str, usize, usize, Option<u32>); 4] = [
+        (
+            names::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<Service>(),
+            Some(sizes.max_services),
+        ),
+        (
+            names::SLOTS,
+            size_of::<SlotKey>(),
+            size_of::<Slot>(),
+            Some(sizes.slots()),
+        ),
+        (
+            names::BACKENDS,
+            4,
+            size_of::<Backend>(),
+            Some(sizes.max_backends.saturating_add(1)),
+        ),
+        (names::COUNTERS, 4, 8, None),
+    ];
+    for (name, key, value, entries) in expect {
         let map = ebpf
             .map(name)
             .with_context(|| format!("map {name} missing"))?;
         let info = match map {
-            aya::maps::Map::HashMap(d) | aya::maps::Map::Array(d) => d.info()?,
-            _ => continue,
+            aya::maps::Map::HashMap(d)
+            | aya::maps::Map::Array(d)
+            | aya::maps::Map::PerCpuArray(d) => d.info()?,
+            _ => bail!("map {name} has an unexpected type"),
         };
-        if info.max_entries() != want {
+        if (info.key_size() as usize, info.value_size() as usize) != (key, value) {
+            bail!(
+                "pinned map {} has key/value sizes {}/{}, this agent expects {key}/{value}: \
+                 it was made by an incompatible version; run `discovery-agent detach --pin-dir {}` \
+                 (traffic is not redirected until the agent starts again)",
+                pin_dir.join(name).display(),
+                info.key_size(),
+                info.value_size(),
+                pin_dir.display()
+            );
+        }
+        if let Some(want) = entries
+            && info.max_entries() != want
+        {
             warn!(
                 map = name,
                 pinned = info.max_entries(),
@@ -180,6 +237,70 @@ fn check_sizes(ebpf: &aya::Ebpf, sizes: &Sizes) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The cgroup id a pinned cgroup link is attached to (None for another
+/// link type or a link whose cgroup is gone). aya does not expose this, so
+/// it is read with BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD.
+fn link_cgroup_id(pin: &Path) -> io::Result<Option<u64>> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_CGROUP: u32 = 3;
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let path = CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let attr = ObjGet {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: attr points at a valid, NUL-terminated path for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then for cgroup links
+    // cgroup_id at offset 16. The buffer is larger than the struct and
+    // zeroed, as the kernel requires.
+    let mut info = [0u64; 32];
+    let attr = GetInfo {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: info is a writable buffer of info_len bytes.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr,
+            std::mem::size_of::<GetInfo>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let link_type = info[0] as u32;
+    Ok((link_type == BPF_LINK_TYPE_CGROUP && info[2] != 0).then_some(info[2]))
 }
 
 /// Removes the pinned links (which detaches the programs) and maps.

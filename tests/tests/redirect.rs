@@ -471,3 +471,85 @@ fn full_map_reports_the_service_and_keeps_the_rest() {
     w.etcd.del("/discovery/services/first");
     w.converge("tcp", "127.0.0.1:7002", 3, only("b"));
 }
+
+#[test]
+fn pins_attached_to_another_cgroup_are_not_adopted() {
+    let mut w = World::start("pinsa", &[]);
+    w.agent.stop();
+    let other = TestCgroup::new("pinsb");
+    let out = std::process::Command::new(discovery_tests::agent_bin())
+        .args(["run", "--etcd", &w.etcd.url, "--cgroup"])
+        .arg(&other.path)
+        .arg("--pin-dir")
+        .arg(&w.agent.pin_dir)
+        .args(SMALL_MAPS)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is attached to another cgroup"), "{err}");
+    assert!(err.contains("discovery-agent detach --pin-dir"), "{err}");
+    // The original attachment is untouched and still adoptable.
+    w.agent.respawn();
+    w.agent
+        .wait_log("adopted attached program", Duration::from_secs(20));
+}
+
+#[test]
+fn pinned_maps_of_another_layout_are_refused() {
+    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(discovery_tests::unique("layout"));
+    std::fs::create_dir(&pin_dir).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(pin_dir.clone());
+    let map = pin_dir.join("disc_services");
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&map)
+        .args([
+            "type",
+            "hash",
+            "key",
+            "8",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "disc_services",
+            "flags",
+            "1",
+        ])
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "{out:?}");
+    let cg = TestCgroup::new("layout");
+    let out = std::process::Command::new(discovery_tests::agent_bin())
+        .args(["run", "--cgroup"])
+        .arg(&cg.path)
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .args(SMALL_MAPS)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("has key/value sizes 8/8, this agent expects 20/16"),
+        "{err}"
+    );
+    // Nothing was attached.
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cg.path)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "{out:?}"
+    );
+}
