@@ -239,6 +239,21 @@ fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow:
     Ok(())
 }
 
+/// The bpf(2) syscall with one attribute struct.
+///
+/// # Safety
+/// `attr` must be the attribute layout the kernel expects for `cmd`, and
+/// any pointers in it valid for the call.
+unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: upheld by the caller.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, std::mem::size_of::<T>()) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
 /// The cgroup id a pinned cgroup link is attached to (None for another
 /// link type or a link whose cgroup is gone). aya does not expose this, so
 /// it is read with BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD.
@@ -265,17 +280,7 @@ fn link_cgroup_id(pin: &Path) -> io::Result<Option<u64>> {
         ..Default::default()
     };
     // SAFETY: attr points at a valid, NUL-terminated path for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &attr)? };
     // SAFETY: the kernel returned a new fd we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // struct bpf_link_info: type, id, prog_id, then for cgroup links
@@ -288,17 +293,7 @@ fn link_cgroup_id(pin: &Path) -> io::Result<Option<u64>> {
         info: info.as_mut_ptr() as u64,
     };
     // SAFETY: info is a writable buffer of info_len bytes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr,
-            std::mem::size_of::<GetInfo>(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)? };
     let link_type = info[0] as u32;
     Ok((link_type == BPF_LINK_TYPE_CGROUP && info[2] != 0).then_some(info[2]))
 }

@@ -74,6 +74,25 @@ fn only(name: &str) -> impl Fn(&HashMap<String, usize>) -> bool + '_ {
     move |t| t.len() == 1 && t.contains_key(name)
 }
 
+/// The tally of `n` attempts that all gave `what`.
+fn all(what: &str, n: usize) -> HashMap<String, usize> {
+    HashMap::from([(what.to_owned(), n)])
+}
+
+/// Runs the agent with `args`, expects it to fail, returns its stderr.
+fn agent_fails<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = std::process::Command::new(discovery_tests::agent_bin())
+        .args(args)
+        .output()
+        .expect("run discovery-agent");
+    assert!(!out.status.success(), "agent should have failed: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
@@ -273,7 +292,7 @@ fn invalid_values_are_skipped_and_others_keep_working() {
     w.backend("api", "one", &b.addr().to_string());
     w.converge("tcp", "127.0.0.1:8081", 3, only("b"));
     let t = tally(&w.probe("tcp", "127.0.0.1:8080", 20));
-    assert_eq!(t, HashMap::from([("a".to_owned(), 20)]));
+    assert_eq!(t, all("a", 20));
 }
 
 #[test]
@@ -294,7 +313,7 @@ fn frontend_outside_allowed_ranges_is_refused() {
             .contains("outside the allowed frontend ranges")
     );
     let t = tally(&w.probe("tcp", &fe, 10));
-    assert_eq!(t, HashMap::from([("direct".to_owned(), 10)]));
+    assert_eq!(t, all("direct", 10));
 }
 
 #[test]
@@ -311,7 +330,7 @@ fn contested_frontend_goes_to_the_oldest_service() {
         .wait_log("frontend already claimed", Duration::from_secs(5));
     assert_eq!(
         tally(&w.probe("tcp", "127.0.0.1:7000", 10)),
-        HashMap::from([("first".to_owned(), 10)])
+        all("first", 10)
     );
     // The loser takes over when the winner goes.
     w.etcd.del("/discovery/services/first");
@@ -329,16 +348,12 @@ fn watch_resumes_after_etcd_restart_and_traffic_flows_meanwhile() {
     w.etcd.stop();
     w.agent.wait_log("etcd watch lost", Duration::from_secs(10));
     // Last known backends keep serving while etcd is down.
-    assert_eq!(
-        tally(&w.probe("tcp", "127.0.0.1:8080", 10)),
-        HashMap::from([("a".to_owned(), 10)])
-    );
+    assert_eq!(tally(&w.probe("tcp", "127.0.0.1:8080", 10)), all("a", 10));
     w.etcd.restart();
     w.backend("web", "b", &b.addr().to_string());
     w.etcd.del("/discovery/backends/web/a");
     let r = wait_until(Duration::from_secs(15), || {
-        (tally(&w.probe("tcp", "127.0.0.1:8080", 10)) == HashMap::from([("b".to_owned(), 10)]))
-            .then_some(())
+        (tally(&w.probe("tcp", "127.0.0.1:8080", 10)) == all("b", 10)).then_some(())
     });
     assert!(
         r.is_some(),
@@ -371,10 +386,7 @@ fn stop_keeps_traffic_flowing_restart_adopts_and_detach_removes() {
     let status = w.agent.stop().expect("agent was running");
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     // Agent down: pinned programs and maps keep redirecting.
-    assert_eq!(
-        tally(&w.probe("tcp", "127.0.0.1:8080", 10)),
-        HashMap::from([("a".to_owned(), 10)])
-    );
+    assert_eq!(tally(&w.probe("tcp", "127.0.0.1:8080", 10)), all("a", 10));
     // A change made while it was down is applied after the restart.
     w.backend("web", "b", &b.addr().to_string());
     w.etcd.del("/discovery/backends/web/a");
@@ -389,47 +401,20 @@ fn stop_keeps_traffic_flowing_restart_adopts_and_detach_removes() {
     // Detached: the frontend is an ordinary closed port again.
     assert_eq!(
         tally(&w.probe("tcp", "127.0.0.1:8080", 3)),
-        HashMap::from([(format!("errno {ECONNREFUSED}"), 3)])
+        all(&format!("errno {ECONNREFUSED}"), 3)
     );
 }
 
 #[test]
 fn clear_errors_for_bad_setup() {
-    let out = std::process::Command::new(discovery_tests::agent_bin())
-        .args([
-            "run",
-            "--cgroup",
-            "/nonexistent-cgroup",
-            "--pin-dir",
-            "/sys/fs/bpf/discovery-test-never",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let never = "/sys/fs/bpf/discovery-test-never";
+    let err = agent_fails(["run", "--cgroup", "/nonexistent-cgroup", "--pin-dir", never]);
     assert!(err.contains("/nonexistent-cgroup"), "{err}");
-    let out = std::process::Command::new(discovery_tests::agent_bin())
-        .args([
-            "run",
-            "--cgroup",
-            "/tmp",
-            "--pin-dir",
-            "/sys/fs/bpf/discovery-test-never",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = agent_fails(["run", "--cgroup", "/tmp", "--pin-dir", never]);
     assert!(err.contains("/tmp is not a cgroup v2 directory"), "{err}");
-    let out = std::process::Command::new(discovery_tests::agent_bin())
-        .args(["run", "--prefix", "relative/"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("must start with '/'"),
-        "{err}"
-    );
-    assert!(!std::path::Path::new("/sys/fs/bpf/discovery-test-never").exists());
+    let err = agent_fails(["run", "--prefix", "relative/"]);
+    assert!(err.contains("must start with '/'"), "{err}");
+    assert!(!std::path::Path::new(never).exists());
 }
 
 #[test]
@@ -463,10 +448,7 @@ fn full_map_reports_the_service_and_keeps_the_rest() {
             .any(|l| l.contains("map is full") && l.contains("service=\"second\"")),
         "{log}"
     );
-    assert_eq!(
-        tally(&w.probe("tcp", "127.0.0.1:7001", 10)),
-        HashMap::from([("a".to_owned(), 10)])
-    );
+    assert_eq!(tally(&w.probe("tcp", "127.0.0.1:7001", 10)), all("a", 10));
     // Room freed: the waiting service is applied.
     w.etcd.del("/discovery/services/first");
     w.converge("tcp", "127.0.0.1:7002", 3, only("b"));
@@ -477,16 +459,21 @@ fn pins_attached_to_another_cgroup_are_not_adopted() {
     let mut w = World::start("pinsa", &[]);
     w.agent.stop();
     let other = TestCgroup::new("pinsb");
-    let out = std::process::Command::new(discovery_tests::agent_bin())
-        .args(["run", "--etcd", &w.etcd.url, "--cgroup"])
-        .arg(&other.path)
-        .arg("--pin-dir")
-        .arg(&w.agent.pin_dir)
-        .args(SMALL_MAPS)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (cg, pins) = (
+        other.path.display().to_string(),
+        w.agent.pin_dir.display().to_string(),
+    );
+    let mut args = vec![
+        "run",
+        "--etcd",
+        &w.etcd.url,
+        "--cgroup",
+        &cg,
+        "--pin-dir",
+        &pins,
+    ];
+    args.extend(SMALL_MAPS);
+    let err = agent_fails(args);
     assert!(err.contains("is attached to another cgroup"), "{err}");
     assert!(err.contains("discovery-agent detach --pin-dir"), "{err}");
     // The original attachment is untouched and still adoptable.
@@ -506,38 +493,20 @@ fn pinned_maps_of_another_layout_are_refused() {
         }
     }
     let _cleanup = Cleanup(pin_dir.clone());
-    let map = pin_dir.join("disc_services");
+    let map = pin_dir.join("disc_services").display().to_string();
     let out = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&map)
         .args([
-            "type",
-            "hash",
-            "key",
-            "8",
-            "value",
-            "8",
-            "entries",
-            "16",
-            "name",
-            "disc_services",
-            "flags",
-            "1",
+            "map", "create", &map, "type", "hash", "key", "8", "value", "8",
         ])
+        .args(["entries", "16", "name", "disc_services", "flags", "1"])
         .output()
         .expect("bpftool");
     assert!(out.status.success(), "{out:?}");
     let cg = TestCgroup::new("layout");
-    let out = std::process::Command::new(discovery_tests::agent_bin())
-        .args(["run", "--cgroup"])
-        .arg(&cg.path)
-        .arg("--pin-dir")
-        .arg(&pin_dir)
-        .args(SMALL_MAPS)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (cgp, pins) = (cg.path.display().to_string(), pin_dir.display().to_string());
+    let mut args = vec!["run", "--cgroup", &cgp, "--pin-dir", &pins];
+    args.extend(SMALL_MAPS);
+    let err = agent_fails(args);
     assert!(
         err.contains("has key/value sizes 8/8, this agent expects 20/16"),
         "{err}"
