@@ -2,8 +2,8 @@
 //! frontend into one of the service's backends, and make replies and
 //! getpeername() report the frontend again.
 //!
-//! Per call: one hash lookup for the frontend, one for the slot, one array
-//! lookup for the backend. Traffic to anything that is not a frontend costs
+//! Per call to a frontend: one hash lookup for the service, one for the
+//! slot, one array lookup for the backend. Traffic to anything that is not a frontend costs
 //! one hash lookup and is left untouched.
 #![no_std]
 #![no_main]
@@ -73,44 +73,54 @@ fn set_ctx_addr(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) {
     sa.user_port = u32::from(port.to_be());
 }
 
-/// Weighted choice of a backend: `r1` picks the slot, `r2` decides between
-/// the slot's backend and its alias. A lookup that races a set flip (slot of
-/// the old set already deleted) re-reads the service once and uses the new
-/// set.
+/// What a lookup of the destination found.
+enum Pick {
+    /// Not a frontend: leave the call alone.
+    NotFrontend,
+    /// A frontend with no backend: fail the call at once.
+    NoBackend,
+    Backend(Backend),
+}
+
+/// One service lookup, then a weighted choice: `draw` gives two u32s, the
+/// first picks the slot, the second decides between the slot's backend and
+/// its alias. It is only called for a frontend with backends. A lookup that
+/// races a set flip (slot of the old set already deleted) re-reads the
+/// service once and uses the new set.
 #[inline(always)]
-fn pick(key: &ServiceKey, r1: u32, r2: u32) -> Option<Backend> {
+fn pick(key: &ServiceKey, draw: impl FnOnce() -> (u32, u32)) -> Pick {
+    let Some(svc) = (unsafe { SERVICES.get(key) }) else {
+        return Pick::NotFrontend;
+    };
+    if svc.count == 0 {
+        return Pick::NoBackend;
+    }
+    let (r1, r2) = draw();
+    let (mut set_id, mut count) = (svc.set_id, svc.count);
     let mut attempt = 0;
     while attempt < 2 {
         attempt += 1;
-        let svc = unsafe { SERVICES.get(key) }?;
-        let (set_id, count) = (svc.set_id, svc.count);
-        if count == 0 {
-            return None;
-        }
         let slot = ((u64::from(r1) * u64::from(count)) >> 32) as u32;
-        let Some(slot) = (unsafe { SLOTS.get(SlotKey { set_id, slot }) }) else {
-            bump(Counter::StaleRetry);
-            continue;
-        };
-        let id = if r2 < slot.threshold {
-            slot.backend
-        } else {
-            slot.alias
-        };
-        match BACKENDS.get(id) {
-            Some(b) if b.flags & BACKEND_F_VALID != 0 => return Some(*b),
-            _ => {
-                bump(Counter::StaleRetry);
-                continue;
+        if let Some(slot) = unsafe { SLOTS.get(SlotKey { set_id, slot }) } {
+            let id = if r2 < slot.threshold {
+                slot.backend
+            } else {
+                slot.alias
+            };
+            if let Some(b) = BACKENDS.get(id)
+                && b.flags & BACKEND_F_VALID != 0
+            {
+                return Pick::Backend(*b);
             }
         }
+        bump(Counter::StaleRetry);
+        match unsafe { SERVICES.get(key) } {
+            Some(s) if s.count > 0 => (set_id, count) = (s.set_id, s.count),
+            Some(_) => return Pick::NoBackend,
+            None => return Pick::NotFrontend,
+        }
     }
-    None
-}
-
-#[inline(always)]
-fn is_frontend(key: &ServiceKey) -> bool {
-    unsafe { SERVICES.get(key) }.is_some()
+    Pick::NoBackend
 }
 
 #[inline(always)]
@@ -207,12 +217,12 @@ pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
         proto,
         pad: 0,
     };
-    if !is_frontend(&key) {
-        return ALLOW;
-    }
-    let (r1, r2) = unsafe { (bpf_get_prandom_u32(), bpf_get_prandom_u32()) };
-    let Some(backend) = pick(&key, r1, r2) else {
-        return refuse();
+    let backend = match pick(&key, || unsafe {
+        (bpf_get_prandom_u32(), bpf_get_prandom_u32())
+    }) {
+        Pick::NotFrontend => return ALLOW,
+        Pick::NoBackend => return refuse(),
+        Pick::Backend(b) => b,
     };
     set_ctx_addr(&ctx, &backend.addr, backend.port);
     remember(&ctx, &key, &backend);
@@ -236,13 +246,14 @@ pub fn disc_sendmsg4(ctx: SockAddrContext) -> i32 {
         proto: IPPROTO_UDP,
         pad: 0,
     };
-    if !is_frontend(&key) {
-        return ALLOW;
-    }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let h = mix(cookie ^ (u64::from(port) << 32));
-    let Some(backend) = pick(&key, (h >> 32) as u32, h as u32) else {
-        return refuse();
+    let backend = match pick(&key, || {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+        let h = mix(cookie ^ (u64::from(port) << 32));
+        ((h >> 32) as u32, h as u32)
+    }) {
+        Pick::NotFrontend => return ALLOW,
+        Pick::NoBackend => return refuse(),
+        Pick::Backend(b) => b,
     };
     set_ctx_addr(&ctx, &backend.addr, backend.port);
     remember(&ctx, &key, &backend);
