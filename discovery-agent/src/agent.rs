@@ -34,14 +34,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     )?;
     let maps = BpfMaps::open(&pin_dir)?;
     let mut reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
-    info!(cgroup = %cgroup.display(), pin_dir = %pin_dir.display(), prefix = %args.prefix,
+    info!(cgroup = %cgroup.display(), pin_dir = %pin_dir.display(), prefix = %args.etcd.prefix,
           services = reconciler.services_installed(), "agent started; waiting for etcd");
 
-    let mut model = Model::new(args.prefix.clone(), args.allowed_frontends.clone());
+    let mut model = Model::new(args.etcd.prefix.clone(), args.allowed_frontends.clone());
     let (tx, mut rx) = mpsc::channel(64);
     let source = Source {
-        endpoints: args.etcd.clone(),
-        prefix: args.prefix.clone(),
+        endpoints: args.etcd.endpoints.clone(),
+        prefix: args.etcd.prefix.clone(),
     };
     let source_task = tokio::spawn(source.run(tx));
 

@@ -1,7 +1,12 @@
 //! Command line and environment: every flag has an environment variable.
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    announce::config::{RawCheck, RawInstance},
+    model::Protocol,
+};
 use discovery_common::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES};
 use ipnet::Ipv4Net;
 
@@ -31,6 +36,145 @@ pub enum Command {
     Detach(PinArgs),
     /// Print the kernel counters (summed over CPUs) from the pinned maps.
     Counters(PinArgs),
+    /// Register local instances in etcd while their health checks pass.
+    Announce(AnnounceArgs),
+    /// Define or remove a service (its frontend) in etcd.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma separated.
+    #[arg(long = "etcd", env = "DISCOVERY_ETCD", value_delimiter = ',', default_value = DEFAULT_ETCD)]
+    pub endpoints: Vec<String>,
+
+    /// Key prefix of the discovery tree in etcd.
+    #[arg(long, env = "DISCOVERY_PREFIX", default_value = DEFAULT_PREFIX, value_parser = parse_prefix)]
+    pub prefix: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Write <prefix>services/NAME.
+    Put {
+        name: String,
+        /// Loopback address clients connect to, e.g. 127.0.0.1:11211.
+        #[arg(long)]
+        frontend: String,
+        #[arg(long, value_enum, default_value = "tcp")]
+        protocol: Protocol,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Delete <prefix>services/NAME.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AnnounceArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// TOML file listing instances and their checks (instead of --service
+    /// and --addr).
+    #[arg(long, env = "DISCOVERY_ANNOUNCE_CONFIG", conflicts_with_all = ["service", "addr"])]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+
+    /// Lease TTL (whole seconds); kept alive at a third of it.
+    #[arg(long, env = "DISCOVERY_LEASE_TTL", default_value = "10s", value_parser = parse_ttl)]
+    pub ttl: Duration,
+
+    /// How long instances stay at weight 0 before they are deleted.
+    #[arg(long, env = "DISCOVERY_DRAIN_PERIOD", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_period: Duration,
+
+    /// Drain the instances (weight 0, wait, delete) and exit.
+    #[arg(long)]
+    pub drain: bool,
+}
+
+/// One instance from flags.
+#[derive(Debug, Args)]
+pub struct InstanceArgs {
+    /// Service name.
+    #[arg(long, required_unless_present = "config", requires = "addr")]
+    pub service: Option<String>,
+    /// Instance address (ip:port) clients are sent to.
+    #[arg(long, requires = "service")]
+    pub addr: Option<String>,
+    /// Instance id (default <hostname>-<port>).
+    #[arg(long, conflicts_with = "config")]
+    pub id: Option<String>,
+    /// Weight (default 1).
+    #[arg(long, conflicts_with = "config")]
+    pub weight: Option<u32>,
+    /// Check type: tcp (default), http, command or none.
+    #[arg(long, conflicts_with = "config")]
+    pub check: Option<String>,
+    /// Address to check (default: --addr).
+    #[arg(long, conflicts_with = "config")]
+    pub check_target: Option<String>,
+    /// HTTP check path (default /).
+    #[arg(long, conflicts_with = "config")]
+    pub check_path: Option<String>,
+    /// Command for the command check (run by sh -c; exit 0 is healthy).
+    #[arg(long, conflicts_with = "config")]
+    pub check_command: Option<String>,
+    /// Time between checks (default 500ms).
+    #[arg(long, conflicts_with = "config", value_parser = humantime::parse_duration)]
+    pub interval: Option<Duration>,
+    /// Check timeout (default 300ms).
+    #[arg(long, conflicts_with = "config", value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Consecutive passes to come in (default 2).
+    #[arg(long, conflicts_with = "config")]
+    pub rise: Option<u32>,
+    /// Consecutive failures to go out (default 3).
+    #[arg(long, conflicts_with = "config")]
+    pub fall: Option<u32>,
+}
+
+impl InstanceArgs {
+    pub fn raw(&self) -> anyhow::Result<RawInstance> {
+        let (Some(service), Some(addr)) = (&self.service, &self.addr) else {
+            anyhow::bail!("--service and --addr are required without --config");
+        };
+        Ok(RawInstance {
+            service: service.clone(),
+            addr: addr.clone(),
+            id: self.id.clone(),
+            weight: self.weight,
+            check: RawCheck {
+                kind: self.check.clone(),
+                target: self.check_target.clone(),
+                path: self.check_path.clone(),
+                command: self.check_command.clone(),
+                interval: self.interval,
+                timeout: self.timeout,
+                rise: self.rise,
+                fall: self.fall,
+            },
+        })
+    }
+}
+
+/// etcd leases have whole-second TTLs.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d.subsec_nanos() != 0 {
+        return Err(format!(
+            "lease TTL {s:?} must be whole seconds, at least 1s"
+        ));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Args)]
@@ -42,13 +186,8 @@ pub struct PinArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// etcd endpoints, comma separated.
-    #[arg(long, env = "DISCOVERY_ETCD", value_delimiter = ',', default_value = DEFAULT_ETCD)]
-    pub etcd: Vec<String>,
-
-    /// Key prefix of the discovery tree in etcd.
-    #[arg(long, env = "DISCOVERY_PREFIX", default_value = DEFAULT_PREFIX, value_parser = parse_prefix)]
-    pub prefix: String,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 
     /// cgroup v2 directory the programs attach to (default: the cgroup v2
     /// root, found in /proc/mounts). Processes in it and below are redirected.
@@ -121,11 +260,63 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("expected run")
         };
-        assert_eq!(args.etcd, vec![DEFAULT_ETCD.to_owned()]);
-        assert_eq!(args.prefix, DEFAULT_PREFIX);
+        assert_eq!(args.etcd.endpoints, vec![DEFAULT_ETCD.to_owned()]);
+        assert_eq!(args.etcd.prefix, DEFAULT_PREFIX);
         assert_eq!(args.pin.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(args.allowed_frontends, vec!["127.0.0.0/8".parse().unwrap()]);
         assert_eq!(args.max_services, DEFAULT_MAX_SERVICES);
+    }
+
+    #[test]
+    fn announce_flags() {
+        let cli = Cli::try_parse_from([
+            "discovery-agent",
+            "announce",
+            "--service",
+            "mc",
+            "--addr",
+            "127.0.0.2:11211",
+            "--check",
+            "http",
+            "--interval",
+            "1s",
+            "--ttl",
+            "3s",
+        ])
+        .unwrap();
+        let Command::Announce(a) = cli.command else {
+            panic!("expected announce")
+        };
+        assert_eq!(a.ttl, Duration::from_secs(3));
+        let raw = a.instance.raw().unwrap();
+        assert_eq!(raw.check.kind.as_deref(), Some("http"));
+        assert_eq!(raw.check.interval, Some(Duration::from_secs(1)));
+        for bad in [
+            vec!["discovery-agent", "announce"],
+            vec!["discovery-agent", "announce", "--service", "mc"],
+            vec![
+                "discovery-agent",
+                "announce",
+                "--config",
+                "x.toml",
+                "--service",
+                "mc",
+                "--addr",
+                "1.2.3.4:5",
+            ],
+            vec![
+                "discovery-agent",
+                "announce",
+                "--service",
+                "mc",
+                "--addr",
+                "1.2.3.4:5",
+                "--ttl",
+                "500ms",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -9,6 +9,38 @@ use rand::Rng as _;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+/// Connects with the options every part of discovery uses.
+pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(10))
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        // A member cut off from the quorum must fail requests and watches,
+        // not go silent.
+        .with_require_leader(true);
+    Client::connect(endpoints, Some(opts)).await
+}
+
+/// Capped exponential backoff with jitter, shared by every etcd retry loop.
+pub struct Backoff(Duration);
+
+impl Backoff {
+    pub fn new() -> Self {
+        Self(BACKOFF_MIN)
+    }
+
+    pub fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+
+    /// The next wait: jittered, then doubled up to the cap.
+    pub fn next(&mut self) -> Duration {
+        let wait = jittered(self.0);
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        wait
+    }
+}
+
 /// One key as read from etcd.
 #[derive(Debug, Clone)]
 pub struct Kv {
@@ -57,7 +89,7 @@ fn key_string(k: &[u8]) -> String {
 impl Source {
     /// Runs until `tx` is closed.
     pub async fn run(self, tx: mpsc::Sender<Update>) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new();
         let mut client: Option<Client> = None;
         loop {
             if tx.is_closed() {
@@ -68,11 +100,10 @@ impl Source {
                 None => match self.connect().await {
                     Ok(c) => client.insert(c),
                     Err(e) => {
-                        let wait = jittered(backoff);
+                        let wait = backoff.next();
                         warn!(endpoints = ?self.endpoints, error = %e, retry_in = ?wait,
                               "etcd unreachable; retrying");
                         tokio::time::sleep(wait).await;
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
                         continue;
                     }
                 },
@@ -80,7 +111,7 @@ impl Source {
             match self.list_and_watch(c, &tx, &mut backoff).await {
                 Ok(()) => return,
                 Err(e) => {
-                    let wait = jittered(backoff);
+                    let wait = backoff.next();
                     match e {
                         Lost::List(e) => warn!(endpoints = ?self.endpoints, prefix = %self.prefix,
                             error = %e, retry_in = ?wait, "etcd unreachable; retrying"),
@@ -88,7 +119,6 @@ impl Source {
                             error = %e, retry_in = ?wait, "etcd watch lost; will re-list and reconcile"),
                     }
                     tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                     // A fresh client re-resolves endpoints and skips a dead
                     // member.
                     client = None;
@@ -98,14 +128,7 @@ impl Source {
     }
 
     async fn connect(&self) -> Result<Client, etcd_client::Error> {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(10))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-            // A member cut off from the quorum must fail the watch, not go
-            // silent.
-            .with_require_leader(true);
-        Client::connect(&self.endpoints, Some(opts)).await
+        connect(&self.endpoints).await
     }
 
     /// Returns Ok(()) only when the receiver is gone.
@@ -113,7 +136,7 @@ impl Source {
         &self,
         client: &mut Client,
         tx: &mpsc::Sender<Update>,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
     ) -> Result<(), Lost> {
         let resp = client
             .get(
@@ -145,7 +168,7 @@ impl Source {
         &self,
         client: &mut Client,
         tx: &mpsc::Sender<Update>,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
         revision: i64,
     ) -> anyhow::Result<()> {
         let mut stream = client
@@ -159,7 +182,7 @@ impl Source {
                 ),
             )
             .await?;
-        *backoff = BACKOFF_MIN;
+        backoff.reset();
         while let Some(resp) = stream.message().await? {
             if resp.canceled() {
                 if resp.compact_revision() > 0 {

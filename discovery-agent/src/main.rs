@@ -1,17 +1,27 @@
 //! discovery-agent: watches etcd and keeps the redirect maps in sync.
 mod agent;
+mod announce;
 mod config;
 mod etcd;
 mod loader;
 mod maps;
 mod model;
 mod reconcile;
+mod servicecmd;
 
 use std::io::IsTerminal as _;
 
 use clap::Parser as _;
 use config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
+
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -33,12 +43,9 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
-        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(agent::run(args))),
+        Command::Run(args) => block_on(agent::run(args)),
+        Command::Announce(args) => block_on(announce::run(args)),
+        Command::Service(cmd) => block_on(servicecmd::run(cmd)),
         Command::Detach(args) => loader::detach(&args.pin_dir),
         Command::Counters(args) => maps::BpfMaps::open(&args.pin_dir)
             .and_then(|m| m.counters())

@@ -18,14 +18,14 @@ use std::{
 
 use discovery_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey, v4_mapped};
 use ipnet::Ipv4Net;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Largest value accepted; anything bigger is not a hand-written definition.
 pub const MAX_VALUE_LEN: usize = 4096;
 /// Largest weight accepted (HAProxy allows 256; leave headroom).
 pub const MAX_WEIGHT: u32 = 65_535;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -103,13 +103,21 @@ pub fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
 }
 
-fn valid_instance(s: &str) -> bool {
+pub fn valid_instance(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && s != "."
         && s != ".."
         && s.bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(&c))
+}
+
+pub fn service_key_path(prefix: &str, name: &str) -> String {
+    format!("{prefix}services/{name}")
+}
+
+pub fn backend_key_path(prefix: &str, service: &str, instance: &str) -> String {
+    format!("{prefix}backends/{service}/{instance}")
 }
 
 /// Classifies a key. `Ok(None)` is a key of another subtree under the prefix
@@ -150,7 +158,7 @@ fn value_str(value: &[u8]) -> Result<&str, Invalid> {
     std::str::from_utf8(value).map_err(|_| Invalid::NotUtf8)
 }
 
-fn parse_addr(s: &str) -> Result<SocketAddrV4, Invalid> {
+pub fn parse_addr(s: &str) -> Result<SocketAddrV4, Invalid> {
     match s.trim().parse::<SocketAddr>() {
         Ok(SocketAddr::V4(a)) if a.port() == 0 => Err(Invalid::PortZero(a.to_string())),
         Ok(SocketAddr::V4(a)) => Ok(a),
@@ -162,22 +170,25 @@ fn parse_addr(s: &str) -> Result<SocketAddrV4, Invalid> {
     }
 }
 
-#[derive(Deserialize)]
-struct ServiceJson {
-    frontend: String,
+/// The value of `<prefix>services/<name>`.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct ServiceJson {
+    pub frontend: String,
     #[serde(default = "default_protocol")]
-    protocol: Protocol,
+    pub protocol: Protocol,
 }
 
 fn default_protocol() -> Protocol {
     Protocol::Tcp
 }
 
-#[derive(Deserialize)]
-struct BackendJson {
-    addr: String,
+/// The JSON form of `<prefix>backends/<name>/<instance-id>` (a plain
+/// `ip:port` is also accepted).
+#[derive(Debug, Deserialize, Serialize)]
+pub struct BackendJson {
+    pub addr: String,
     #[serde(default = "default_weight")]
-    weight: u64,
+    pub weight: u64,
 }
 
 fn default_weight() -> u64 {

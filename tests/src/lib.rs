@@ -270,6 +270,24 @@ impl Etcd {
         assert!(out.status.success(), "etcdctl del {key}: {out:?}");
     }
 
+    /// The value of `key`, if it exists.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let out = self.ctl(&["get", key, "--print-value-only"]);
+        assert!(out.status.success(), "etcdctl get {key}: {out:?}");
+        let v = String::from_utf8_lossy(&out.stdout).trim_end().to_owned();
+        (!v.is_empty()).then_some(v)
+    }
+
+    /// The lease `key` is attached to (0 for none), if the key exists.
+    pub fn lease_of(&self, key: &str) -> Option<i64> {
+        let out = self.ctl(&["get", key, "-w", "fields"]);
+        assert!(out.status.success(), "etcdctl get {key}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            l.strip_prefix("\"Lease\" : ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
     /// Stops the member (by our own PID), keeping its data.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -382,59 +400,35 @@ impl Drop for TestCgroup {
 
 // ------------------------------------------------------------------- agent
 
-/// Small maps: quick to create and dump in many parallel tests.
-pub const SMALL_MAPS: [&str; 4] = ["--max-services", "256", "--max-backends", "1024"];
-
-/// The real agent, attached to a test cgroup with its own pin dir.
-pub struct Agent {
+/// A `discovery-agent` process (any subcommand) with its log in a temp dir.
+pub struct Proc {
     child: Option<Child>,
-    pub pin_dir: PathBuf,
     args: Vec<String>,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-impl Agent {
-    /// Starts `discovery-agent run` and waits until it has listed etcd.
-    pub fn start(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str]) -> Self {
-        let a = Self::spawn(etcd_url, cgroup, extra);
-        a.wait_log("listed etcd prefix", Duration::from_secs(20));
-        a
-    }
-
-    /// Starts it without waiting for etcd.
-    pub fn spawn(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("agent temp dir");
-        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("pins"));
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "--etcd".into(),
-            etcd_url.into(),
-            "--cgroup".into(),
-            cgroup.path.display().to_string(),
-            "--pin-dir".into(),
-            pin_dir.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut a = Self {
+impl Proc {
+    pub fn spawn(args: Vec<String>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut p = Self {
             child: None,
-            pin_dir,
             args,
-            log: dir.path().join("agent.log"),
+            log: dir.path().join("log"),
             _dir: dir,
         };
-        a.respawn();
-        a
+        p.respawn();
+        p
     }
 
-    /// Starts the agent process again with the same flags and pins.
+    /// Starts the process again with the same arguments.
     pub fn respawn(&mut self) {
-        assert!(self.child.is_none(), "agent already running");
+        assert!(self.child.is_none(), "already running");
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
-            .expect("agent log");
+            .expect("log file");
         let child = Command::new(agent_bin())
             .process_group(0)
             .args(&self.args)
@@ -452,18 +446,13 @@ impl Agent {
         if let Ok(mut f) = fs::File::open(&self.log) {
             let _ = f.read_to_string(&mut s);
         }
-        // The agent logs with colours off only when not a tty; strip any.
         strip_ansi(&s)
     }
 
     /// Waits for `needle` in the log; panics with the log if it never comes.
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
         let found = wait_until(timeout, || self.log().contains(needle).then_some(()));
-        assert!(
-            found.is_some(),
-            "agent never logged {needle:?}:\n{}",
-            self.log()
-        );
+        assert!(found.is_some(), "never logged {needle:?}:\n{}", self.log());
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -472,11 +461,95 @@ impl Agent {
             .is_some_and(|c| c.try_wait().map(|s| s.is_none()).unwrap_or(false))
     }
 
-    /// SIGTERM and wait: the programs stay attached.
+    /// Sends `sig` to the process (ours, by PID).
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let status = wait_until(timeout, || {
+            self.child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+        });
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
+    /// SIGTERM and wait.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         c.wait().ok()
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Small maps: quick to create and dump in many parallel tests.
+pub const SMALL_MAPS: [&str; 4] = ["--max-services", "256", "--max-backends", "1024"];
+
+/// The real agent, attached to a test cgroup with its own pin dir.
+pub struct Agent {
+    pub proc: Proc,
+    pub pin_dir: PathBuf,
+}
+
+impl std::ops::Deref for Agent {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+impl Agent {
+    /// Starts `discovery-agent run` and waits until it has listed etcd.
+    pub fn start(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str]) -> Self {
+        let a = Self::spawn(etcd_url, cgroup, extra);
+        a.wait_log("listed etcd prefix", Duration::from_secs(20));
+        a
+    }
+
+    /// Starts it without waiting for etcd.
+    pub fn spawn(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str]) -> Self {
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("pins"));
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--etcd".into(),
+            etcd_url.into(),
+            "--cgroup".into(),
+            cgroup.path.display().to_string(),
+            "--pin-dir".into(),
+            pin_dir.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self {
+            proc: Proc::spawn(args),
+            pin_dir,
+        }
     }
 
     pub fn run_cmd(&self, sub: &str) -> Output {
@@ -504,10 +577,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill();
         let _ = self.run_cmd("detach");
         let _ = fs::remove_dir_all(&self.pin_dir);
     }

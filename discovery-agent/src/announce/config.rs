@@ -1,0 +1,345 @@
+//! What to announce: one instance from flags, or many from a TOML file.
+//!
+//! ```toml
+//! [[instance]]
+//! service = "memcached"
+//! addr = "10.0.0.5:11211"
+//! # id = "host-a-11211"        # default <hostname>-<port>
+//! # weight = 1
+//! [instance.check]
+//! type = "tcp"                  # tcp | http | command | none
+//! # target = "10.0.0.5:11211"  # tcp/http address to check (default: addr)
+//! # path = "/health"           # http
+//! # command = "/usr/local/bin/check-memcached"
+//! interval = "500ms"
+//! timeout = "300ms"
+//! rise = 2
+//! fall = 3
+//! ```
+//!
+//! A bad file is rejected at start with the file, line and reason; unknown
+//! fields are errors here (a typo in a check must not silently disable it).
+use std::{collections::BTreeSet, net::SocketAddrV4, path::Path, time::Duration};
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+
+use crate::model::{MAX_WEIGHT, parse_addr, valid_instance, valid_name};
+
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(300);
+pub const DEFAULT_RISE: u32 = 2;
+/// With the default interval a dead instance is out within 1.5 s.
+pub const DEFAULT_FALL: u32 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// Always healthy: announce while the process runs.
+    None,
+    Tcp {
+        target: SocketAddrV4,
+    },
+    Http {
+        url: String,
+    },
+    /// Run through `sh -c`; exit status 0 is healthy.
+    Command {
+        command: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub service: String,
+    pub id: String,
+    pub addr: SocketAddrV4,
+    pub weight: u32,
+    pub check: Check,
+}
+
+/// The fields of one instance as written (flags or file), before checks.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInstance {
+    pub service: String,
+    pub addr: String,
+    pub id: Option<String>,
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub check: RawCheck,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCheck {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub target: Option<String>,
+    pub path: Option<String>,
+    pub command: Option<String>,
+    #[serde(default, deserialize_with = "duration")]
+    pub interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub timeout: Option<Duration>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    instance: Vec<toml::Spanned<RawInstance>>,
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl RawInstance {
+    /// Checks every field and fills in defaults.
+    pub fn validate(self) -> anyhow::Result<Instance> {
+        if !valid_name(&self.service) {
+            bail!(
+                "invalid service name {:?}: must match [a-z0-9][a-z0-9._-]{{0,62}}",
+                self.service
+            );
+        }
+        let addr = parse_addr(&self.addr).map_err(|e| anyhow::anyhow!("addr: {e}"))?;
+        let id = self
+            .id
+            .unwrap_or_else(|| format!("{}-{}", hostname(), addr.port()));
+        if !valid_instance(&id) {
+            bail!("invalid instance id {id:?}: 1-128 characters of [A-Za-z0-9._:-]");
+        }
+        let weight = self.weight.unwrap_or(1);
+        if weight > MAX_WEIGHT {
+            bail!("weight {weight} is above the maximum {MAX_WEIGHT}");
+        }
+        let c = self.check;
+        let target = match &c.target {
+            Some(t) => parse_addr(t).map_err(|e| anyhow::anyhow!("check target: {e}"))?,
+            None => addr,
+        };
+        let kind = match c.kind.as_deref().unwrap_or("tcp") {
+            "none" => CheckKind::None,
+            "tcp" => CheckKind::Tcp { target },
+            "http" => {
+                let path = c.path.as_deref().unwrap_or("/");
+                if !path.starts_with('/') {
+                    bail!("check path {path:?} must start with '/'");
+                }
+                CheckKind::Http {
+                    url: format!("http://{target}{path}"),
+                }
+            }
+            "command" => match c.command {
+                Some(command) if !command.trim().is_empty() => CheckKind::Command { command },
+                _ => bail!("check type \"command\" needs a command"),
+            },
+            other => bail!("unknown check type {other:?} (expected tcp, http, command or none)"),
+        };
+        let check = Check {
+            kind,
+            interval: c.interval.unwrap_or(DEFAULT_INTERVAL),
+            timeout: c.timeout.unwrap_or(DEFAULT_TIMEOUT),
+            rise: c.rise.unwrap_or(DEFAULT_RISE),
+            fall: c.fall.unwrap_or(DEFAULT_FALL),
+        };
+        if check.interval < Duration::from_millis(10) {
+            bail!("check interval {:?} is below 10ms", check.interval);
+        }
+        if check.timeout.is_zero() || check.timeout > check.interval {
+            bail!(
+                "check timeout {:?} must be above zero and at most the interval {:?}",
+                check.timeout,
+                check.interval
+            );
+        }
+        if check.rise == 0 || check.fall == 0 {
+            bail!("rise and fall must be at least 1");
+        }
+        Ok(Instance {
+            service: self.service,
+            id,
+            addr,
+            weight,
+            check,
+        })
+    }
+}
+
+/// Reads a TOML file of instances; errors name the file and line.
+pub fn load_file(path: &Path) -> anyhow::Result<Vec<Instance>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse_file(&text).map_err(|(line, e)| match line {
+        Some(line) => anyhow::anyhow!("{}:{line}: {e:#}", path.display()),
+        None => anyhow::anyhow!("{}: {e:#}", path.display()),
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn parse_file(text: &str) -> Result<Vec<Instance>, (Option<usize>, anyhow::Error)> {
+    let file: File = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        (line, anyhow::anyhow!("{}", e.message()))
+    })?;
+    if file.instance.is_empty() {
+        return Err((None, anyhow::anyhow!("no [[instance]] entries")));
+    }
+    let mut out = Vec::new();
+    for spanned in file.instance {
+        let line = line_of(text, spanned.span().start);
+        let inst = spanned
+            .into_inner()
+            .validate()
+            .map_err(|e| (Some(line), e))?;
+        out.push(inst);
+    }
+    check_unique(&out).map_err(|e| (None, e))?;
+    Ok(out)
+}
+
+pub fn check_unique(instances: &[Instance]) -> anyhow::Result<()> {
+    let mut seen = BTreeSet::new();
+    for i in instances {
+        if !seen.insert((&i.service, &i.id)) {
+            bail!(
+                "instance {}/{} is listed twice; give one of them another id",
+                i.service,
+                i.id
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_with_defaults_and_all_check_kinds() {
+        let text = r#"
+[[instance]]
+service = "memcached"
+addr = "127.0.0.2:11211"
+
+[[instance]]
+service = "web"
+addr = "127.0.0.3:80"
+id = "web-a"
+weight = 3
+[instance.check]
+type = "http"
+path = "/health"
+interval = "1s"
+timeout = "200ms"
+rise = 1
+fall = 2
+
+[[instance]]
+service = "job"
+addr = "127.0.0.4:9"
+[instance.check]
+type = "command"
+command = "true"
+"#;
+        let v = parse_file(text).unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0].id, format!("{}-11211", hostname()));
+        assert_eq!(
+            v[0].check.kind,
+            CheckKind::Tcp {
+                target: "127.0.0.2:11211".parse().unwrap()
+            }
+        );
+        assert_eq!(v[0].check.interval, DEFAULT_INTERVAL);
+        assert_eq!(
+            v[1].check.kind,
+            CheckKind::Http {
+                url: "http://127.0.0.3:80/health".into()
+            }
+        );
+        assert_eq!((v[1].weight, v[1].check.rise, v[1].check.fall), (3, 1, 2));
+        assert_eq!(
+            v[2].check.kind,
+            CheckKind::Command {
+                command: "true".into()
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let text = "[[instance]]\nservice = \"ok\"\naddr = \"127.0.0.2:1\"\n\n[[instance]]\nservice = \"Bad\"\naddr = \"127.0.0.2:2\"\n";
+        let (line, e) = parse_file(text).unwrap_err();
+        assert_eq!(line, Some(5));
+        assert!(
+            e.to_string().contains("invalid service name \"Bad\""),
+            "{e}"
+        );
+
+        let text = "[[instance]]\nservice = \"a\"\naddr = \"127.0.0.2:1\"\n[instance.check]\ntimout = \"1s\"\n";
+        let (line, e) = parse_file(text).unwrap_err();
+        assert_eq!(line, Some(5));
+        assert!(e.to_string().contains("timout"), "{e}");
+
+        let text = "[[instance]]\nservice = \"a\"\naddr = \"127.0.0.2:1\"\n[instance.check]\ninterval = \"soon\"\n";
+        let (line, e) = parse_file(text).unwrap_err();
+        assert_eq!(line, Some(5));
+        assert!(e.to_string().contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        let bad = |f: fn(&mut RawInstance)| {
+            let mut r = RawInstance {
+                service: "svc".into(),
+                addr: "127.0.0.2:80".into(),
+                ..Default::default()
+            };
+            f(&mut r);
+            r.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|r| r.addr = "[::1]:80".into()).contains("IPv6"));
+        assert!(bad(|r| r.id = Some("a/b".into())).contains("instance id"));
+        assert!(bad(|r| r.weight = Some(70_000)).contains("weight"));
+        assert!(bad(|r| r.check.kind = Some("icmp".into())).contains("unknown check type"));
+        assert!(bad(|r| r.check.kind = Some("command".into())).contains("needs a command"));
+        assert!(
+            bad(|r| r.check.timeout = Some(Duration::from_secs(5)))
+                .contains("at most the interval")
+        );
+        assert!(bad(|r| r.check.rise = Some(0)).contains("at least 1"));
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let text = "[[instance]]\nservice = \"a\"\naddr = \"127.0.0.2:1\"\nid = \"x\"\n[[instance]]\nservice = \"a\"\naddr = \"127.0.0.3:1\"\nid = \"x\"\n";
+        let (_, e) = parse_file(text).unwrap_err();
+        assert!(e.to_string().contains("listed twice"), "{e}");
+    }
+}
