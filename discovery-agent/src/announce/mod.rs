@@ -36,6 +36,9 @@ type Entries = BTreeMap<String, String>;
 /// another lease or an earlier run) and must be deleted.
 const MAYBE_STALE: &str = "";
 
+/// etcd's default `--max-txn-ops`.
+const MAX_INSTANCES: usize = 128;
+
 /// A connection to etcd with our lease and its keepalive task.
 struct Session {
     client: Client,
@@ -244,6 +247,14 @@ fn instances(args: &AnnounceArgs) -> anyhow::Result<Vec<Instance>> {
         None => vec![args.instance.raw()?.validate()?],
     };
     config::check_unique(&v)?;
+    if v.len() > MAX_INSTANCES {
+        bail!(
+            "{} instances: one announcer handles at most {MAX_INSTANCES} (every change is one \
+             etcd transaction, and etcd allows {MAX_INSTANCES} operations per transaction by \
+             default); split them over several announcers",
+            v.len()
+        );
+    }
     Ok(v)
 }
 
