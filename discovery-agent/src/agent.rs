@@ -31,6 +31,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             max_services: args.max_services,
             max_backends: args.max_backends,
         },
+        args.replace_programs,
     )?;
     let maps = BpfMaps::open(&pin_dir)?;
     let mut reconciler = Reconciler::new(maps).context("reading the pinned maps")?;

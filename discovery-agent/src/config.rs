@@ -219,6 +219,12 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(2..))]
     pub max_backends: u32,
 
+    /// Replace the attached programs with this build's even when they are
+    /// identical (drills of the upgrade path). Programs that differ are
+    /// always replaced, atomically.
+    #[arg(long, env = "DISCOVERY_REPLACE_PROGRAMS")]
+    pub replace_programs: bool,
+
     /// On SIGTERM/SIGINT also detach the programs and remove the pins. By
     /// default they stay, so traffic keeps flowing while the agent is down.
     #[arg(long, env = "DISCOVERY_DETACH_ON_EXIT")]

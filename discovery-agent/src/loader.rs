@@ -4,7 +4,7 @@ use std::{
     ffi::CString,
     fs, io,
     os::{
-        fd::{FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::{
             ffi::OsStrExt as _,
             fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use discovery_common::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SLOTS, names};
 use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
@@ -99,7 +99,14 @@ impl Sizes {
 /// Loads the programs with the maps pinned under `pin_dir` (reusing pinned
 /// maps if an earlier agent left them), attaches the programs to `cgroup`
 /// unless links are already pinned there, and pins the links.
-pub fn load_and_attach(cgroup: &Path, pin_dir: &Path, sizes: &Sizes) -> anyhow::Result<()> {
+/// `replace`: swap attached programs for this build's even when identical
+/// (upgrade drills); otherwise only programs whose code differs are swapped.
+pub fn load_and_attach(
+    cgroup: &Path,
+    pin_dir: &Path,
+    sizes: &Sizes,
+    replace: bool,
+) -> anyhow::Result<()> {
     ensure_root()?;
     match statfs(cgroup) {
         Ok(s) if s.filesystem_type() == CGROUP2_SUPER_MAGIC => {}
@@ -140,30 +147,51 @@ pub fn load_and_attach(cgroup: &Path, pin_dir: &Path, sizes: &Sizes) -> anyhow::
     let cgroup_id = cgroup_file.metadata()?.ino();
     for (prog_name, link_name) in names::PROGRAMS {
         let link_path = pin_dir.join(link_name);
-        if link_path.exists() {
-            PinnedLink::from_pin(&link_path)
-                .with_context(|| format!("opening pinned link {}", link_path.display()))?;
-            let attached_to = link_cgroup_id(&link_path)
-                .with_context(|| format!("reading pinned link {}", link_path.display()))?;
-            if attached_to != Some(cgroup_id) {
-                bail!(
-                    "pinned link {} is attached to another cgroup (id {attached_to:?}), not {} \
-                     (id {cgroup_id}); run `discovery-agent detach --pin-dir {}` first or use \
-                     another --pin-dir",
-                    link_path.display(),
-                    cgroup.display(),
-                    pin_dir.display()
-                );
-            }
-            info!(program = prog_name, link = %link_path.display(), "adopted attached program");
-            continue;
-        }
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(prog_name)
             .with_context(|| format!("program {prog_name} missing from the object"))?
             .try_into()?;
         prog.load()
             .with_context(|| format!("verifier rejected {prog_name}"))?;
+        if link_path.exists() {
+            let link = PinnedCgroupLink::open(&link_path)
+                .with_context(|| format!("reading pinned link {}", link_path.display()))?;
+            if link.cgroup_id != Some(cgroup_id) {
+                bail!(
+                    "pinned link {} is attached to another cgroup (id {:?}), not {} \
+                     (id {cgroup_id}); run `discovery-agent detach --pin-dir {}` first or use \
+                     another --pin-dir",
+                    link_path.display(),
+                    link.cgroup_id,
+                    cgroup.display(),
+                    pin_dir.display()
+                );
+            }
+            let new = prog.info()?;
+            let old = aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .find(|p| p.id() == link.prog_id)
+                .with_context(|| {
+                    format!(
+                        "program {} of {} is gone",
+                        link.prog_id,
+                        link_path.display()
+                    )
+                })?;
+            if old.tag() == new.tag() && !replace {
+                info!(program = prog_name, link = %link_path.display(), "adopted attached program");
+                continue;
+            }
+            // One syscall swaps the program under the link: every connect()
+            // runs either the old program or the new one. BPF_F_REPLACE
+            // makes it fail if someone else replaced it meanwhile.
+            link.update(prog.fd()?.as_fd(), old.fd()?.as_fd())
+                .with_context(|| format!("replacing the program of {}", link_path.display()))?;
+            info!(program = prog_name, link = %link_path.display(),
+                  old_tag = format!("{:016x}", old.tag()), new_tag = format!("{:016x}", new.tag()),
+                  "replaced the attached program atomically");
+            continue;
+        }
         // bpf links on cgroups always coexist with other programs; the
         // multi-attach flag is for the legacy attach API and EINVAL here.
         let id = prog
@@ -254,48 +282,84 @@ unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
     }
 }
 
-/// The cgroup id a pinned cgroup link is attached to (None for another
-/// link type or a link whose cgroup is gone). aya does not expose this, so
-/// it is read with BPF_OBJ_GET and BPF_OBJ_GET_INFO_BY_FD.
-fn link_cgroup_id(pin: &Path) -> io::Result<Option<u64>> {
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    const BPF_LINK_TYPE_CGROUP: u32 = 3;
-    #[repr(C)]
-    #[derive(Default)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
+/// A pinned cgroup link, read with raw bpf(2) calls: aya 0.14 exposes
+/// neither a link's cgroup nor BPF_LINK_UPDATE.
+struct PinnedCgroupLink {
+    fd: OwnedFd,
+    prog_id: u32,
+    /// None for another link type or a link whose cgroup is gone.
+    cgroup_id: Option<u64>,
+}
+
+impl PinnedCgroupLink {
+    fn open(pin: &Path) -> io::Result<Self> {
+        const BPF_OBJ_GET: libc::c_long = 7;
+        const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+        const BPF_LINK_TYPE_CGROUP: u32 = 3;
+        #[repr(C)]
+        #[derive(Default)]
+        struct ObjGet {
+            pathname: u64,
+            bpf_fd: u32,
+            file_flags: u32,
+        }
+        #[repr(C)]
+        struct GetInfo {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        let path = CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        let attr = ObjGet {
+            pathname: path.as_ptr() as u64,
+            ..Default::default()
+        };
+        // SAFETY: attr points at a valid, NUL-terminated path for the call.
+        let fd = unsafe { sys_bpf(BPF_OBJ_GET, &attr)? };
+        // SAFETY: the kernel returned a new fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // struct bpf_link_info: u32 type, id, prog_id, then for cgroup links
+        // u64 cgroup_id at offset 16. The buffer is larger than the struct
+        // and zeroed, as the kernel requires.
+        let mut info = [0u64; 32];
+        let attr = GetInfo {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: std::mem::size_of_val(&info) as u32,
+            info: info.as_mut_ptr() as u64,
+        };
+        // SAFETY: info is a writable buffer of info_len bytes.
+        unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)? };
+        let link_type = info[0] as u32;
+        let prog_id = info[1] as u32;
+        let cgroup_id = (link_type == BPF_LINK_TYPE_CGROUP && info[2] != 0).then_some(info[2]);
+        Ok(Self {
+            fd,
+            prog_id,
+            cgroup_id,
+        })
     }
-    #[repr(C)]
-    struct GetInfo {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
+
+    /// BPF_LINK_UPDATE with BPF_F_REPLACE: atomically swaps `old` for `new`.
+    fn update(&self, new: BorrowedFd<'_>, old: BorrowedFd<'_>) -> io::Result<()> {
+        const BPF_LINK_UPDATE: libc::c_long = 29;
+        const BPF_F_REPLACE: u32 = 1 << 2;
+        #[repr(C)]
+        struct LinkUpdate {
+            link_fd: u32,
+            new_prog_fd: u32,
+            flags: u32,
+            old_prog_fd: u32,
+        }
+        let attr = LinkUpdate {
+            link_fd: self.fd.as_raw_fd() as u32,
+            new_prog_fd: new.as_raw_fd() as u32,
+            flags: BPF_F_REPLACE,
+            old_prog_fd: old.as_raw_fd() as u32,
+        };
+        // SAFETY: all fds are open for the duration of the call.
+        unsafe { sys_bpf(BPF_LINK_UPDATE, &attr)? };
+        Ok(())
     }
-    let path = CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let attr = ObjGet {
-        pathname: path.as_ptr() as u64,
-        ..Default::default()
-    };
-    // SAFETY: attr points at a valid, NUL-terminated path for the call.
-    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &attr)? };
-    // SAFETY: the kernel returned a new fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // struct bpf_link_info: type, id, prog_id, then for cgroup links
-    // cgroup_id at offset 16. The buffer is larger than the struct and
-    // zeroed, as the kernel requires.
-    let mut info = [0u64; 32];
-    let attr = GetInfo {
-        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: info is a writable buffer of info_len bytes.
-    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)? };
-    let link_type = info[0] as u32;
-    Ok((link_type == BPF_LINK_TYPE_CGROUP && info[2] != 0).then_some(info[2]))
 }
 
 /// Removes the pinned links (which detaches the programs) and maps.

@@ -33,6 +33,18 @@ pub struct Outcome {
     pub peer: Option<String>,
     pub errno: Option<i32>,
     pub micros: u64,
+    /// When the attempt started, ms since the Unix epoch (load mode).
+    #[serde(default)]
+    pub at_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch: the clock tests and the load
+/// generator share.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -323,6 +335,59 @@ pub fn cgroup2_root() -> PathBuf {
         .expect("cgroup v2 is not mounted")
 }
 
+/// Writes the calling process's PID to the open `cgroup.procs` fd. Runs
+/// between fork and exec, so only async-signal-safe calls and a stack
+/// buffer.
+fn move_self(fd: i32) -> io::Result<()> {
+    let mut buf = [0u8; 16];
+    // SAFETY: getpid and write are async-signal-safe.
+    let mut pid = unsafe { libc::getpid() } as u32;
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    let n = buf.len() - i;
+    if unsafe { libc::write(fd, buf[i..].as_ptr().cast(), n) } != n as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A running load generator.
+pub struct Load {
+    child: Child,
+}
+
+impl Load {
+    /// Waits for the end of the run and returns every attempt.
+    pub fn finish(mut self) -> Vec<Outcome> {
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_string(&mut out)
+            .expect("read load output");
+        let status = self.child.wait().expect("wait load generator");
+        assert!(status.success(), "load generator failed: {status:?}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).expect("load output is JSON"))
+            .collect()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A child cgroup of the cgroup v2 root for one test's clients.
 pub struct TestCgroup {
     pub path: PathBuf,
@@ -342,31 +407,29 @@ impl TestCgroup {
             .open(self.path.join("cgroup.procs"))
             .expect("open cgroup.procs");
         let fd = procs.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (getpid, write) between fork
-        // and exec; the buffer is on the stack.
-        unsafe {
-            cmd.pre_exec(move || {
-                let mut buf = [0u8; 16];
-                let mut pid = libc::getpid() as u32;
-                let mut i = buf.len();
-                loop {
-                    i -= 1;
-                    buf[i] = b'0' + (pid % 10) as u8;
-                    pid /= 10;
-                    if pid == 0 {
-                        break;
-                    }
-                }
-                let n = buf.len() - i;
-                if libc::write(fd, buf[i..].as_ptr().cast(), n) != n as isize {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe { cmd.pre_exec(move || move_self(fd)) };
         let out = cmd.output().expect("spawn client in test cgroup");
         drop(procs);
         out
+    }
+
+    /// Starts `discovery-probe load ADDR MILLIS` in the cgroup: new
+    /// connections back to back for that long, one JSON line each.
+    pub fn start_load(&self, probe_bin: &str, addr: &str, millis: u64) -> Load {
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join("cgroup.procs"))
+            .expect("open cgroup.procs");
+        let fd = procs.as_raw_fd();
+        let mut cmd = Command::new(probe_bin);
+        cmd.args(["load", addr, &millis.to_string()])
+            .stdout(std::process::Stdio::piped());
+        // SAFETY: as in `output`.
+        unsafe { cmd.pre_exec(move || move_self(fd)) };
+        Load {
+            child: cmd.spawn().expect("spawn load generator"),
+        }
     }
 
     /// Runs `discovery-probe MODE ADDR COUNT` in the cgroup.
@@ -419,6 +482,10 @@ impl Proc {
         };
         p.respawn();
         p
+    }
+
+    pub fn args(&self) -> Vec<String> {
+        self.args.clone()
     }
 
     /// Starts the process again with the same arguments.
@@ -612,4 +679,87 @@ pub fn tally(outcomes: &[Outcome]) -> HashMap<String, usize> {
         *m.entry(k).or_default() += 1;
     }
     m
+}
+
+// ------------------------------------------------------------------- world
+
+/// Changes must reach new connections within a second.
+pub const CONVERGE: Duration = Duration::from_secs(1);
+
+/// One test's world: a private etcd, a child cgroup, the agent attached to
+/// it, and the probe binary for clients.
+pub struct World {
+    // Drop order: agent (detach) before cgroup before etcd.
+    pub agent: Agent,
+    pub cg: TestCgroup,
+    pub etcd: Etcd,
+    probe: String,
+}
+
+impl World {
+    pub fn start(probe: &str, tag: &str, extra: &[&str]) -> Self {
+        let etcd = Etcd::start();
+        let cg = TestCgroup::new(tag);
+        // Small maps unless the test sizes them itself.
+        let mut args: Vec<&str> = SMALL_MAPS
+            .chunks(2)
+            .filter(|kv| !extra.contains(&kv[0]))
+            .flatten()
+            .copied()
+            .collect();
+        args.extend_from_slice(extra);
+        let agent = Agent::start(&etcd.url, &cg, &args);
+        Self {
+            agent,
+            cg,
+            etcd,
+            probe: probe.to_owned(),
+        }
+    }
+
+    pub fn service(&self, name: &str, frontend: &str, protocol: &str) {
+        self.etcd.put(
+            &format!("/discovery/services/{name}"),
+            &format!(r#"{{"frontend":"{frontend}","protocol":"{protocol}"}}"#),
+        );
+    }
+
+    pub fn backend(&self, service: &str, instance: &str, value: &str) {
+        self.etcd
+            .put(&format!("/discovery/backends/{service}/{instance}"), value);
+    }
+
+    pub fn probe(&self, mode: &str, addr: &str, n: usize) -> Vec<Outcome> {
+        self.cg.probe(&self.probe, mode, addr, n)
+    }
+
+    /// The agent's command line, to start another agent on the same pins.
+    pub fn agent_args(&self) -> Vec<String> {
+        self.agent.args()
+    }
+
+    pub fn start_load(&self, addr: &str, millis: u64) -> Load {
+        self.cg.start_load(&self.probe, addr, millis)
+    }
+
+    /// Polls with fresh connections until `ok` holds for a whole batch.
+    pub fn converge(
+        &self,
+        mode: &str,
+        addr: &str,
+        n: usize,
+        ok: impl Fn(&HashMap<String, usize>) -> bool,
+    ) -> HashMap<String, usize> {
+        let mut last = HashMap::new();
+        let r = wait_until(CONVERGE, || {
+            last = tally(&self.probe(mode, addr, n));
+            ok(&last).then(|| last.clone())
+        });
+        r.unwrap_or_else(|| {
+            panic!(
+                "{mode} {addr} did not converge within {CONVERGE:?}; last: {last:?}\nagent log:\n{}",
+                self.agent.log()
+            )
+        })
+    }
 }

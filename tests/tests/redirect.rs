@@ -2,72 +2,13 @@
 //! child cgroup, real backends on 127.0.0.x, real clients in the cgroup.
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use discovery_tests::{Agent, Backend, Etcd, Outcome, SMALL_MAPS, TestCgroup, tally, wait_until};
+use discovery_tests::{Agent, Backend, Etcd, SMALL_MAPS, TestCgroup, World, tally, wait_until};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_discovery-probe");
 const ECONNREFUSED: i32 = 111;
-/// Changes must reach new connections within a second.
-const CONVERGE: Duration = Duration::from_secs(1);
 
-struct World {
-    // Drop order: agent (detach) before cgroup before etcd.
-    agent: Agent,
-    cg: TestCgroup,
-    etcd: Etcd,
-}
-
-impl World {
-    fn start(tag: &str, extra: &[&str]) -> Self {
-        let etcd = Etcd::start();
-        let cg = TestCgroup::new(tag);
-        // Small maps unless the test sizes them itself.
-        let mut args: Vec<&str> = SMALL_MAPS
-            .chunks(2)
-            .filter(|kv| !extra.contains(&kv[0]))
-            .flatten()
-            .copied()
-            .collect();
-        args.extend_from_slice(extra);
-        let agent = Agent::start(&etcd.url, &cg, &args);
-        Self { agent, cg, etcd }
-    }
-
-    fn service(&self, name: &str, frontend: &str, protocol: &str) {
-        self.etcd.put(
-            &format!("/discovery/services/{name}"),
-            &format!(r#"{{"frontend":"{frontend}","protocol":"{protocol}"}}"#),
-        );
-    }
-
-    fn backend(&self, service: &str, instance: &str, value: &str) {
-        self.etcd
-            .put(&format!("/discovery/backends/{service}/{instance}"), value);
-    }
-
-    fn probe(&self, mode: &str, addr: &str, n: usize) -> Vec<Outcome> {
-        self.cg.probe(PROBE, mode, addr, n)
-    }
-
-    /// Polls with fresh connections until `ok` holds for a whole batch.
-    fn converge(
-        &self,
-        mode: &str,
-        addr: &str,
-        n: usize,
-        ok: impl Fn(&HashMap<String, usize>) -> bool,
-    ) -> HashMap<String, usize> {
-        let mut last = HashMap::new();
-        let r = wait_until(CONVERGE, || {
-            last = tally(&self.probe(mode, addr, n));
-            ok(&last).then(|| last.clone())
-        });
-        r.unwrap_or_else(|| {
-            panic!(
-                "{mode} {addr} did not converge within {CONVERGE:?}; last: {last:?}\nagent log:\n{}",
-                self.agent.log()
-            )
-        })
-    }
+fn world(tag: &str, extra: &[&str]) -> World {
+    World::start(PROBE, tag, extra)
 }
 
 fn only(name: &str) -> impl Fn(&HashMap<String, usize>) -> bool + '_ {
@@ -99,7 +40,7 @@ fn addr(s: &str) -> SocketAddr {
 
 #[test]
 fn tcp_is_redirected_and_getpeername_reports_the_frontend() {
-    let w = World::start("tcp", &[]);
+    let w = world("tcp", &[]);
     let b = Backend::tcp("alpha", addr("127.0.0.2:0"));
     w.service("web", "127.0.0.1:8080", "tcp");
     w.backend("web", "alpha", &b.addr().to_string());
@@ -115,7 +56,7 @@ fn tcp_is_redirected_and_getpeername_reports_the_frontend() {
 
 #[test]
 fn udp_unconnected_and_connected_replies_come_from_the_frontend() {
-    let w = World::start("udp", &[]);
+    let w = world("udp", &[]);
     let b = Backend::udp("dns1", addr("127.0.0.3:0"));
     w.service("dns", "127.0.0.1:5353", "udp");
     w.backend("dns", "one", &b.addr().to_string());
@@ -139,7 +80,7 @@ fn udp_unconnected_and_connected_replies_come_from_the_frontend() {
 
 #[test]
 fn protocol_both_serves_tcp_and_udp() {
-    let w = World::start("both", &[]);
+    let w = world("both", &[]);
     let t = Backend::tcp("t", addr("127.0.0.4:0"));
     // Same port for UDP, as a real dual-protocol daemon would use.
     let u = Backend::udp("t", t.addr());
@@ -152,7 +93,7 @@ fn protocol_both_serves_tcp_and_udp() {
 
 #[test]
 fn balances_across_backends_by_weight() {
-    let w = World::start("balance", &[]);
+    let w = world("balance", &[]);
     let a = Backend::tcp("a", addr("127.0.0.2:0"));
     let b = Backend::tcp("b", addr("127.0.0.3:0"));
     w.service("web", "127.0.0.1:8080", "tcp");
@@ -187,7 +128,7 @@ fn balances_across_backends_by_weight() {
 
 #[test]
 fn backend_add_weight_zero_and_delete_reach_new_connections() {
-    let w = World::start("changes", &[]);
+    let w = world("changes", &[]);
     let a = Backend::tcp("a", addr("127.0.0.2:0"));
     let b = Backend::tcp("b", addr("127.0.0.3:0"));
     w.service("web", "127.0.0.1:8080", "tcp");
@@ -221,7 +162,7 @@ fn backend_add_weight_zero_and_delete_reach_new_connections() {
 
 #[test]
 fn service_delete_leaves_the_frontend_untouched() {
-    let w = World::start("svcdel", &[]);
+    let w = world("svcdel", &[]);
     // Something really listens on the frontend address: after the service
     // is deleted, clients must reach it directly.
     let direct = Backend::tcp("direct", addr("127.0.0.1:0"));
@@ -236,7 +177,7 @@ fn service_delete_leaves_the_frontend_untouched() {
 
 #[test]
 fn frontend_without_backend_fails_immediately() {
-    let w = World::start("nobackend", &[]);
+    let w = world("nobackend", &[]);
     w.service("empty", "127.0.0.1:9999", "both");
     w.converge(
         "tcp",
@@ -257,7 +198,7 @@ fn frontend_without_backend_fails_immediately() {
 
 #[test]
 fn invalid_values_are_skipped_and_others_keep_working() {
-    let mut w = World::start("invalid", &[]);
+    let mut w = world("invalid", &[]);
     let a = Backend::tcp("a", addr("127.0.0.2:0"));
     w.service("web", "127.0.0.1:8080", "tcp");
     w.backend("web", "good", &a.addr().to_string());
@@ -297,7 +238,7 @@ fn invalid_values_are_skipped_and_others_keep_working() {
 
 #[test]
 fn frontend_outside_allowed_ranges_is_refused() {
-    let w = World::start("allowed", &["--allowed-frontends", "127.0.0.0/24"]);
+    let w = world("allowed", &["--allowed-frontends", "127.0.0.0/24"]);
     // 127.0.1.1 is loopback but outside the allowed /24: the service must
     // not hijack it, so clients keep reaching what really listens there.
     let direct = Backend::tcp("direct", addr("127.0.1.1:0"));
@@ -318,7 +259,7 @@ fn frontend_outside_allowed_ranges_is_refused() {
 
 #[test]
 fn contested_frontend_goes_to_the_oldest_service() {
-    let w = World::start("conflict", &[]);
+    let w = world("conflict", &[]);
     let a = Backend::tcp("first", addr("127.0.0.2:0"));
     let b = Backend::tcp("second", addr("127.0.0.3:0"));
     w.service("first", "127.0.0.1:7000", "tcp");
@@ -339,7 +280,7 @@ fn contested_frontend_goes_to_the_oldest_service() {
 
 #[test]
 fn watch_resumes_after_etcd_restart_and_traffic_flows_meanwhile() {
-    let mut w = World::start("etcdrestart", &[]);
+    let mut w = world("etcdrestart", &[]);
     let a = Backend::tcp("a", addr("127.0.0.2:0"));
     let b = Backend::tcp("b", addr("127.0.0.3:0"));
     w.service("web", "127.0.0.1:8080", "tcp");
@@ -377,7 +318,7 @@ fn agent_waits_for_etcd_at_start_and_says_so() {
 
 #[test]
 fn stop_keeps_traffic_flowing_restart_adopts_and_detach_removes() {
-    let mut w = World::start("lifecycle", &[]);
+    let mut w = world("lifecycle", &[]);
     let a = Backend::tcp("a", addr("127.0.0.2:0"));
     let b = Backend::tcp("b", addr("127.0.0.3:0"));
     w.service("web", "127.0.0.1:8080", "tcp");
@@ -432,7 +373,7 @@ fn non_root_gets_a_clear_error() {
 
 #[test]
 fn full_map_reports_the_service_and_keeps_the_rest() {
-    let w = World::start("full", &["--max-services", "1"]);
+    let w = world("full", &["--max-services", "1"]);
     let a = Backend::tcp("a", addr("127.0.0.2:0"));
     let b = Backend::tcp("b", addr("127.0.0.3:0"));
     // Applied in frontend order: 7001 fits, 7002 does not.
@@ -456,7 +397,7 @@ fn full_map_reports_the_service_and_keeps_the_rest() {
 
 #[test]
 fn pins_attached_to_another_cgroup_are_not_adopted() {
-    let mut w = World::start("pinsa", &[]);
+    let mut w = world("pinsa", &[]);
     w.agent.stop();
     let other = TestCgroup::new("pinsb");
     let (cg, pins) = (

@@ -2,13 +2,14 @@
 //! datagrams to an address and prints one JSON line per attempt.
 //!
 //! discovery-probe tcp|udp|udp-connected ADDR COUNT
+//! discovery-probe load ADDR MILLIS   (TCP connections back to back)
 use std::{
     io::Read as _,
     net::{SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
-use discovery_tests::Outcome;
+use discovery_tests::{Outcome, now_ms};
 
 fn once(mode: &str, addr: SocketAddr) -> std::io::Result<(String, String)> {
     let timeout = Some(Duration::from_secs(2));
@@ -54,21 +55,35 @@ fn main() {
         std::process::exit(2);
     };
     let addr: SocketAddr = addr.parse().expect("ADDR is ip:port");
-    let count: usize = count.parse().expect("COUNT is a number");
-    for _ in 0..count {
+    let count: u64 = count.parse().expect("COUNT is a number");
+    let start = Instant::now();
+    let mut i = 0;
+    loop {
+        let done = if mode == "load" {
+            start.elapsed() >= Duration::from_millis(count)
+        } else {
+            i >= count
+        };
+        if done {
+            break;
+        }
+        i += 1;
+        let at_ms = now_ms();
         let t = Instant::now();
-        let o = match once(mode, addr) {
+        let o = match once(if mode == "load" { "tcp" } else { mode }, addr) {
             Ok((backend, peer)) => Outcome {
                 backend: Some(backend),
                 peer: Some(peer),
                 errno: None,
                 micros: t.elapsed().as_micros() as u64,
+                at_ms,
             },
             Err(e) => Outcome {
                 backend: None,
                 peer: None,
                 errno: Some(e.raw_os_error().unwrap_or(-1)),
                 micros: t.elapsed().as_micros() as u64,
+                at_ms,
             },
         };
         println!("{}", serde_json::to_string(&o).expect("serialise"));

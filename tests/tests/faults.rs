@@ -1,0 +1,211 @@
+//! Fault injection under load: a load generator in the test cgroup opens
+//! new connections back to back and records every attempt; whatever the
+//! control plane does, no connection to a live backend may fail, and each
+//! must land on a backend that was registered.
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+    thread,
+    time::Duration,
+};
+
+use discovery_tests::{Backend, Outcome, World, now_ms, wait_until};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_discovery-probe");
+const FE: &str = "127.0.0.1:8080";
+
+fn world(tag: &str, extra: &[&str]) -> World {
+    World::start(PROBE, tag, extra)
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Asserts every attempt succeeded and landed on one of `allowed`;
+/// returns answers per backend.
+fn check_load(outcomes: &[Outcome], allowed: &[&str]) -> HashMap<String, usize> {
+    assert!(
+        outcomes.len() > 100,
+        "load generator made only {} attempts",
+        outcomes.len()
+    );
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.backend.is_none()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed, first: {:?}",
+        failed.len(),
+        outcomes.len(),
+        failed.first()
+    );
+    let mut per = HashMap::new();
+    for o in outcomes {
+        let b = o.backend.clone().unwrap();
+        assert!(
+            allowed.contains(&b.as_str()),
+            "landed on {b}, not one of {allowed:?}"
+        );
+        *per.entry(b).or_default() += 1;
+    }
+    eprintln!(
+        "load: {} connections, 0 failed, per backend {per:?}",
+        outcomes.len()
+    );
+    per
+}
+
+/// Ids of the pinned maps: unchanged ids mean nothing was re-created.
+fn map_ids(w: &World) -> BTreeSet<u64> {
+    [
+        "disc_services",
+        "disc_slots",
+        "disc_backends",
+        "disc_counters",
+    ]
+    .iter()
+    .map(|m| {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(w.agent.pin_dir.join(m))
+            .output()
+            .expect("bpftool");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+        v["id"].as_u64().expect("map id")
+    })
+    .collect()
+}
+
+/// Program ids attached to the test cgroup.
+fn prog_ids(w: &World) -> BTreeSet<u64> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(&w.cg.path)
+        .output()
+        .expect("bpftool");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    v.as_array()
+        .expect("list")
+        .iter()
+        .map(|p| p["id"].as_u64().expect("prog id"))
+        .collect()
+}
+
+#[test]
+fn agent_killed_under_load_keeps_traffic_and_the_restart_adopts_and_reconciles() {
+    let mut w = world("kill9", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    let c = Backend::tcp("c", addr("127.0.0.4:0"));
+    w.service("web", FE, "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.backend("web", "b", &b.addr().to_string());
+    w.converge("tcp", FE, 20, |t| t.len() == 2);
+    let (maps, progs) = (map_ids(&w), prog_ids(&w));
+
+    let load = w.start_load(FE, 4000);
+    thread::sleep(Duration::from_millis(500));
+    w.agent.kill();
+    // Changed while the agent is down: b goes, c comes.
+    w.etcd.del("/discovery/backends/web/b");
+    w.backend("web", "c", &c.addr().to_string());
+    thread::sleep(Duration::from_millis(500));
+    w.agent.respawn();
+    w.agent
+        .wait_log("listed etcd prefix", Duration::from_secs(20));
+    let converged_at = wait_until(Duration::from_secs(2), || {
+        let t = discovery_tests::tally(&w.probe("tcp", FE, 20));
+        (t.len() == 2 && t.contains_key("a") && t.contains_key("c")).then(now_ms)
+    })
+    .expect("restarted agent did not reconcile");
+    let outcomes = load.finish();
+
+    check_load(&outcomes, &["a", "b", "c"]);
+    // After the reconcile, b (deleted meanwhile) gets nothing new.
+    let late_b = outcomes
+        .iter()
+        .filter(|o| o.at_ms > converged_at && o.backend.as_deref() == Some("b"))
+        .count();
+    assert_eq!(
+        late_b, 0,
+        "connections to a deleted backend after the reconcile"
+    );
+    assert!(w.agent.log().contains("adopted attached program"));
+    assert_eq!(map_ids(&w), maps, "maps were re-created");
+    assert_eq!(prog_ids(&w), progs, "programs were replaced");
+}
+
+#[test]
+fn programs_are_replaced_atomically_under_load() {
+    let mut w = world("upgrade", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    w.service("web", FE, "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.converge("tcp", FE, 5, |t| t.contains_key("a"));
+    let (maps, progs) = (map_ids(&w), prog_ids(&w));
+
+    let load = w.start_load(FE, 3000);
+    thread::sleep(Duration::from_millis(500));
+    w.agent.stop();
+    // An upgrade drill: the new agent swaps every attached program.
+    let mut args = w.agent_args();
+    args.push("--replace-programs".into());
+    let upgraded = discovery_tests::Proc::spawn(args);
+    upgraded.wait_log("listed etcd prefix", Duration::from_secs(20));
+    let outcomes = load.finish();
+
+    check_load(&outcomes, &["a"]);
+    let log = upgraded.log();
+    assert_eq!(
+        log.matches("replaced the attached program atomically")
+            .count(),
+        4,
+        "{log}"
+    );
+    let now = prog_ids(&w);
+    assert_eq!(now.len(), 4);
+    assert!(
+        now.is_disjoint(&progs),
+        "old programs still attached: {progs:?} {now:?}"
+    );
+    assert_eq!(map_ids(&w), maps, "maps were re-created");
+}
+
+#[test]
+fn backend_churn_under_load_never_exposes_a_half_written_service() {
+    let w = world("churn", &[]);
+    let names = ["a", "b", "c", "d"];
+    let backends: Vec<Backend> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Backend::tcp(n, addr(&format!("127.0.0.{}:0", i + 2))))
+        .collect();
+    w.service("web", FE, "tcp");
+    // a is always registered; b, c and d churn.
+    w.backend("web", "a", &backends[0].addr().to_string());
+    w.converge("tcp", FE, 5, |t| t.contains_key("a"));
+
+    let load = w.start_load(FE, 3000);
+    let mut changes = 0;
+    let deadline = std::time::Instant::now() + Duration::from_millis(2800);
+    let mut i = 0usize;
+    while std::time::Instant::now() < deadline {
+        let j = 1 + i % 3;
+        let key = format!("/discovery/backends/web/{}", names[j]);
+        match (i / 3) % 3 {
+            0 => w.etcd.put(&key, &backends[j].addr().to_string()),
+            1 => w.etcd.put(
+                &key,
+                &format!(r#"{{"addr":"{}","weight":{}}}"#, backends[j].addr(), i % 5),
+            ),
+            _ => w.etcd.del(&key),
+        }
+        changes += 1;
+        i += 1;
+    }
+    let outcomes = load.finish();
+    let per = check_load(&outcomes, &names);
+    assert!(changes > 20, "only {changes} changes");
+    eprintln!("churn: {changes} etcd changes in 2.8 s");
+    assert!(per.len() >= 2, "churned backends never served: {per:?}");
+    assert!(w.agent.log().matches("service applied").count() > 10);
+}
