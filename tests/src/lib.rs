@@ -300,6 +300,67 @@ impl Etcd {
         })
     }
 
+    /// The store's current revision.
+    pub fn revision(&self) -> i64 {
+        let out = self.ctl(&["endpoint", "status", "-w", "json"]);
+        assert!(out.status.success(), "endpoint status: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+        v[0]["Status"]["header"]["revision"]
+            .as_i64()
+            .expect("revision")
+    }
+
+    /// Compacts the history up to the current revision.
+    pub fn compact(&self) -> i64 {
+        let rev = self.revision();
+        let out = self.ctl(&["compact", &rev.to_string()]);
+        assert!(out.status.success(), "compact: {out:?}");
+        rev
+    }
+
+    /// Grants a lease that nobody keeps alive; returns its id in hex.
+    pub fn lease_grant(&self, ttl_secs: u32) -> String {
+        let out = self.ctl(&["lease", "grant", &ttl_secs.to_string()]);
+        assert!(out.status.success(), "lease grant: {out:?}");
+        // "lease 694d8f2c1b5e9a04 granted with TTL(2s)"
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .expect("lease id")
+            .to_owned()
+    }
+
+    pub fn put_with_lease(&self, key: &str, value: &str, lease: &str) {
+        let out = self.ctl(&["put", &format!("--lease={lease}"), key, value]);
+        assert!(out.status.success(), "etcdctl put {key}: {out:?}");
+    }
+
+    /// Many puts in transactions of 100 (values must not contain spaces
+    /// or quotes).
+    pub fn put_many(&self, kvs: &[(String, String)]) {
+        for chunk in kvs.chunks(100) {
+            let mut input = String::from("\n");
+            for (k, v) in chunk {
+                input.push_str(&format!("put {k} {v}\n"));
+            }
+            input.push_str("\n\n");
+            let mut child = Command::new("etcdctl")
+                .args(["--endpoints", &self.url, "txn"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("etcdctl txn");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write txn");
+            let out = child.wait_with_output().expect("etcdctl txn");
+            assert!(out.status.success(), "etcdctl txn: {out:?}");
+        }
+    }
+
     /// Stops the member (by our own PID), keeping its data.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -546,6 +607,17 @@ impl Proc {
             self.child = None;
         }
         status
+    }
+
+    /// Resident memory of the process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("proc status")
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
     }
 
     /// SIGTERM and wait.

@@ -209,3 +209,167 @@ fn backend_churn_under_load_never_exposes_a_half_written_service() {
     assert!(per.len() >= 2, "churned backends never served: {per:?}");
     assert!(w.agent.log().matches("service applied").count() > 10);
 }
+
+#[test]
+fn etcd_down_longer_than_lease_ttls_keeps_last_backends_then_resyncs_deletes() {
+    let mut w = world("etcddown", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    w.service("web", FE, "tcp");
+    // a's announcer is gone: its lease is never kept alive again.
+    let lease = w.etcd.lease_grant(2);
+    w.etcd
+        .put_with_lease("/discovery/backends/web/a", &a.addr().to_string(), &lease);
+    w.backend("web", "b", &b.addr().to_string());
+    w.converge("tcp", FE, 20, |t| t.len() == 2);
+
+    let load = w.start_load(FE, 6000);
+    w.etcd.stop();
+    w.agent.wait_log("etcd watch lost", Duration::from_secs(10));
+    // The outage: longer than the lease TTL.
+    thread::sleep(Duration::from_secs(3));
+    w.etcd.restart();
+    // etcd gives leases a fresh TTL on restart; a's expires 2 s later and
+    // its delete must reach the agent.
+    let converged_at = wait_until(Duration::from_secs(10), || {
+        let t = discovery_tests::tally(&w.probe("tcp", FE, 20));
+        (t.len() == 1 && t.contains_key("b")).then(now_ms)
+    })
+    .unwrap_or_else(|| panic!("a's expiry never applied:\n{}", w.agent.log()));
+    let outcomes = load.finish();
+    // a stayed live throughout, so every connection must succeed.
+    check_load(&outcomes, &["a", "b"]);
+    let late_a = outcomes
+        .iter()
+        .filter(|o| o.at_ms > converged_at && o.backend.as_deref() == Some("a"))
+        .count();
+    assert_eq!(late_a, 0);
+}
+
+#[test]
+fn history_compacted_while_the_agent_is_cut_off_converges() {
+    let mut w = world("compact", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    let c = Backend::tcp("c", addr("127.0.0.4:0"));
+    w.service("web", FE, "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.backend("web", "b", &b.addr().to_string());
+    w.converge("tcp", FE, 20, |t| t.len() == 2);
+
+    let load = w.start_load(FE, 4000);
+    // Cut the agent off: frozen, its watch stream then broken by an etcd
+    // restart, and the history it missed compacted away.
+    w.agent.signal(libc::SIGSTOP);
+    w.etcd.del("/discovery/backends/web/a");
+    w.backend("web", "c", &c.addr().to_string());
+    for i in 0..20 {
+        w.etcd.put("/discovery/noise", &i.to_string());
+    }
+    w.etcd.compact();
+    w.etcd.restart();
+    w.agent.signal(libc::SIGCONT);
+    let converged_at = wait_until(Duration::from_secs(10), || {
+        let t = discovery_tests::tally(&w.probe("tcp", FE, 20));
+        (t.len() == 2 && t.contains_key("b") && t.contains_key("c")).then(now_ms)
+    })
+    .unwrap_or_else(|| panic!("did not converge after compaction:\n{}", w.agent.log()));
+    let outcomes = load.finish();
+    check_load(&outcomes, &["a", "b", "c"]);
+    assert!(
+        !outcomes
+            .iter()
+            .any(|o| o.at_ms > converged_at && o.backend.as_deref() == Some("a"))
+    );
+}
+
+#[test]
+fn hostile_values_are_reported_and_nothing_else_is_disturbed() {
+    let mut w = world("garbage", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    w.service("web", FE, "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.converge("tcp", FE, 5, |t| t.contains_key("a"));
+    let rss_before = w.agent.rss_kib();
+
+    let load = w.start_load(FE, 4000);
+    let hostile: Vec<(&str, String)> = vec![
+        ("/discovery/services/huge", "x".repeat(100_000)),
+        ("/discovery/services/array", "[1,2,3]".into()),
+        ("/discovery/services/number", "42".into()),
+        ("/discovery/services/null", "null".into()),
+        (
+            "/discovery/services/nested",
+            r#"{"frontend":{"ip":"127.0.0.1"}}"#.into(),
+        ),
+        (
+            "/discovery/services/badport",
+            r#"{"frontend":"127.0.0.1:99999"}"#.into(),
+        ),
+        (
+            "/discovery/services/hijack",
+            r#"{"frontend":"10.0.0.1:80"}"#.into(),
+        ),
+        (
+            "/discovery/services/..",
+            r#"{"frontend":"127.0.0.1:81"}"#.into(),
+        ),
+        (
+            "/discovery/services/a/../b",
+            r#"{"frontend":"127.0.0.1:82"}"#.into(),
+        ),
+        (
+            "/discovery/services/ünï",
+            r#"{"frontend":"127.0.0.1:83"}"#.into(),
+        ),
+        (
+            "/discovery/backends/web/../../services/web",
+            "127.0.0.9:1".into(),
+        ),
+        (
+            "/discovery/backends/web/evil",
+            "127.0.0.9:1; rm -rf /".into(),
+        ),
+        (
+            "/discovery/backends/web/big",
+            r#"{"addr":"127.0.0.9:1","weight":1e99}"#.into(),
+        ),
+    ];
+    for (k, v) in &hostile {
+        w.etcd.put(k, v);
+    }
+    // Thousands of bad keys at once.
+    let bulk: Vec<(String, String)> = (0..3000)
+        .map(|i| {
+            (
+                format!("/discovery/backends/web/bulk-{i}"),
+                format!("not-an-address-{i}"),
+            )
+        })
+        .collect();
+    w.etcd.put_many(&bulk);
+    let outcomes = load.finish();
+    check_load(&outcomes, &["a"]);
+
+    let n = hostile.len() + bulk.len();
+    let reported = wait_until(Duration::from_secs(10), || {
+        let c = w.agent.log().matches("skipping invalid etcd key").count();
+        (c >= n).then_some(c)
+    });
+    assert!(reported.is_some(), "not every bad key was reported");
+    let log = w.agent.log();
+    for (k, _) in &hostile {
+        assert!(log.contains(&format!("key=\"{k}\"")), "{k} not reported");
+    }
+    assert!(w.agent.is_running());
+    // Valid changes still apply after the flood.
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    w.backend("web", "b", &b.addr().to_string());
+    w.converge("tcp", FE, 20, |t| t.len() == 2);
+    let rss_after = w.agent.rss_kib();
+    eprintln!("agent RSS {rss_before} KiB -> {rss_after} KiB after {n} bad keys");
+    assert!(
+        rss_after < rss_before + 20 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+}
