@@ -185,28 +185,38 @@ pub struct Etcd {
     child: Option<Child>,
     pub url: String,
     peer_url: String,
+    name: String,
+    /// `--initial-cluster`: just this member, or all members of a cluster.
+    initial_cluster: String,
     dir: tempfile::TempDir,
+}
+
+fn etcd_dir() -> tempfile::TempDir {
+    // tmpfs keeps fsync cheap for many small tests on 2 cores.
+    let base = if Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    };
+    tempfile::Builder::new()
+        .prefix("discovery-etcd-")
+        .tempdir_in(base)
+        .expect("etcd temp dir")
 }
 
 impl Etcd {
     pub fn start() -> Self {
-        // tmpfs keeps fsync cheap for many small tests on 2 cores.
-        let base = if Path::new("/dev/shm").is_dir() {
-            "/dev/shm"
-        } else {
-            "/tmp"
-        };
         // A port found free can be taken before etcd binds it (parallel
         // tests): if etcd exits at start, try again with other ports.
         for _ in 0..3 {
+            let peer_url = format!("http://127.0.0.1:{}", free_port());
             let mut e = Self {
                 child: None,
                 url: format!("http://127.0.0.1:{}", free_port()),
-                peer_url: format!("http://127.0.0.1:{}", free_port()),
-                dir: tempfile::Builder::new()
-                    .prefix("discovery-etcd-")
-                    .tempdir_in(base)
-                    .expect("etcd temp dir"),
+                initial_cluster: format!("default={peer_url}"),
+                peer_url,
+                name: "default".into(),
+                dir: etcd_dir(),
             };
             if e.spawn() {
                 return e;
@@ -218,6 +228,11 @@ impl Etcd {
     /// Starts the member; false if it exited (port taken), panics if it
     /// runs but never becomes healthy.
     fn spawn(&mut self) -> bool {
+        self.launch();
+        self.wait_healthy()
+    }
+
+    fn launch(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -225,19 +240,23 @@ impl Etcd {
             .expect("etcd log");
         let child = Command::new("etcd")
             .process_group(0)
-            .args(["--name", "default"])
+            .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &self.url])
             .args(["--advertise-client-urls", &self.url])
             .args(["--listen-peer-urls", &self.peer_url])
             .args(["--initial-advertise-peer-urls", &self.peer_url])
-            .args(["--initial-cluster", &format!("default={}", self.peer_url)])
+            .args(["--initial-cluster", &self.initial_cluster])
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start etcd (is etcd-server installed? run `cargo xtask bootstrap`)");
         self.child = Some(child);
+    }
+
+    /// Waits until the member answers; false if it exited (port taken).
+    fn wait_healthy(&mut self) -> bool {
         let ok = wait_until(Duration::from_secs(15), || {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(_)) = c.try_wait()
@@ -373,6 +392,111 @@ impl Etcd {
     pub fn restart(&mut self) {
         self.stop();
         assert!(self.spawn(), "etcd did not restart:\n{}", self.log());
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// A three-member etcd cluster on loopback ports.
+pub struct EtcdCluster {
+    pub members: Vec<Etcd>,
+}
+
+impl EtcdCluster {
+    pub fn start(n: usize) -> Self {
+        let peers: Vec<String> = (0..n)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let initial_cluster = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{i}={p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Etcd> = peers
+            .into_iter()
+            .enumerate()
+            .map(|(i, peer_url)| Etcd {
+                child: None,
+                url: format!("http://127.0.0.1:{}", free_port()),
+                peer_url,
+                name: format!("m{i}"),
+                initial_cluster: initial_cluster.clone(),
+                dir: etcd_dir(),
+            })
+            .collect();
+        // All must run before any can be healthy (quorum).
+        members.iter_mut().for_each(Etcd::launch);
+        for m in &mut members {
+            assert!(
+                m.wait_healthy(),
+                "cluster member {} exited:\n{}",
+                m.name,
+                m.log()
+            );
+        }
+        Self { members }
+    }
+
+    /// All client URLs, comma separated, as the agent takes them.
+    pub fn urls(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A running member to send writes to.
+    pub fn any(&self) -> &Etcd {
+        self.members
+            .iter()
+            .find(|m| m.is_running())
+            .expect("a running member")
+    }
+
+    /// Runs an etcdctl command against the running members until it
+    /// succeeds (writes fail while a new leader is being elected).
+    pub fn ctl_retry(&self, args: &[&str]) {
+        let urls: Vec<&str> = self
+            .members
+            .iter()
+            .filter(|m| m.is_running())
+            .map(|m| m.url.as_str())
+            .collect();
+        let eps = urls.join(",");
+        let ok = wait_until(Duration::from_secs(30), || {
+            Command::new("etcdctl")
+                .args(["--endpoints", &eps, "--command-timeout", "3s"])
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        });
+        assert!(ok.is_some(), "etcdctl {args:?} never succeeded");
+    }
+
+    /// Index of the current leader, asked of a running member.
+    pub fn leader(&self) -> usize {
+        let out = self
+            .any()
+            .ctl(&["endpoint", "status", "--cluster", "-w", "json"]);
+        assert!(out.status.success(), "endpoint status: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+        let leader_ep = v
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|e| e["Status"]["leader"] == e["Status"]["header"]["member_id"])
+            .and_then(|e| e["Endpoint"].as_str())
+            .expect("a leader")
+            .to_owned();
+        self.members
+            .iter()
+            .position(|m| m.url == leader_ep)
+            .expect("leader is a member")
     }
 }
 

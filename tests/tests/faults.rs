@@ -373,3 +373,44 @@ fn hostile_values_are_reported_and_nothing_else_is_disturbed() {
         "RSS grew from {rss_before} to {rss_after} KiB"
     );
 }
+
+#[test]
+fn three_member_cluster_losing_its_leader_then_a_follower_keeps_changes_flowing() {
+    let mut cluster = discovery_tests::EtcdCluster::start(3);
+    let cg = discovery_tests::TestCgroup::new("cluster");
+    let agent = discovery_tests::Agent::start(&cluster.urls(), &cg, &discovery_tests::SMALL_MAPS);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    let c = Backend::tcp("c", addr("127.0.0.4:0"));
+    let put = |k: &str, v: &str, cl: &discovery_tests::EtcdCluster| cl.ctl_retry(&["put", k, v]);
+    put(
+        "/discovery/services/web",
+        &format!(r#"{{"frontend":"{FE}"}}"#),
+        &cluster,
+    );
+    put("/discovery/backends/web/a", &a.addr().to_string(), &cluster);
+    let converge = |want: &[&str]| {
+        wait_until(Duration::from_secs(15), || {
+            let t = discovery_tests::tally(&cg.probe(PROBE, "tcp", FE, 20));
+            (t.len() == want.len() && want.iter().all(|w| t.contains_key(*w))).then_some(())
+        })
+        .unwrap_or_else(|| panic!("did not converge to {want:?}:\n{}", agent.log()))
+    };
+    converge(&["a"]);
+    let load = cg.start_load(PROBE, FE, 8_000);
+
+    let leader = cluster.leader();
+    cluster.members[leader].stop();
+    put("/discovery/backends/web/b", &b.addr().to_string(), &cluster);
+    converge(&["a", "b"]);
+
+    cluster.members[leader].restart();
+    let follower = (0..3).find(|&i| i != cluster.leader()).expect("a follower");
+    cluster.members[follower].stop();
+    put("/discovery/backends/web/c", &c.addr().to_string(), &cluster);
+    cluster.ctl_retry(&["del", "/discovery/backends/web/a"]);
+    converge(&["b", "c"]);
+    // Whether the agent kept its watch (its member survived) or moved to
+    // another member, every change arrived.
+    check_load(&load.finish(), &["a", "b", "c"]);
+}
