@@ -19,6 +19,7 @@ use crate::{
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     loader::ensure_root()?;
+    let etcd = args.etcd.config()?;
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => loader::cgroup2_root()?,
@@ -41,7 +42,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut model = Model::new(args.etcd.prefix.clone(), args.allowed_frontends.clone());
     let (tx, mut rx) = mpsc::channel(64);
     let source = Source {
-        endpoints: args.etcd.endpoints.clone(),
+        etcd,
         prefix: args.etcd.prefix.clone(),
     };
     let source_task = tokio::spawn(source.run(tx));

@@ -4,21 +4,60 @@
 //! It never gives up: it retries with capped, jittered backoff.
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
+};
 use rand::Rng as _;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+/// How to reach etcd: endpoints, TLS material and credentials, read once
+/// at start.
+#[derive(Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// CA certificate (PEM) for https:// endpoints.
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate and key (PEM).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// User and password.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    // Never print the password or key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.ca.is_some())
+            .field("client_cert", &self.identity.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
 /// Connects with the options every part of discovery uses.
-pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
-    let opts = ConnectOptions::new()
+pub async fn connect(cfg: &EtcdConfig) -> Result<Client, etcd_client::Error> {
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_timeout(Duration::from_secs(10))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
         // A member cut off from the quorum must fail requests and watches,
         // not go silent.
         .with_require_leader(true);
-    Client::connect(endpoints, Some(opts)).await
+    if let Some(ca) = &cfg.ca {
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+        if let Some((cert, key)) = &cfg.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        opts = opts.with_tls(tls);
+    }
+    if let Some((user, password)) = &cfg.user {
+        opts = opts
+            .with_user(user.as_str(), password.as_str())
+            .with_auto_token_refresh(true);
+    }
+    Client::connect(&cfg.endpoints, Some(opts)).await
 }
 
 /// Capped exponential backoff with jitter, shared by every etcd retry loop.
@@ -71,7 +110,7 @@ enum Lost {
 }
 
 pub struct Source {
-    pub endpoints: Vec<String>,
+    pub etcd: EtcdConfig,
     pub prefix: String,
 }
 
@@ -101,7 +140,7 @@ impl Source {
                     Ok(c) => client.insert(c),
                     Err(e) => {
                         let wait = backoff.next();
-                        warn!(endpoints = ?self.endpoints, error = %e, retry_in = ?wait,
+                        warn!(endpoints = ?self.etcd.endpoints, error = %e, retry_in = ?wait,
                               "etcd unreachable; retrying");
                         tokio::time::sleep(wait).await;
                         continue;
@@ -113,10 +152,14 @@ impl Source {
                 Err(e) => {
                     let wait = backoff.next();
                     match e {
-                        Lost::List(e) => warn!(endpoints = ?self.endpoints, prefix = %self.prefix,
-                            error = %e, retry_in = ?wait, "etcd unreachable; retrying"),
-                        Lost::Watch(e) => warn!(endpoints = ?self.endpoints, prefix = %self.prefix,
-                            error = %e, retry_in = ?wait, "etcd watch lost; will re-list and reconcile"),
+                        Lost::List(e) => {
+                            warn!(endpoints = ?self.etcd.endpoints, prefix = %self.prefix,
+                            error = %e, retry_in = ?wait, "etcd unreachable; retrying")
+                        }
+                        Lost::Watch(e) => {
+                            warn!(endpoints = ?self.etcd.endpoints, prefix = %self.prefix,
+                            error = %e, retry_in = ?wait, "etcd watch lost; will re-list and reconcile")
+                        }
                     }
                     tokio::time::sleep(wait).await;
                     // A fresh client re-resolves endpoints and skips a dead
@@ -128,7 +171,7 @@ impl Source {
     }
 
     async fn connect(&self) -> Result<Client, etcd_client::Error> {
-        connect(&self.endpoints).await
+        connect(&self.etcd).await
     }
 
     /// Returns Ok(()) only when the receiver is gone.

@@ -25,7 +25,7 @@ pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
                 frontend: frontend.to_string(),
                 protocol,
             })?;
-            let mut client = connect(&etcd.endpoints).await?;
+            let mut client = connect(&etcd.config()?).await?;
             client
                 .put(key.as_str(), value.as_str(), None)
                 .await
@@ -34,7 +34,7 @@ pub async fn run(cmd: ServiceCommand) -> anyhow::Result<()> {
         }
         ServiceCommand::Rm { name, etcd } => {
             let key = service_key_path(&etcd.prefix, &name);
-            let mut client = connect(&etcd.endpoints).await?;
+            let mut client = connect(&etcd.config()?).await?;
             let r = client
                 .delete(key.as_str(), None)
                 .await

@@ -188,7 +188,112 @@ pub struct Etcd {
     name: String,
     /// `--initial-cluster`: just this member, or all members of a cluster.
     initial_cluster: String,
+    /// Extra server flags (TLS) and etcdctl flags (TLS, root user).
+    server_args: Vec<String>,
+    ctl_args: Vec<String>,
     dir: tempfile::TempDir,
+}
+
+/// Certificates and credentials of a secured etcd, for the agent's flags.
+pub struct Secure {
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// User `agent`, read-write on /discovery/.
+    pub password_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Secure {
+    /// The agent's flags for this etcd as user `agent`.
+    pub fn agent_flags(&self) -> Vec<String> {
+        let p = |p: &PathBuf| p.display().to_string();
+        vec![
+            "--etcd-ca-file".into(),
+            p(&self.ca),
+            "--etcd-cert-file".into(),
+            p(&self.client_cert),
+            "--etcd-key-file".into(),
+            p(&self.client_key),
+            "--etcd-user".into(),
+            "agent".into(),
+            "--etcd-password-file".into(),
+            p(&self.password_file),
+        ]
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+/// A test CA, a server certificate for 127.0.0.1 and a client certificate.
+fn make_certs(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=discovery-test-ca",
+    ]);
+    openssl(dir, &ca);
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        ),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        fs::write(dir.join(format!("{name}.ext")), ext).expect("ext file");
+        let (key, csr, crt, extf) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        let subj = format!("/CN=discovery-test-{name}");
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &req);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &extf,
+            ],
+        );
+    }
 }
 
 fn etcd_dir() -> tempfile::TempDir {
@@ -216,6 +321,8 @@ impl Etcd {
                 initial_cluster: format!("default={peer_url}"),
                 peer_url,
                 name: "default".into(),
+                server_args: Vec::new(),
+                ctl_args: Vec::new(),
                 dir: etcd_dir(),
             };
             if e.spawn() {
@@ -248,6 +355,7 @@ impl Etcd {
             .args(["--listen-peer-urls", &self.peer_url])
             .args(["--initial-advertise-peer-urls", &self.peer_url])
             .args(["--initial-cluster", &self.initial_cluster])
+            .args(&self.server_args)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -286,6 +394,7 @@ impl Etcd {
         Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", &self.url, "--command-timeout", "5s"])
+            .args(&self.ctl_args)
             .args(args)
             .output()
             .expect("run etcdctl (is etcd-client installed?)")
@@ -299,6 +408,72 @@ impl Etcd {
     pub fn del(&self, key: &str) {
         let out = self.ctl(&["del", key]);
         assert!(out.status.success(), "etcdctl del {key}: {out:?}");
+    }
+
+    /// An etcd serving only TLS with client certificates, with
+    /// authentication on: user `root` (for the test's etcdctl) and user
+    /// `agent`, read-write on /discovery/ only.
+    pub fn start_secure() -> (Self, Secure) {
+        let certs = tempfile::tempdir().expect("cert dir");
+        let d = certs.path();
+        make_certs(d);
+        let f = |n: &str| d.join(n).display().to_string();
+        let peer_url = format!("http://127.0.0.1:{}", free_port());
+        let mut e = Self {
+            child: None,
+            url: format!("https://127.0.0.1:{}", free_port()),
+            initial_cluster: format!("default={peer_url}"),
+            peer_url,
+            name: "default".into(),
+            server_args: vec![
+                "--cert-file".into(),
+                f("server.crt"),
+                "--key-file".into(),
+                f("server.key"),
+                "--client-cert-auth".into(),
+                "--trusted-ca-file".into(),
+                f("ca.crt"),
+            ],
+            ctl_args: vec![
+                "--cacert".into(),
+                f("ca.crt"),
+                "--cert".into(),
+                f("client.crt"),
+                "--key".into(),
+                f("client.key"),
+            ],
+            dir: etcd_dir(),
+        };
+        assert!(e.spawn(), "secure etcd did not start:\n{}", e.log());
+        for cmd in [
+            &["user", "add", "root:rootpw"][..],
+            &["user", "add", "agent:agentpw"],
+            &["role", "add", "discovery"],
+            &[
+                "role",
+                "grant-permission",
+                "discovery",
+                "--prefix=true",
+                "readwrite",
+                "/discovery/",
+            ],
+            &["user", "grant-role", "agent", "discovery"],
+            &["auth", "enable"],
+        ] {
+            let out = e.ctl(cmd);
+            assert!(out.status.success(), "etcdctl {cmd:?}: {out:?}");
+        }
+        e.ctl_args.extend(["--user".into(), "root:rootpw".into()]);
+        let password_file = d.join("agent.password");
+        fs::write(&password_file, "agentpw\n").expect("password file");
+        let secure = Secure {
+            ca: d.join("ca.crt"),
+            client_cert: d.join("client.crt"),
+            client_key: d.join("client.key"),
+            password_file,
+            _dir: certs,
+        };
+        (e, secure)
     }
 
     /// The value of `key`, if it exists.
@@ -424,6 +599,12 @@ impl EtcdCluster {
                 peer_url,
                 name: format!("m{i}"),
                 initial_cluster: initial_cluster.clone(),
+                // Relaxed raft timing: on a loaded 2-core machine the
+                // defaults (100 ms / 1 s) cause spurious elections.
+                server_args: ["--heartbeat-interval", "250", "--election-timeout", "2500"]
+                    .map(String::from)
+                    .to_vec(),
+                ctl_args: Vec::new(),
                 dir: etcd_dir(),
             })
             .collect();

@@ -390,7 +390,7 @@ fn three_member_cluster_losing_its_leader_then_a_follower_keeps_changes_flowing(
     );
     put("/discovery/backends/web/a", &a.addr().to_string(), &cluster);
     let converge = |want: &[&str]| {
-        wait_until(Duration::from_secs(15), || {
+        wait_until(Duration::from_secs(30), || {
             let t = discovery_tests::tally(&cg.probe(PROBE, "tcp", FE, 20));
             (t.len() == want.len() && want.iter().all(|w| t.contains_key(*w))).then_some(())
         })

@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::AnnounceArgs,
-    etcd::{Backoff, connect},
+    etcd::{Backoff, EtcdConfig, connect},
     model::{BackendJson, backend_key_path},
 };
 use config::Instance;
@@ -55,8 +55,8 @@ impl Drop for Session {
 }
 
 impl Session {
-    async fn open(endpoints: &[String], ttl: Duration) -> anyhow::Result<Self> {
-        let mut client = connect(endpoints).await?;
+    async fn open(etcd: &EtcdConfig, ttl: Duration) -> anyhow::Result<Self> {
+        let mut client = connect(etcd).await?;
         let lease = client
             .lease_grant(ttl.as_secs() as i64, None)
             .await
@@ -130,7 +130,7 @@ fn value(inst: &Instance, weight: u32) -> String {
 }
 
 struct Announcer {
-    endpoints: Vec<String>,
+    etcd: EtcdConfig,
     prefix: String,
     ttl: Duration,
     instances: Vec<Instance>,
@@ -168,10 +168,10 @@ impl Announcer {
             if Instant::now() < self.retry_at {
                 return false;
             }
-            match Session::open(&self.endpoints, self.ttl).await {
+            match Session::open(&self.etcd, self.ttl).await {
                 Ok(s) => {
                     info!(lease = format!("{:x}", s.lease), ttl = ?self.ttl,
-                          endpoints = ?self.endpoints, "connected to etcd with a new lease");
+                          endpoints = ?self.etcd.endpoints, "connected to etcd with a new lease");
                     self.session = Some(s);
                     // Nothing is under the new lease yet; instances known to
                     // be down may still have keys under the old one.
@@ -185,7 +185,7 @@ impl Announcer {
                 }
                 Err(e) => {
                     let wait = self.backoff.next();
-                    warn!(endpoints = ?self.endpoints, error = format!("{e:#}"), retry_in = ?wait,
+                    warn!(endpoints = ?self.etcd.endpoints, error = format!("{e:#}"), retry_in = ?wait,
                           "etcd unreachable; health checks continue, will register when it answers");
                     self.retry_at = Instant::now() + wait;
                     return false;
@@ -282,7 +282,7 @@ pub async fn run(args: AnnounceArgs) -> anyhow::Result<()> {
     }
     let n = instances.len();
     let mut a = Announcer {
-        endpoints: args.etcd.endpoints.clone(),
+        etcd: args.etcd.config()?,
         prefix: args.etcd.prefix.clone(),
         ttl: args.ttl,
         instances,
@@ -369,7 +369,7 @@ async fn drain_once(
     sigterm: &mut Signal,
     sigint: &mut Signal,
 ) -> anyhow::Result<()> {
-    let mut client = connect(&args.etcd.endpoints)
+    let mut client = connect(&args.etcd.config()?)
         .await
         .context("connecting to etcd")?;
     let mut drained = Vec::new();
