@@ -1,5 +1,8 @@
 //! The run loop: etcd → model → desired table → reconciler → maps.
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use tokio::{
@@ -9,12 +12,13 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    config::RunArgs,
+    config::{MetricsAddr, RunArgs},
     etcd::{Change as EtcdChange, Source, Update},
     loader,
     maps::BpfMaps,
+    metrics::{self, Metrics, NotApplied},
     model::{Applied, Conflict, Model, proto_name},
-    reconcile::{Change, Reconciler, frontend_of},
+    reconcile::{ApplyError, Change, Reconciler, frontend_of},
 };
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -39,6 +43,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(cgroup = %cgroup.display(), pin_dir = %pin_dir.display(), prefix = %args.etcd.prefix,
           services = reconciler.services_installed(), "agent started; waiting for etcd");
 
+    let metrics = Arc::new(Metrics::new());
+    if let MetricsAddr(Some(addr)) = args.metrics_addr {
+        metrics::serve(addr, metrics.clone()).await?;
+    }
+
     let mut model = Model::new(args.etcd.prefix.clone(), args.allowed_frontends.clone());
     let (tx, mut rx) = mpsc::channel(64);
     let source = Source {
@@ -50,6 +59,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut conflicts = BTreeSet::new();
+    let mut failing: BTreeMap<NotApplied, String> = BTreeMap::new();
     loop {
         let first = tokio::select! {
             u = rx.recv() => match u {
@@ -92,10 +102,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ),
             }
         }
-        for e in errors {
-            error!(service = e.service, frontend = e.frontend, error = %e.source,
-                   "could not apply service; it keeps its previous state");
-        }
+        report_failures(&mut failing, errors, &metrics);
+        metrics.services.set(reconciler.services_installed() as i64);
+        metrics.invalid_keys.set(model.invalid_keys().len() as i64);
+        metrics.etcd_revision.set(revision);
     }
     source_task.abort();
     if args.detach_on_exit {
@@ -145,6 +155,46 @@ fn apply(model: &mut Model, u: Update) -> i64 {
             revision
         }
     }
+}
+
+/// Logs each service that could not be applied once when it starts
+/// failing and once when it recovers, and mirrors the set in the metrics.
+fn report_failures(
+    failing: &mut BTreeMap<NotApplied, String>,
+    errors: Vec<ApplyError>,
+    metrics: &Metrics,
+) {
+    let now: BTreeMap<NotApplied, String> = errors
+        .into_iter()
+        .map(|e| {
+            (
+                NotApplied {
+                    service: e.service,
+                    frontend: e.frontend,
+                    map: e.source.map.to_owned(),
+                },
+                e.source.to_string(),
+            )
+        })
+        .collect();
+    for (k, err) in &now {
+        if !failing.contains_key(k) {
+            error!(service = k.service, frontend = k.frontend, map = k.map, error = %err,
+                   "could not apply service; it keeps its previous state");
+        }
+    }
+    for k in failing.keys().filter(|k| !now.contains_key(*k)) {
+        info!(
+            service = k.service,
+            frontend = k.frontend,
+            "service applied after earlier failure"
+        );
+    }
+    metrics.not_applied.clear();
+    for k in now.keys() {
+        metrics.not_applied.get_or_create(k).set(1);
+    }
+    *failing = now;
 }
 
 /// Logs each conflict once when it appears.

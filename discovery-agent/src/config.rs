@@ -228,6 +228,19 @@ impl InstanceArgs {
     }
 }
 
+/// Where to serve metrics, if at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|_| format!("{s:?} is not ip:port or \"off\""))
+}
+
 /// etcd leases have whole-second TTLs.
 fn parse_ttl(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
@@ -287,6 +300,10 @@ pub struct RunArgs {
     #[arg(long, env = "DISCOVERY_REPLACE_PROGRAMS")]
     pub replace_programs: bool,
 
+    /// Address of the Prometheus endpoint (/metrics), or "off".
+    #[arg(long, env = "DISCOVERY_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+
     /// On SIGTERM/SIGINT also detach the programs and remove the pins. By
     /// default they stay, so traffic keeps flowing while the agent is down.
     #[arg(long, env = "DISCOVERY_DETACH_ON_EXIT")]
@@ -333,6 +350,15 @@ mod tests {
         assert_eq!(args.pin.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(args.allowed_frontends, vec!["127.0.0.0/8".parse().unwrap()]);
         assert_eq!(args.max_services, DEFAULT_MAX_SERVICES);
+        assert_eq!(
+            args.metrics_addr,
+            MetricsAddr(Some("127.0.0.1:9464".parse().unwrap()))
+        );
+        let cli = Cli::try_parse_from(["discovery-agent", "run", "--metrics-addr", "off"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(args.metrics_addr, MetricsAddr(None));
     }
 
     #[test]

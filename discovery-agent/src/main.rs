@@ -5,6 +5,7 @@ mod config;
 mod etcd;
 mod loader;
 mod maps;
+mod metrics;
 mod model;
 mod reconcile;
 mod servicecmd;

@@ -989,11 +989,53 @@ impl Agent {
             "--pin-dir".into(),
             pin_dir.display().to_string(),
         ];
+        // Parallel agents cannot all listen on the default port.
+        if !extra.contains(&"--metrics-addr") {
+            args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         Self {
             proc: Proc::spawn(args),
             pin_dir,
         }
+    }
+
+    /// Scrapes `path` from the agent's metrics endpoint (address from its
+    /// log): (status line, body).
+    pub fn scrape(&self, path: &str) -> (String, String) {
+        self.wait_log("metrics listening", Duration::from_secs(10));
+        let log = self.log();
+        let addr = log
+            .lines()
+            .find(|l| l.contains("metrics listening"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .expect("metrics address in the log")
+            .to_owned();
+        let mut c = TcpStream::connect(&addr).expect("connect to metrics");
+        c.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .expect("send request");
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).expect("read response");
+        let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
+        (
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
+        )
+    }
+
+    /// The value of one metric sample line (`name{labels}` as printed).
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let (_, body) = self.scrape("/metrics");
+        body.lines().find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
     }
 
     pub fn run_cmd(&self, sub: &str) -> Output {

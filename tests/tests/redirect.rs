@@ -226,6 +226,14 @@ fn invalid_values_are_skipped_and_others_keep_working() {
         log.contains("IPv6 address [::1]:80 is not supported yet"),
         "{log}"
     );
+    let invalid = wait_until(Duration::from_secs(5), || {
+        w.agent
+            .metric("discovery_invalid_keys")
+            .filter(|v| *v >= bad.len() as f64)
+    });
+    assert_eq!(invalid, Some(bad.len() as f64));
+    let (status, _) = w.agent.scrape("/nope");
+    assert!(status.contains("404"), "{status}");
     assert!(w.agent.is_running());
     // A second service added after the garbage still works.
     let b = Backend::tcp("b", addr("127.0.0.3:0"));
@@ -390,9 +398,22 @@ fn full_map_reports_the_service_and_keeps_the_rest() {
         "{log}"
     );
     assert_eq!(tally(&w.probe("tcp", "127.0.0.1:7001", 10)), all("a", 10));
-    // Room freed: the waiting service is applied.
+    let sample = r#"discovery_service_not_applied{service="second",frontend="127.0.0.1:7002",map="disc_services"}"#;
+    assert_eq!(
+        w.agent.metric(sample),
+        Some(1.0),
+        "{}",
+        w.agent.scrape("/metrics").1
+    );
+    // Room freed: the waiting service is applied, and the metric clears.
     w.etcd.del("/discovery/services/first");
     w.converge("tcp", "127.0.0.1:7002", 3, only("b"));
+    assert_eq!(w.agent.metric(sample), None);
+    assert!(
+        w.agent
+            .log()
+            .contains("service applied after earlier failure")
+    );
 }
 
 #[test]
