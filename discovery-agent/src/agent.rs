@@ -29,6 +29,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => loader::cgroup2_root()?,
     };
     let pin_dir = args.pin.pin_dir.clone();
+    // Bound before attaching: a busy port must not leave programs behind.
+    let metrics = Arc::new(Metrics::new());
+    if let MetricsAddr(Some(addr)) = args.metrics_addr {
+        metrics::serve(addr, metrics.clone()).await?;
+    }
     loader::load_and_attach(
         &cgroup,
         &pin_dir,
@@ -42,11 +47,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
     info!(cgroup = %cgroup.display(), pin_dir = %pin_dir.display(), prefix = %args.etcd.prefix,
           services = reconciler.services_installed(), "agent started; waiting for etcd");
-
-    let metrics = Arc::new(Metrics::new());
-    if let MetricsAddr(Some(addr)) = args.metrics_addr {
-        metrics::serve(addr, metrics.clone()).await?;
-    }
 
     let mut model = Model::new(args.etcd.prefix.clone(), args.allowed_frontends.clone());
     let (tx, mut rx) = mpsc::channel(64);

@@ -947,6 +947,32 @@ impl Drop for Proc {
     }
 }
 
+/// `discovery-agent announce` arguments for one instance `service/id` at
+/// `addr`, checked every 100 ms so tests stay short.
+pub fn announce_args(etcd_url: &str, service: &str, id: &str, addr: SocketAddr) -> Vec<String> {
+    [
+        "announce",
+        "--etcd",
+        etcd_url,
+        "--service",
+        service,
+        "--id",
+        id,
+        "--interval",
+        "100ms",
+        "--timeout",
+        "80ms",
+        "--rise",
+        "2",
+        "--fall",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(["--addr".to_owned(), addr.to_string()])
+    .collect()
+}
+
 /// Small maps: quick to create and dump in many parallel tests.
 pub const SMALL_MAPS: [&str; 4] = ["--max-services", "256", "--max-backends", "1024"];
 

@@ -16,17 +16,6 @@ use discovery_tests::{Agent, Backend, Etcd, Proc, SMALL_MAPS, TestCgroup, tally,
 
 const PROBE: &str = env!("CARGO_BIN_EXE_discovery-probe");
 const KEY: &str = "/discovery/backends/web/a";
-/// Fast checks so the tests stay short: out after 3 × 100 ms.
-const FAST: [&str; 8] = [
-    "--interval",
-    "100ms",
-    "--timeout",
-    "80ms",
-    "--rise",
-    "2",
-    "--fall",
-    "3",
-];
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -34,20 +23,7 @@ fn addr(s: &str) -> SocketAddr {
 
 /// `discovery-agent announce` for one instance `web/a` at `backend`.
 fn announce(etcd: &Etcd, backend: SocketAddr, extra: &[&str]) -> Proc {
-    let mut args: Vec<String> = [
-        "announce",
-        "--etcd",
-        &etcd.url,
-        "--service",
-        "web",
-        "--id",
-        "a",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(["--addr".into(), backend.to_string()]);
-    args.extend(FAST.iter().map(|s| s.to_string()));
+    let mut args = discovery_tests::announce_args(&etcd.url, "web", "a", backend);
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::spawn(args)
 }

@@ -90,9 +90,10 @@ fn prog_ids(w: &World) -> BTreeSet<u64> {
         .collect()
 }
 
-#[test]
-fn agent_killed_under_load_keeps_traffic_and_the_restart_adopts_and_reconciles() {
-    let mut w = world("kill9", &[]);
+/// Service `web` with live backends a and b registered, and c live but not
+/// registered yet.
+fn web_with_a_and_b(tag: &str) -> (World, [Backend; 3]) {
+    let w = world(tag, &[]);
     let a = Backend::tcp("a", addr("127.0.0.2:0"));
     let b = Backend::tcp("b", addr("127.0.0.3:0"));
     let c = Backend::tcp("c", addr("127.0.0.4:0"));
@@ -100,6 +101,12 @@ fn agent_killed_under_load_keeps_traffic_and_the_restart_adopts_and_reconciles()
     w.backend("web", "a", &a.addr().to_string());
     w.backend("web", "b", &b.addr().to_string());
     w.converge("tcp", FE, 20, |t| t.len() == 2);
+    (w, [a, b, c])
+}
+
+#[test]
+fn agent_killed_under_load_keeps_traffic_and_the_restart_adopts_and_reconciles() {
+    let (mut w, [_a, _b, c]) = web_with_a_and_b("kill9");
     let (maps, progs) = (map_ids(&w), prog_ids(&w));
 
     let load = w.start_load(FE, 4000);
@@ -248,14 +255,7 @@ fn etcd_down_longer_than_lease_ttls_keeps_last_backends_then_resyncs_deletes() {
 
 #[test]
 fn history_compacted_while_the_agent_is_cut_off_converges() {
-    let mut w = world("compact", &[]);
-    let a = Backend::tcp("a", addr("127.0.0.2:0"));
-    let b = Backend::tcp("b", addr("127.0.0.3:0"));
-    let c = Backend::tcp("c", addr("127.0.0.4:0"));
-    w.service("web", FE, "tcp");
-    w.backend("web", "a", &a.addr().to_string());
-    w.backend("web", "b", &b.addr().to_string());
-    w.converge("tcp", FE, 20, |t| t.len() == 2);
+    let (mut w, [_a, _b, c]) = web_with_a_and_b("compact");
 
     let load = w.start_load(FE, 4000);
     // Cut the agent off: frozen, its watch stream then broken by an etcd

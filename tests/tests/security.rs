@@ -33,26 +33,7 @@ fn agent_and_announcer_work_against_etcd_with_tls_client_certs_and_auth() {
     );
     let b = Backend::tcp("a", addr("127.0.0.2:0"));
     // The announcer writes with a lease through the same secured etcd.
-    let mut args: Vec<String> = [
-        "announce",
-        "--etcd",
-        &etcd.url,
-        "--service",
-        "web",
-        "--id",
-        "a",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend([
-        "--addr".into(),
-        b.addr().to_string(),
-        "--interval".into(),
-        "100ms".into(),
-        "--timeout".into(),
-        "80ms".into(),
-    ]);
+    let mut args = discovery_tests::announce_args(&etcd.url, "web", "a", b.addr());
     args.extend(sec.agent_flags());
     let ann = Proc::spawn(args);
     let ok = wait_until(Duration::from_secs(10), || {
