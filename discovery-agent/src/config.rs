@@ -41,6 +41,31 @@ pub enum Command {
     /// Define or remove a service (its frontend) in etcd.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Take a backend out of rotation on every node, or put it back.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// Maintenance: no new connections to this instance, whatever its
+    /// announcer says, until `enable`.
+    Disable {
+        service: String,
+        instance: String,
+        /// Recorded in etcd for whoever looks next.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// End maintenance.
+    Enable {
+        service: String,
+        instance: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
 }
 
 #[derive(Debug, Args)]

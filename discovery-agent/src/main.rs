@@ -1,4 +1,5 @@
 //! discovery-agent: watches etcd and keeps the redirect maps in sync.
+mod admin;
 mod agent;
 mod announce;
 mod config;
@@ -8,7 +9,6 @@ mod maps;
 mod metrics;
 mod model;
 mod reconcile;
-mod servicecmd;
 
 use std::io::IsTerminal as _;
 
@@ -46,7 +46,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => block_on(agent::run(args)),
         Command::Announce(args) => block_on(announce::run(args)),
-        Command::Service(cmd) => block_on(servicecmd::run(cmd)),
+        Command::Service(cmd) => block_on(admin::service(cmd)),
+        Command::Backend(cmd) => block_on(admin::backend(cmd)),
         Command::Detach(args) => loader::detach(&args.pin_dir),
         Command::Counters(args) => maps::BpfMaps::open(&args.pin_dir)
             .and_then(|m| m.counters())

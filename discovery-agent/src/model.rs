@@ -5,7 +5,13 @@
 //! <prefix>services/<name>                 {"frontend": "127.0.0.1:11211", "protocol": "tcp"}
 //! <prefix>backends/<name>/<instance-id>   10.0.0.5:11211
 //!                                         {"addr": "10.0.0.5:11211", "weight": 1}
+//! <prefix>maintenance/<name>/<instance-id>  {"reason": "..."}  (any value)
 //! ```
+//!
+//! Backend states: *active*; *draining* (weight 0: no new connections unless
+//! every backend of the service is draining); *maintenance* (an operator
+//! override kept under its own key, so an announcer rewriting the backend
+//! key cannot clear it: the backend gets no new connections at all).
 //!
 //! `protocol` is `tcp`, `udp` or `both` (default `tcp`); `weight` defaults to
 //! 1, and 0 takes a backend out of rotation for new connections. Unknown JSON
@@ -92,6 +98,7 @@ pub enum Invalid {
 pub enum KeyRef {
     Service(String),
     Backend { service: String, instance: String },
+    Maintenance { service: String, instance: String },
 }
 
 pub fn valid_name(s: &str) -> bool {
@@ -120,6 +127,10 @@ pub fn backend_key_path(prefix: &str, service: &str, instance: &str) -> String {
     format!("{prefix}backends/{service}/{instance}")
 }
 
+pub fn maintenance_key_path(prefix: &str, service: &str, instance: &str) -> String {
+    format!("{prefix}maintenance/{service}/{instance}")
+}
+
 /// Classifies a key. `Ok(None)` is a key of another subtree under the prefix
 /// (reserved for later features) that the agent ignores.
 pub fn parse_key(prefix: &str, key: &str) -> Result<Option<KeyRef>, Invalid> {
@@ -134,19 +145,21 @@ pub fn parse_key(prefix: &str, key: &str) -> Result<Option<KeyRef>, Invalid> {
             }
             Ok(Some(KeyRef::Service(name.to_owned())))
         }
-        (Some("backends"), Some(name), Some(instance), None) => {
+        (Some(kind @ ("backends" | "maintenance")), Some(name), Some(instance), None) => {
             if !valid_name(name) {
                 return Err(Invalid::Name(name.to_owned()));
             }
             if !valid_instance(instance) {
                 return Err(Invalid::Instance(instance.to_owned()));
             }
-            Ok(Some(KeyRef::Backend {
-                service: name.to_owned(),
-                instance: instance.to_owned(),
+            let (service, instance) = (name.to_owned(), instance.to_owned());
+            Ok(Some(if kind == "backends" {
+                KeyRef::Backend { service, instance }
+            } else {
+                KeyRef::Maintenance { service, instance }
             }))
         }
-        (Some("services" | "backends"), ..) => Err(Invalid::Layout),
+        (Some("services" | "backends" | "maintenance"), ..) => Err(Invalid::Layout),
         _ => Ok(None),
     }
 }
@@ -286,6 +299,8 @@ pub struct Model {
     allowed: Vec<Ipv4Net>,
     services: BTreeMap<String, ServiceDef>,
     backends: BTreeMap<String, BTreeMap<String, BackendDef>>,
+    /// (service, instance) pairs an operator took out.
+    maintenance: BTreeSet<(String, String)>,
     invalid: BTreeMap<String, Invalid>,
 }
 
@@ -296,6 +311,7 @@ impl Model {
             allowed,
             services: BTreeMap::new(),
             backends: BTreeMap::new(),
+            maintenance: BTreeSet::new(),
             invalid: BTreeMap::new(),
         }
     }
@@ -303,6 +319,7 @@ impl Model {
     pub fn clear(&mut self) {
         self.services.clear();
         self.backends.clear();
+        self.maintenance.clear();
         self.invalid.clear();
     }
 
@@ -314,8 +331,12 @@ impl Model {
     /// key: the maps always follow what etcd says, on every node alike.
     pub fn put(&mut self, key: &str, value: &[u8], create_revision: i64) -> Applied {
         self.delete(key);
+        if let Ok(Some(KeyRef::Maintenance { service, instance })) = parse_key(&self.prefix, key) {
+            self.maintenance.insert((service, instance));
+            return Applied::Changed;
+        }
         let parsed = parse_key(&self.prefix, key).and_then(|k| match k {
-            None => Ok(None),
+            None | Some(KeyRef::Maintenance { .. }) => Ok(None),
             Some(KeyRef::Service(name)) => {
                 parse_service(value, &self.allowed, create_revision).map(|d| Some((name, Ok(d))))
             }
@@ -358,6 +379,9 @@ impl Model {
                 }
                 removed
             }
+            Ok(Some(KeyRef::Maintenance { service, instance })) => {
+                self.maintenance.remove(&(service, instance))
+            }
             _ => false,
         };
         if removed || was_invalid {
@@ -394,7 +418,16 @@ impl Model {
             let mut backends: Vec<BackendDef> = self
                 .backends
                 .get(winner)
-                .map(|b| b.values().copied().collect())
+                .map(|b| {
+                    b.iter()
+                        .filter(|(id, _)| {
+                            !self
+                                .maintenance
+                                .contains(&(winner.to_owned(), (*id).clone()))
+                        })
+                        .map(|(_, d)| *d)
+                        .collect()
+                })
                 .unwrap_or_default();
             backends.sort();
             out.services.insert(
@@ -566,6 +599,45 @@ mod tests {
         assert!(d.services.values().next().unwrap().backends.is_empty());
         assert_eq!(m.delete(k), Applied::Changed);
         assert!(m.invalid_keys().is_empty());
+    }
+
+    #[test]
+    fn maintenance_takes_a_backend_out_until_enabled() {
+        let mut m = model();
+        m.put(
+            "/discovery/services/web",
+            br#"{"frontend":"127.0.0.1:80"}"#,
+            1,
+        );
+        m.put("/discovery/backends/web/a", b"127.0.0.2:80", 2);
+        m.put("/discovery/backends/web/b", b"127.0.0.3:80", 3);
+        let addrs = |m: &Model| -> Vec<String> {
+            m.desired()
+                .services
+                .values()
+                .next()
+                .unwrap()
+                .backends
+                .iter()
+                .map(|b| b.addr.to_string())
+                .collect()
+        };
+        assert_eq!(addrs(&m), ["127.0.0.2:80", "127.0.0.3:80"]);
+        assert_eq!(
+            m.put("/discovery/maintenance/web/a", b"{}", 4),
+            Applied::Changed
+        );
+        assert_eq!(addrs(&m), ["127.0.0.3:80"]);
+        // The announcer rewriting its key does not clear the override.
+        m.put(
+            "/discovery/backends/web/a",
+            br#"{"addr":"127.0.0.2:80","weight":5}"#,
+            2,
+        );
+        assert_eq!(addrs(&m), ["127.0.0.3:80"]);
+        assert_eq!(m.delete("/discovery/maintenance/web/a"), Applied::Changed);
+        assert_eq!(addrs(&m), ["127.0.0.2:80", "127.0.0.3:80"]);
+        assert!(parse_key(P, "/discovery/maintenance/web").is_err());
     }
 
     #[test]

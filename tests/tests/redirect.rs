@@ -484,3 +484,63 @@ fn pinned_maps_of_another_layout_are_refused() {
         "{out:?}"
     );
 }
+
+#[test]
+fn maintenance_takes_a_backend_out_on_every_node_until_enabled() {
+    let w = world("maint", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    w.service("web", "127.0.0.1:8080", "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.backend("web", "b", &b.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8080", 20, |t| t.len() == 2);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(discovery_tests::agent_bin())
+            .args(args)
+            .args(["--etcd", &w.etcd.url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    cli(&[
+        "backend",
+        "disable",
+        "web",
+        "a",
+        "--reason",
+        "kernel upgrade",
+    ]);
+    w.converge("tcp", "127.0.0.1:8080", 20, only("b"));
+    let v = w.etcd.get("/discovery/maintenance/web/a").unwrap();
+    assert!(v.contains("kernel upgrade"), "{v}");
+    // Its announcer rewriting the backend key does not end maintenance.
+    w.backend(
+        "web",
+        "a",
+        &format!(r#"{{"addr":"{}","weight":3}}"#, a.addr()),
+    );
+    w.backend(
+        "web",
+        "b",
+        &format!(r#"{{"addr":"{}","weight":1}}"#, b.addr()),
+    );
+    assert_eq!(tally(&w.probe("tcp", "127.0.0.1:8080", 20)), all("b", 20));
+    // Maintenance is never a fallback: with every backend in it, refuse.
+    cli(&["backend", "disable", "web", "b"]);
+    w.converge(
+        "tcp",
+        "127.0.0.1:8080",
+        3,
+        only(&format!("errno {ECONNREFUSED}")),
+    );
+    cli(&["backend", "enable", "web", "a"]);
+    w.converge("tcp", "127.0.0.1:8080", 10, only("a"));
+    let out = std::process::Command::new(discovery_tests::agent_bin())
+        .args(["backend", "enable", "web", "a", "--etcd", &w.etcd.url])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not in maintenance"),
+        "{out:?}"
+    );
+}

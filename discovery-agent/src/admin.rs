@@ -1,0 +1,98 @@
+//! Operator commands that write the documented etcd layout, so nobody has
+//! to hand-write keys or JSON: `service put|rm`, `backend disable|enable`.
+use anyhow::{Context as _, bail};
+
+use crate::{
+    config::{BackendCommand, ServiceCommand},
+    etcd::connect,
+    model::{
+        ServiceJson, maintenance_key_path, parse_addr, service_key_path, valid_instance, valid_name,
+    },
+};
+
+pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
+    match cmd {
+        ServiceCommand::Put {
+            name,
+            frontend,
+            protocol,
+            etcd,
+        } => {
+            if !valid_name(&name) {
+                bail!("invalid service name {name:?}: must match [a-z0-9][a-z0-9._-]{{0,62}}");
+            }
+            let frontend = parse_addr(&frontend).map_err(|e| anyhow::anyhow!("--frontend: {e}"))?;
+            let key = service_key_path(&etcd.prefix, &name);
+            let value = serde_json::to_string(&ServiceJson {
+                frontend: frontend.to_string(),
+                protocol,
+            })?;
+            let mut client = connect(&etcd.config()?).await?;
+            client
+                .put(key.as_str(), value.as_str(), None)
+                .await
+                .with_context(|| format!("writing {key}"))?;
+            println!("{key} {value}");
+        }
+        ServiceCommand::Rm { name, etcd } => {
+            let key = service_key_path(&etcd.prefix, &name);
+            let mut client = connect(&etcd.config()?).await?;
+            let r = client
+                .delete(key.as_str(), None)
+                .await
+                .with_context(|| format!("deleting {key}"))?;
+            if r.deleted() == 0 {
+                bail!("service {name} is not defined ({key} does not exist)");
+            }
+            println!("deleted {key}");
+        }
+    }
+    Ok(())
+}
+
+/// The maintenance override: stored in etcd so every node agrees, under its
+/// own key so the instance's announcer cannot clear it.
+pub async fn backend(cmd: BackendCommand) -> anyhow::Result<()> {
+    let (service, instance, etcd, reason) = match &cmd {
+        BackendCommand::Disable {
+            service,
+            instance,
+            reason,
+            etcd,
+        } => (service, instance, etcd, Some(reason.clone())),
+        BackendCommand::Enable {
+            service,
+            instance,
+            etcd,
+        } => (service, instance, etcd, None),
+    };
+    if !valid_name(service) {
+        bail!("invalid service name {service:?}: must match [a-z0-9][a-z0-9._-]{{0,62}}");
+    }
+    if !valid_instance(instance) {
+        bail!("invalid instance id {instance:?}: 1-128 characters of [A-Za-z0-9._:-]");
+    }
+    let key = maintenance_key_path(&etcd.prefix, service, instance);
+    let mut client = connect(&etcd.config()?).await?;
+    match reason {
+        Some(reason) => {
+            let value = serde_json::json!({ "reason": reason }).to_string();
+            client
+                .put(key.as_str(), value.as_str(), None)
+                .await
+                .with_context(|| format!("writing {key}"))?;
+            println!("{service}/{instance} in maintenance: no new connections ({key})");
+        }
+        None => {
+            let r = client
+                .delete(key.as_str(), None)
+                .await
+                .with_context(|| format!("deleting {key}"))?;
+            if r.deleted() == 0 {
+                bail!("{service}/{instance} is not in maintenance ({key} does not exist)");
+            }
+            println!("{service}/{instance} back in rotation");
+        }
+    }
+    Ok(())
+}
