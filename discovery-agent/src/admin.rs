@@ -16,6 +16,7 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
             name,
             frontend,
             protocol,
+            policy,
             etcd,
         } => {
             if !valid_name(&name) {
@@ -26,6 +27,7 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
             let value = serde_json::to_string(&ServiceJson {
                 frontend: frontend.to_string(),
                 protocol,
+                policy,
             })?;
             let mut client = connect(&etcd.config()?).await?;
             client

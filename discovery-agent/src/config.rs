@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     announce::config::{RawCheck, RawInstance},
-    model::Protocol,
+    model::{Policy, Protocol},
 };
 use discovery_common::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES};
 use ipnet::Ipv4Net;
@@ -151,6 +151,10 @@ pub enum ServiceCommand {
         frontend: String,
         #[arg(long, value_enum, default_value = "tcp")]
         protocol: Protocol,
+        /// How backends are chosen: random (weighted) or consistent
+        /// (sticky per client cgroup).
+        #[arg(long, value_enum, default_value = "random")]
+        policy: Policy,
         #[command(flatten)]
         etcd: EtcdArgs,
     },

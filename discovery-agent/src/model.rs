@@ -53,6 +53,7 @@ impl Protocol {
 pub struct ServiceDef {
     pub frontend: SocketAddrV4,
     pub protocol: Protocol,
+    pub policy: Policy,
     /// etcd create revision: the oldest definition wins a frontend.
     pub create_revision: i64,
 }
@@ -91,6 +92,8 @@ pub enum Invalid {
     FrontendNotAllowed(String, String),
     #[error("weight {0} is above the maximum {MAX_WEIGHT}")]
     Weight(u64),
+    #[error("policy {0:?} is not supported yet (use random or consistent)")]
+    Policy(Policy),
 }
 
 /// A parsed key under the prefix.
@@ -183,12 +186,45 @@ pub fn parse_addr(s: &str) -> Result<SocketAddrV4, Invalid> {
     }
 }
 
+/// How a service picks a backend for a new connection.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Deserialize,
+    Serialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Weighted random per connection (per socket for unconnected UDP).
+    #[default]
+    Random,
+    /// Weighted Maglev table keyed by the client's cgroup: each workload
+    /// sticks to one backend; removing one of N backends moves about 1/N
+    /// of the workloads.
+    Consistent,
+    /// Reserved; rejected until it exists.
+    LeastConn,
+}
+
 /// The value of `<prefix>services/<name>`.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct ServiceJson {
     pub frontend: String,
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "is_default_policy")]
+    pub policy: Policy,
+}
+
+fn is_default_policy(p: &Policy) -> bool {
+    *p == Policy::Random
 }
 
 fn default_protocol() -> Protocol {
@@ -224,9 +260,13 @@ pub fn parse_service(
             .join(",");
         return Err(Invalid::FrontendNotAllowed(frontend.to_string(), ranges));
     }
+    if j.policy == Policy::LeastConn {
+        return Err(Invalid::Policy(j.policy));
+    }
     Ok(ServiceDef {
         frontend,
         protocol: j.protocol,
+        policy: j.policy,
         create_revision,
     })
 }
@@ -257,6 +297,7 @@ pub fn parse_backend(value: &[u8]) -> Result<BackendDef, Invalid> {
 pub struct DesiredService {
     pub service: String,
     pub frontend: SocketAddrV4,
+    pub policy: Policy,
     /// Sorted, so the same set always gives the same slot table.
     pub backends: Vec<BackendDef>,
 }
@@ -435,6 +476,7 @@ impl Model {
                 DesiredService {
                     service: winner.to_owned(),
                     frontend: def.frontend,
+                    policy: def.policy,
                     backends,
                 },
             );
@@ -516,6 +558,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.protocol, Protocol::Both);
+        assert_eq!(d.policy, Policy::Random);
+        let d = parse_service(
+            br#"{"frontend":"127.0.0.9:53","policy":"consistent"}"#,
+            &allowed,
+            5,
+        )
+        .unwrap();
+        assert_eq!(d.policy, Policy::Consistent);
+        assert_eq!(
+            parse_service(
+                br#"{"frontend":"127.0.0.9:53","policy":"least_conn"}"#,
+                &allowed,
+                5
+            ),
+            Err(Invalid::Policy(Policy::LeastConn))
+        );
+        assert!(matches!(
+            parse_service(
+                br#"{"frontend":"127.0.0.9:53","policy":"roundrobin"}"#,
+                &allowed,
+                5
+            ),
+            Err(Invalid::Json(_))
+        ));
         assert!(matches!(
             parse_service(br#"{"frontend":"10.0.0.1:80"}"#, &allowed, 1),
             Err(Invalid::FrontendNotAllowed(..))

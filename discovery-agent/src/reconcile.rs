@@ -11,9 +11,11 @@
 //! previous set; other services are not affected.
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use discovery_common::{BACKEND_F_VALID, Backend, Service, ServiceKey, Slot, SlotKey, v4_mapped};
+use discovery_common::{
+    BACKEND_F_VALID, Backend, SVC_F_CONSISTENT, Service, ServiceKey, Slot, SlotKey, v4_mapped,
+};
 
-use crate::model::{BackendDef, Desired, DesiredService};
+use crate::model::{BackendDef, Desired, DesiredService, Policy};
 
 /// A backend address as stored in the maps.
 pub type Addr = ([u8; 16], u16);
@@ -58,6 +60,8 @@ struct Installed {
     /// Known once this agent wrote it; the maps do not store names.
     service: Option<String>,
     set_id: u32,
+    /// `Service::flags` (the policy).
+    flags: u32,
     slots: Vec<ResolvedSlot>,
     /// Distinct backend ids the set references.
     ids: Vec<u32>,
@@ -114,12 +118,101 @@ pub fn alias_table(weights: &[u32]) -> Vec<(usize, usize, u32)> {
         .collect()
 }
 
+/// Maglev table sizes: primes, each about four times the last. A service
+/// uses the smallest one with at least 100 slots per backend, so removing
+/// one of n backends moves close to the ideal 1/n of the workloads. The
+/// size must not follow n exactly: a new size remaps every workload, which
+/// happens only when a service crosses one of these steps.
+const MAGLEV_SIZES: [usize; 4] = [1_021, 4_093, 16_381, 65_521];
+
+pub fn maglev_size(n: usize) -> usize {
+    MAGLEV_SIZES
+        .iter()
+        .copied()
+        .find(|&m| m >= n.saturating_mul(100))
+        .unwrap_or(MAGLEV_SIZES[MAGLEV_SIZES.len() - 1])
+}
+
+/// FNV-1a: stable across nodes and releases. Every node must build the same
+/// table, and changing this would move every workload once.
+fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(seed, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Weighted Maglev (Eisenbud et al., NSDI 2016): each backend walks its
+/// own permutation of the `m` slots (offset and skip from two hashes of its
+/// address) and claims its next free slot on each of its turns; a backend
+/// gets turns in proportion to its weight. Returns, per slot, the index of
+/// its backend. Same liveness rule as `alias_table`.
+pub fn maglev_table(backends: &[BackendDef], m: usize) -> Vec<usize> {
+    let live: Vec<usize> = if backends.iter().any(|b| b.weight > 0) {
+        (0..backends.len())
+            .filter(|&i| backends[i].weight > 0)
+            .collect()
+    } else {
+        (0..backends.len()).collect()
+    };
+    if live.is_empty() {
+        return Vec::new();
+    }
+    let weight = |i: usize| u64::from(backends[i].weight.max(1));
+    let wmax = live
+        .iter()
+        .map(|&i| weight(i))
+        .max()
+        .expect("live is not empty");
+    let perm: Vec<(usize, usize)> = live
+        .iter()
+        .map(|&i| {
+            let key = backends[i].addr.to_string();
+            let offset = fnv1a(0xcbf2_9ce4_8422_2325, key.as_bytes()) as usize % m;
+            let skip = fnv1a(0x8422_2325_cbf2_9ce4, key.as_bytes()) as usize % (m - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut next = vec![0usize; live.len()];
+    let mut credit = vec![0u64; live.len()];
+    let mut table = vec![usize::MAX; m];
+    let mut filled = 0;
+    while filled < m {
+        for j in 0..live.len() {
+            credit[j] += weight(live[j]);
+            while credit[j] >= wmax && filled < m {
+                credit[j] -= wmax;
+                let (offset, skip) = perm[j];
+                loop {
+                    let c = (offset + next[j] * skip) % m;
+                    next[j] += 1;
+                    if table[c] == usize::MAX {
+                        table[c] = live[j];
+                        filled += 1;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    table
+}
+
 fn addr_of(b: &BackendDef) -> Addr {
     (v4_mapped(b.addr.ip().octets()), b.addr.port())
 }
 
 /// The slot table a desired service should have, resolved to addresses.
 pub fn desired_slots(svc: &DesiredService) -> Vec<ResolvedSlot> {
+    if svc.policy == Policy::Consistent {
+        let m = maglev_size(svc.backends.len());
+        return maglev_table(&svc.backends, m)
+            .into_iter()
+            .map(|i| {
+                let a = addr_of(&svc.backends[i]);
+                (a, a, u32::MAX)
+            })
+            .collect();
+    }
     let weights: Vec<u32> = svc.backends.iter().map(|b| b.weight).collect();
     alias_table(&weights)
         .into_iter()
@@ -248,6 +341,7 @@ impl<D: Dataplane> Reconciler<D> {
                 Installed {
                     service: None,
                     set_id: svc.set_id,
+                    flags: svc.flags,
                     slots: resolved,
                     ids,
                 },
@@ -372,8 +466,13 @@ impl<D: Dataplane> Reconciler<D> {
 
     fn apply(&mut self, key: ServiceKey, svc: &DesiredService) -> Result<Option<Change>, MapError> {
         let want = desired_slots(svc);
+        let flags = match svc.policy {
+            Policy::Consistent => SVC_F_CONSISTENT,
+            _ => 0,
+        };
         if let Some(cur) = self.installed.get(&key)
             && cur.slots == want
+            && cur.flags == flags
         {
             return Ok(None);
         }
@@ -458,7 +557,7 @@ impl<D: Dataplane> Reconciler<D> {
                 Service {
                     set_id,
                     count: want.len() as u32,
-                    flags: 0,
+                    flags,
                     pad: 0,
                 },
             );
@@ -477,6 +576,7 @@ impl<D: Dataplane> Reconciler<D> {
             Installed {
                 service: Some(svc.service.clone()),
                 set_id,
+                flags,
                 slots: want.clone(),
                 ids,
             },
@@ -670,6 +770,90 @@ pub(crate) mod tests {
             }
         }
         assert!(alias_table(&[]).is_empty());
+    }
+
+    fn defs(addrs: &[(&str, u32)]) -> Vec<BackendDef> {
+        addrs
+            .iter()
+            .map(|(a, w)| BackendDef {
+                addr: a.parse().unwrap(),
+                weight: *w,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn maglev_balances_by_weight_and_is_deterministic() {
+        let b = defs(&[
+            ("10.0.0.1:80", 1),
+            ("10.0.0.2:80", 1),
+            ("10.0.0.3:80", 2),
+            ("10.0.0.4:80", 0),
+        ]);
+        let m = maglev_size(b.len());
+        assert_eq!(m, 1021);
+        assert_eq!(
+            maglev_size(9),
+            maglev_size(10),
+            "no remap for one backend less"
+        );
+        assert_eq!(maglev_size(11), 4093);
+        assert_eq!(maglev_size(10_000), 65_521);
+        let t = maglev_table(&b, m);
+        assert_eq!(t, maglev_table(&b, m), "same input, same table");
+        let share = |i| t.iter().filter(|&&x| x == i).count() as f64 / m as f64;
+        assert!((share(0) - 0.25).abs() < 0.02, "{}", share(0));
+        assert!((share(2) - 0.50).abs() < 0.02, "{}", share(2));
+        assert_eq!(share(3), 0.0, "weight 0 gets nothing");
+    }
+
+    #[test]
+    fn maglev_moves_about_one_nth_when_a_backend_goes() {
+        let all: Vec<(String, u32)> = (1..=10).map(|i| (format!("10.0.0.{i}:80"), 1)).collect();
+        let refs: Vec<(&str, u32)> = all.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        let before_defs = defs(&refs);
+        let after_defs = defs(&refs[1..]);
+        let m = maglev_size(10);
+        assert_eq!(m, maglev_size(9));
+        let before: Vec<_> = maglev_table(&before_defs, m)
+            .iter()
+            .map(|&i| before_defs[i].addr)
+            .collect();
+        let after: Vec<_> = maglev_table(&after_defs, m)
+            .iter()
+            .map(|&i| after_defs[i].addr)
+            .collect();
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64 / m as f64;
+        // Ideal: exactly the removed backend's tenth.
+        assert!((0.1..0.14).contains(&moved), "moved {moved}");
+    }
+
+    #[test]
+    fn consistent_services_carry_the_flag_and_a_full_table() {
+        let mut m = Model::new("/d/".into(), vec!["127.0.0.0/8".parse().unwrap()]);
+        m.put(
+            "/d/services/web",
+            br#"{"frontend":"127.0.0.1:80","policy":"consistent"}"#,
+            1,
+        );
+        m.put("/d/backends/web/a", b"127.0.0.2:80", 2);
+        m.put("/d/backends/web/b", b"127.0.0.3:80", 3);
+        let mut r = Reconciler::new(FakeMaps::new(100, 10_000)).unwrap();
+        r.reconcile(&m.desired());
+        let svc = r.dataplane().services[&web()];
+        assert_eq!(svc.flags, SVC_F_CONSISTENT);
+        assert_eq!(svc.count as usize, maglev_size(2));
+        let reach = r.dataplane().reachable(&web());
+        assert_eq!(reach.len(), 2);
+        assert!(
+            reach.iter().all(|(_, p)| (p - 0.5).abs() < 0.05),
+            "{reach:?}"
+        );
+        // Switching the policy rewrites the service even with the same backends.
+        m.put("/d/services/web", br#"{"frontend":"127.0.0.1:80"}"#, 1);
+        let (changes, _) = r.reconcile(&m.desired());
+        assert_eq!(changes.len(), 1);
+        assert_eq!(r.dataplane().services[&web()].flags, 0);
     }
 
     #[test]

@@ -84,10 +84,15 @@ pub struct Service {
     /// Number of slots in the set; 0 means "no backend": connect fails with
     /// `ECONNREFUSED` at once.
     pub count: u32,
-    /// Reserved for per-service policy flags.
+    /// Policy: [`SVC_F_CONSISTENT`] or 0 (weighted random).
     pub flags: u32,
     pub pad: u32,
 }
+
+/// The slots are a Maglev table and the slot is chosen by a hash of the
+/// client's cgroup id, so each workload sticks to one backend. Each slot
+/// names one backend (`threshold` is `u32::MAX`, `alias == backend`).
+pub const SVC_F_CONSISTENT: u32 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -10,14 +10,16 @@
 
 use aya_ebpf::{
     btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
-    helpers::generated::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::generated::{
+        bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
+    },
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
 use discovery_common::{
     BACKEND_F_VALID, BPF_F_NO_PREALLOC, Backend, Counter, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, IPPROTO_TCP, IPPROTO_UDP, REVNAT_ENTRIES, RevNatEntry,
-    Service, ServiceKey, Slot, SlotKey, SockRevNat, v4_mapped,
+    SVC_F_CONSISTENT, Service, ServiceKey, Slot, SlotKey, SockRevNat, v4_mapped,
 };
 
 #[btf_map(name = "disc_services")]
@@ -82,20 +84,21 @@ enum Pick {
     Backend(Backend),
 }
 
-/// One service lookup, then a weighted choice: `draw` gives two u32s, the
-/// first picks the slot, the second decides between the slot's backend and
-/// its alias. It is only called for a frontend with backends. A lookup that
+/// One service lookup, then a weighted choice: `draw` (given the service's
+/// policy flags) gives two u32s, the first picks the slot, the second
+/// decides between the slot's backend and its alias. It is only called for
+/// a frontend with backends. A lookup that
 /// races a set flip (slot of the old set already deleted) re-reads the
 /// service once and uses the new set.
 #[inline(always)]
-fn pick(key: &ServiceKey, draw: impl FnOnce() -> (u32, u32)) -> Pick {
+fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
     let Some(svc) = (unsafe { SERVICES.get(key) }) else {
         return Pick::NotFrontend;
     };
     if svc.count == 0 {
         return Pick::NoBackend;
     }
-    let (r1, r2) = draw();
+    let (r1, r2) = draw(svc.flags);
     let (mut set_id, mut count) = (svc.set_id, svc.count);
     let mut attempt = 0;
     while attempt < 2 {
@@ -203,7 +206,17 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// TCP connect() and connected UDP: a fresh random backend per connect().
+/// `consistent` policy: the slot comes from the caller's cgroup (its
+/// workload), so every connection of a workload lands on the same backend.
+/// Slots of a Maglev table name one backend, so the second draw is moot.
+#[inline(always)]
+fn workload_draw() -> (u32, u32) {
+    let h = mix(unsafe { bpf_get_current_cgroup_id() });
+    ((h >> 32) as u32, 0)
+}
+
+/// TCP connect() and connected UDP: a fresh random backend per connect()
+/// (or the workload's backend under the `consistent` policy).
 #[cgroup_sock_addr(connect4)]
 pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
     let proto = proto_of(&ctx);
@@ -217,8 +230,12 @@ pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
         proto,
         pad: 0,
     };
-    let backend = match pick(&key, || unsafe {
-        (bpf_get_prandom_u32(), bpf_get_prandom_u32())
+    let backend = match pick(&key, |flags| {
+        if flags & SVC_F_CONSISTENT != 0 {
+            workload_draw()
+        } else {
+            unsafe { (bpf_get_prandom_u32(), bpf_get_prandom_u32()) }
+        }
     }) {
         Pick::NotFrontend => return ALLOW,
         Pick::NoBackend => return refuse(),
@@ -246,7 +263,10 @@ pub fn disc_sendmsg4(ctx: SockAddrContext) -> i32 {
         proto: IPPROTO_UDP,
         pad: 0,
     };
-    let backend = match pick(&key, || {
+    let backend = match pick(&key, |flags| {
+        if flags & SVC_F_CONSISTENT != 0 {
+            return workload_draw();
+        }
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
         let h = mix(cookie ^ (u64::from(port) << 32));
         ((h >> 32) as u32, h as u32)

@@ -766,6 +766,14 @@ impl TestCgroup {
         Self { path }
     }
 
+    /// A child cgroup (a separate workload) that inherits this one's
+    /// programs. Drop it before its parent.
+    pub fn child(&self, name: &str) -> Self {
+        let path = self.path.join(name);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        Self { path }
+    }
+
     /// Runs `cmd` to completion as a process inside this cgroup.
     pub fn output(&self, cmd: &mut Command) -> Output {
         let procs = fs::OpenOptions::new()
