@@ -4,6 +4,7 @@ mod agent;
 mod announce;
 mod config;
 mod etcd;
+mod health;
 mod loader;
 mod maps;
 mod metrics;

@@ -24,38 +24,16 @@ use std::{collections::BTreeSet, net::SocketAddrV4, path::Path, time::Duration};
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
-use crate::model::{MAX_WEIGHT, parse_addr, valid_instance, valid_name};
+use crate::{
+    health::{Check, CheckKind},
+    model::{MAX_WEIGHT, parse_addr, valid_instance, valid_name},
+};
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(300);
 pub const DEFAULT_RISE: u32 = 2;
 /// With the default interval a dead instance is out within 1.5 s.
 pub const DEFAULT_FALL: u32 = 3;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckKind {
-    /// Always healthy: announce while the process runs.
-    None,
-    Tcp {
-        target: SocketAddrV4,
-    },
-    Http {
-        url: String,
-    },
-    /// Run through `sh -c`; exit status 0 is healthy.
-    Command {
-        command: String,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Check {
-    pub kind: CheckKind,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub rise: u32,
-    pub fall: u32,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instance {

@@ -1,0 +1,203 @@
+//! Health checks shared by the announcer (its own instances) and the agent
+//! (active checks of the backends it routes to): the probes and the
+//! HAProxy-style rise/fall gate. An instance comes in after `rise`
+//! consecutive passes and goes out after `fall` consecutive failures; any
+//! failure resets the count towards `rise`, so one that alternates never
+//! comes in.
+use std::{net::SocketAddrV4, process::Stdio, time::Duration};
+
+use tokio::{net::TcpStream, process::Command, time::timeout};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// Always healthy: announce while the process runs.
+    None,
+    Tcp {
+        target: SocketAddrV4,
+    },
+    Http {
+        url: String,
+    },
+    /// Run through `sh -c`; exit status 0 is healthy.
+    Command {
+        command: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// The rise/fall state of one instance. It starts unknown: the first
+/// verdict is up after `rise` passes in a row or down after `fall` failures
+/// in a row, so a stale key of a dead instance is removed too.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    rise: u32,
+    fall: u32,
+    state: Option<bool>,
+    passes: u32,
+    fails: u32,
+}
+
+impl Gate {
+    pub fn new(rise: u32, fall: u32) -> Self {
+        Self {
+            rise,
+            fall,
+            state: None,
+            passes: 0,
+            fails: 0,
+        }
+    }
+
+    /// Feeds one result; returns the new state when it changes.
+    pub fn observe(&mut self, pass: bool) -> Option<bool> {
+        if pass {
+            self.passes += 1;
+            self.fails = 0;
+        } else {
+            self.fails += 1;
+            self.passes = 0;
+        }
+        let verdict = if self.passes >= self.rise {
+            true
+        } else if self.fails >= self.fall {
+            false
+        } else {
+            return None;
+        };
+        (self.state != Some(verdict)).then(|| {
+            self.state = Some(verdict);
+            verdict
+        })
+    }
+}
+
+/// One probe; Err says why it failed.
+pub async fn probe(check: &Check, http: &reqwest::Client) -> Result<(), String> {
+    let t = check.timeout;
+    match &check.kind {
+        CheckKind::None => Ok(()),
+        CheckKind::Tcp { target } => timeout(t, TcpStream::connect(target))
+            .await
+            .map_err(|_| format!("tcp connect to {target} timed out after {t:?}"))
+            .and_then(|r| {
+                r.map(drop)
+                    .map_err(|e| format!("tcp connect to {target}: {e}"))
+            }),
+        CheckKind::Http { url } => match timeout(t, http.get(url).send()).await {
+            Err(_) => Err(format!("GET {url} timed out after {t:?}")),
+            Ok(Err(e)) => Err(format!("GET {url}: {e}")),
+            Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
+            Ok(Ok(resp)) => Err(format!("GET {url}: status {}", resp.status())),
+        },
+        CheckKind::Command { command } => {
+            let child = Command::new("sh")
+                .args(["-c", command])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn();
+            match child {
+                Err(e) => Err(format!("running {command:?}: {e}")),
+                Ok(mut child) => match timeout(t, child.wait()).await {
+                    Err(_) => Err(format!("{command:?} timed out after {t:?}")),
+                    Ok(Err(e)) => Err(format!("waiting for {command:?}: {e}")),
+                    Ok(Ok(s)) if s.success() => Ok(()),
+                    Ok(Ok(s)) => Err(format!("{command:?} exited with {s}")),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(g: &mut Gate, results: &[bool]) -> Vec<Option<bool>> {
+        results.iter().map(|&r| g.observe(r)).collect()
+    }
+
+    #[test]
+    fn rise_and_fall() {
+        let mut g = Gate::new(2, 3);
+        assert_eq!(run(&mut g, &[true, true, true]), [None, Some(true), None]);
+        assert_eq!(run(&mut g, &[false, false, true]), [None, None, None]);
+        assert_eq!(
+            run(&mut g, &[false, false, false]),
+            [None, None, Some(false)]
+        );
+        assert_eq!(run(&mut g, &[true, true]), [None, Some(true)]);
+    }
+
+    #[test]
+    fn a_dead_instance_is_reported_down_from_the_start() {
+        let mut g = Gate::new(2, 3);
+        assert_eq!(
+            run(&mut g, &[false, false, false, false]),
+            [None, None, Some(false), None]
+        );
+    }
+
+    #[test]
+    fn flapping_stays_out() {
+        let mut g = Gate::new(2, 2);
+        let alternating: Vec<bool> = (0..100).map(|i| i % 2 == 0).collect();
+        assert!(run(&mut g, &alternating).iter().all(Option::is_none));
+    }
+
+    #[tokio::test]
+    async fn probes_report_why() {
+        let http = reqwest::Client::new();
+        let check = |kind| Check {
+            kind,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 1,
+            fall: 1,
+        };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let std::net::SocketAddr::V4(target) = l.local_addr().unwrap() else {
+            unreachable!()
+        };
+        assert_eq!(
+            probe(&check(CheckKind::Tcp { target }), &http).await,
+            Ok(())
+        );
+        drop(l);
+        let e = probe(&check(CheckKind::Tcp { target }), &http)
+            .await
+            .unwrap_err();
+        assert!(e.contains("refused"), "{e}");
+        let ok = check(CheckKind::Command {
+            command: "exit 0".into(),
+        });
+        assert_eq!(probe(&ok, &http).await, Ok(()));
+        let e = probe(
+            &check(CheckKind::Command {
+                command: "exit 3".into(),
+            }),
+            &http,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("exit status: 3"), "{e}");
+        let e = probe(
+            &check(CheckKind::Command {
+                command: "sleep 5".into(),
+            }),
+            &http,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+    }
+}
