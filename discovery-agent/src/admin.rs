@@ -28,6 +28,7 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
                 frontend: frontend.to_string(),
                 protocol,
                 policy,
+                check: None,
             })?;
             let mut client = connect(&etcd.config()?).await?;
             client

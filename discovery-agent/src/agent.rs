@@ -12,6 +12,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    checks::ActiveChecks,
     config::{MetricsAddr, RunArgs},
     etcd::{Change as EtcdChange, Source, Update},
     loader,
@@ -56,26 +57,37 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let source_task = tokio::spawn(source.run(tx));
 
+    let (health_tx, mut health_rx) = mpsc::channel(256);
+    let mut checks = ActiveChecks::new(health_tx)?;
+
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut conflicts = BTreeSet::new();
     let mut failing: BTreeMap<NotApplied, String> = BTreeMap::new();
+    let mut revision = 0;
     loop {
-        let first = tokio::select! {
-            u = rx.recv() => match u {
-                Some(u) => u,
-                None => anyhow::bail!("etcd source stopped"),
-            },
+        tokio::select! {
+            u = rx.recv() => {
+                let Some(u) = u else { anyhow::bail!("etcd source stopped") };
+                // Coalesce a burst of updates into one reconcile.
+                revision = apply(&mut model, u);
+                while let Ok(u) = rx.try_recv() {
+                    revision = apply(&mut model, u);
+                }
+            }
+            Some((addr, check, up)) = health_rx.recv() => {
+                if !checks.observe(addr, &check, up) {
+                    continue;
+                }
+            }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break }
-        };
-        // Coalesce a burst of updates into one reconcile.
-        let mut revision = apply(&mut model, first);
-        while let Ok(u) = rx.try_recv() {
-            revision = apply(&mut model, u);
         }
-        let desired = model.desired();
+        let mut desired = model.desired();
         report_conflicts(&mut conflicts, &desired.conflicts);
+        // Active checks: this node's view of backend health.
+        checks.sync(&desired);
+        checks.apply(&mut desired);
         let (changes, errors) = reconciler.reconcile(&desired);
         for c in changes {
             match c {
@@ -106,6 +118,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics.services.set(reconciler.services_installed() as i64);
         metrics.invalid_keys.set(model.invalid_keys().len() as i64);
         metrics.etcd_revision.set(revision);
+        metrics.ejected.set(checks.ejected() as i64);
     }
     source_task.abort();
     if args.detach_on_exit {

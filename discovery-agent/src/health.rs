@@ -8,7 +8,7 @@ use std::{net::SocketAddrV4, process::Stdio, time::Duration};
 
 use tokio::{net::TcpStream, process::Command, time::timeout};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CheckKind {
     /// Always healthy: announce while the process runs.
     None,
@@ -24,7 +24,7 @@ pub enum CheckKind {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Check {
     pub kind: CheckKind,
     pub interval: Duration,

@@ -2,6 +2,7 @@
 mod admin;
 mod agent;
 mod announce;
+mod checks;
 mod config;
 mod etcd;
 mod health;

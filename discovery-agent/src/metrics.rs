@@ -28,6 +28,7 @@ pub struct Metrics {
     pub invalid_keys: Gauge,
     pub etcd_revision: Gauge,
     pub services: Gauge,
+    pub ejected: Gauge,
 }
 
 impl Metrics {
@@ -57,12 +58,19 @@ impl Metrics {
             "service frontends (address, port, protocol) in the maps",
             services.clone(),
         );
+        let ejected = Gauge::default();
+        registry.register(
+            "backends_ejected",
+            "backends out of rotation on this node because their active check fails",
+            ejected.clone(),
+        );
         Self {
             registry,
             not_applied,
             invalid_keys,
             etcd_revision,
             services,
+            ejected,
         }
     }
 

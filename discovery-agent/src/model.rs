@@ -54,6 +54,7 @@ pub struct ServiceDef {
     pub frontend: SocketAddrV4,
     pub protocol: Protocol,
     pub policy: Policy,
+    pub check: Option<ServiceCheck>,
     /// etcd create revision: the oldest definition wins a frontend.
     pub create_revision: i64,
 }
@@ -94,6 +95,8 @@ pub enum Invalid {
     Weight(u64),
     #[error("policy {0:?} is not supported yet (use random or consistent)")]
     Policy(Policy),
+    #[error("check: {0}")]
+    Check(String),
 }
 
 /// A parsed key under the prefix.
@@ -221,6 +224,119 @@ pub struct ServiceJson {
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "is_default_policy")]
     pub policy: Policy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckJson>,
+}
+
+/// A service's active check, run by every agent against the backends it
+/// routes to: `{"type": "tcp", "interval": "1s", "timeout": "300ms",
+/// "rise": 2, "fall": 2}`, or `"type": "http"` with `"path"`. Commands are
+/// not allowed here: whoever can write etcd must not run code on every node.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CheckJson {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default = "default_check_interval")]
+    pub interval: String,
+    #[serde(default = "default_check_timeout")]
+    pub timeout: String,
+    #[serde(default = "default_rise_fall")]
+    pub rise: u32,
+    #[serde(default = "default_rise_fall")]
+    pub fall: u32,
+}
+
+fn default_check_interval() -> String {
+    "1s".into()
+}
+
+fn default_check_timeout() -> String {
+    "300ms".into()
+}
+
+fn default_rise_fall() -> u32 {
+    2
+}
+
+/// A validated service check; [`ServiceCheck::for_backend`] makes the probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCheck {
+    /// None: TCP connect; Some(path): HTTP GET expecting 2xx.
+    pub http_path: Option<String>,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl ServiceCheck {
+    /// Agent checks run at most this often per backend.
+    pub const MIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+    fn parse(j: &CheckJson) -> Result<Self, Invalid> {
+        let bad = |why: String| Invalid::Check(why);
+        let http_path = match j.kind.as_str() {
+            "tcp" => None,
+            "http" => {
+                let p = j.path.clone().unwrap_or_else(|| "/".into());
+                if !p.starts_with('/') {
+                    return Err(bad(format!("path {p:?} must start with '/'")));
+                }
+                Some(p)
+            }
+            other => {
+                return Err(bad(format!(
+                    "type {other:?} is not allowed (tcp or http; commands only in announcers)"
+                )));
+            }
+        };
+        let dur = |s: &str, what: &str| {
+            humantime::parse_duration(s).map_err(|e| bad(format!("{what} {s:?}: {e}")))
+        };
+        let c = Self {
+            http_path,
+            interval: dur(&j.interval, "interval")?,
+            timeout: dur(&j.timeout, "timeout")?,
+            rise: j.rise,
+            fall: j.fall,
+        };
+        if c.interval < Self::MIN_INTERVAL {
+            return Err(bad(format!(
+                "interval {:?} is below {:?}",
+                c.interval,
+                Self::MIN_INTERVAL
+            )));
+        }
+        if c.timeout.is_zero() || c.timeout > c.interval {
+            return Err(bad(format!(
+                "timeout {:?} must be above zero and at most the interval",
+                c.timeout
+            )));
+        }
+        if c.rise == 0 || c.fall == 0 {
+            return Err(bad("rise and fall must be at least 1".into()));
+        }
+        Ok(c)
+    }
+
+    /// The probe of this check against one backend.
+    pub fn for_backend(&self, addr: SocketAddrV4) -> crate::health::Check {
+        use crate::health::{Check, CheckKind};
+        Check {
+            kind: match &self.http_path {
+                None => CheckKind::Tcp { target: addr },
+                Some(path) => CheckKind::Http {
+                    url: format!("http://{addr}{path}"),
+                },
+            },
+            interval: self.interval,
+            timeout: self.timeout,
+            rise: self.rise,
+            fall: self.fall,
+        }
+    }
 }
 
 fn is_default_policy(p: &Policy) -> bool {
@@ -263,10 +379,12 @@ pub fn parse_service(
     if j.policy == Policy::LeastConn {
         return Err(Invalid::Policy(j.policy));
     }
+    let check = j.check.as_ref().map(ServiceCheck::parse).transpose()?;
     Ok(ServiceDef {
         frontend,
         protocol: j.protocol,
         policy: j.policy,
+        check,
         create_revision,
     })
 }
@@ -298,6 +416,7 @@ pub struct DesiredService {
     pub service: String,
     pub frontend: SocketAddrV4,
     pub policy: Policy,
+    pub check: Option<ServiceCheck>,
     /// Sorted, so the same set always gives the same slot table.
     pub backends: Vec<BackendDef>,
 }
@@ -477,6 +596,7 @@ impl Model {
                     service: winner.to_owned(),
                     frontend: def.frontend,
                     policy: def.policy,
+                    check: def.check.clone(),
                     backends,
                 },
             );

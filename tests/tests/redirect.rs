@@ -600,3 +600,65 @@ fn consistent_policy_sticks_workloads_and_moves_about_one_nth_on_change() {
     );
     drop(workloads);
 }
+
+#[test]
+fn active_checks_eject_a_dead_backend_on_this_node_and_bring_it_back() {
+    let w = world("activecheck", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    let at = a.addr();
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":"127.0.0.1:8080","check":{"type":"tcp","interval":"100ms","timeout":"80ms","rise":2,"fall":2}}"#,
+    );
+    // Registered for good: no announcer will withdraw a.
+    w.backend("web", "a", &at.to_string());
+    w.backend("web", "b", &b.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8080", 20, |t| t.len() == 2);
+    drop(a);
+    let out = wait_until(Duration::from_secs(5), || {
+        (tally(&w.probe("tcp", "127.0.0.1:8080", 20)) == all("b", 20)).then_some(())
+    });
+    assert!(
+        out.is_some(),
+        "dead backend not ejected:\n{}",
+        w.agent.log()
+    );
+    assert_eq!(w.agent.metric("discovery_backends_ejected"), Some(1.0));
+    assert!(
+        w.etcd.get("/discovery/backends/web/a").is_some(),
+        "only this node's view changed"
+    );
+    let _a = Backend::tcp("a", at);
+    let back = wait_until(Duration::from_secs(5), || {
+        (tally(&w.probe("tcp", "127.0.0.1:8080", 20)).len() == 2).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "backend did not come back:\n{}",
+        w.agent.log()
+    );
+}
+
+#[test]
+fn when_every_backend_fails_its_check_traffic_falls_back_to_all() {
+    let w = world("fallback", &[]);
+    // Plain TCP backends fail an HTTP check, though they serve clients.
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":"127.0.0.1:8080","check":{"type":"http","path":"/health","interval":"100ms","timeout":"80ms"}}"#,
+    );
+    w.backend("web", "a", &a.addr().to_string());
+    w.backend("web", "b", &b.addr().to_string());
+    w.agent
+        .wait_log("using all registered backends", Duration::from_secs(5));
+    let ejected = wait_until(Duration::from_secs(5), || {
+        w.agent
+            .metric("discovery_backends_ejected")
+            .filter(|v| *v == 2.0)
+    });
+    assert!(ejected.is_some());
+    w.converge("tcp", "127.0.0.1:8080", 30, |t| t.len() == 2);
+}

@@ -1,0 +1,240 @@
+//! Active checks from this node: every agent checks the backends it routes
+//! to for services that define a `check`, and takes a failing backend out on
+//! this node only; it comes back after `rise` passes.
+//!
+//! One checker runs per backend address, however many services share it
+//! (the first service in frontend order sets the check). A backend counts as
+//! healthy until its first verdict, so a new backend is not held back. If
+//! every backend of a service fails, the service falls back to all its
+//! registered backends rather than black-holing its traffic.
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::SocketAddrV4,
+    sync::Arc,
+    time::Duration,
+};
+
+use rand::Rng as _;
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinHandle,
+};
+use tracing::{info, warn};
+
+use crate::{
+    health::{Check, Gate, probe},
+    model::Desired,
+};
+
+/// Probes in flight at once, whatever the number of backends: bounds the
+/// sockets and CPU the checks take on a node with thousands of backends.
+const MAX_CONCURRENT_PROBES: usize = 64;
+
+pub struct ActiveChecks {
+    tasks: HashMap<SocketAddrV4, (Check, JoinHandle<()>)>,
+    down: HashSet<SocketAddrV4>,
+    falling_back: BTreeSet<String>,
+    tx: mpsc::Sender<(SocketAddrV4, Check, bool)>,
+    http: reqwest::Client,
+    limit: Arc<Semaphore>,
+}
+
+impl Drop for ActiveChecks {
+    fn drop(&mut self) {
+        for (_, (_, t)) in self.tasks.drain() {
+            t.abort();
+        }
+    }
+}
+
+impl ActiveChecks {
+    pub fn new(tx: mpsc::Sender<(SocketAddrV4, Check, bool)>) -> anyhow::Result<Self> {
+        Ok(Self {
+            tasks: HashMap::new(),
+            down: HashSet::new(),
+            falling_back: BTreeSet::new(),
+            tx,
+            http: reqwest::Client::builder().no_proxy().build()?,
+            limit: Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES)),
+        })
+    }
+
+    /// Backends currently failing their checks from this node.
+    pub fn ejected(&self) -> usize {
+        self.down.len()
+    }
+
+    /// Starts and stops checkers to match the services that define checks.
+    pub fn sync(&mut self, desired: &Desired) {
+        let mut want: HashMap<SocketAddrV4, Check> = HashMap::new();
+        for svc in desired.services.values() {
+            let Some(check) = &svc.check else { continue };
+            for b in &svc.backends {
+                want.entry(b.addr)
+                    .or_insert_with(|| check.for_backend(b.addr));
+            }
+        }
+        self.tasks.retain(|addr, (check, task)| {
+            let keep = want.get(addr) == Some(check);
+            if !keep {
+                task.abort();
+                self.down.remove(addr);
+            }
+            keep
+        });
+        for (addr, check) in want {
+            if self.tasks.contains_key(&addr) {
+                continue;
+            }
+            let task = tokio::spawn(run_checker(
+                addr,
+                check.clone(),
+                self.http.clone(),
+                self.limit.clone(),
+                self.tx.clone(),
+            ));
+            self.tasks.insert(addr, (check, task));
+        }
+    }
+
+    /// Records a verdict; returns whether the set of ejected backends
+    /// changed. Verdicts of a check that was replaced meanwhile are dropped.
+    pub fn observe(&mut self, addr: SocketAddrV4, check: &Check, up: bool) -> bool {
+        if self.tasks.get(&addr).map(|(c, _)| c) != Some(check) {
+            return false;
+        }
+        if up {
+            self.down.remove(&addr)
+        } else {
+            self.down.insert(addr)
+        }
+    }
+
+    /// Removes ejected backends from services with checks, on this node.
+    pub fn apply(&mut self, desired: &mut Desired) {
+        let mut falling_back = BTreeSet::new();
+        for svc in desired.services.values_mut() {
+            if svc.check.is_none() || svc.backends.is_empty() {
+                continue;
+            }
+            let healthy: Vec<_> = svc
+                .backends
+                .iter()
+                .filter(|b| !self.down.contains(&b.addr))
+                .copied()
+                .collect();
+            if healthy.is_empty() {
+                falling_back.insert(svc.service.clone());
+            } else {
+                svc.backends = healthy;
+            }
+        }
+        for s in falling_back.difference(&self.falling_back) {
+            warn!(
+                service = s,
+                "every backend fails its check from this node; using all registered backends"
+            );
+        }
+        for s in self.falling_back.difference(&falling_back) {
+            info!(
+                service = s,
+                "backends pass their checks again; fallback ended"
+            );
+        }
+        self.falling_back = falling_back;
+    }
+}
+
+async fn run_checker(
+    addr: SocketAddrV4,
+    check: Check,
+    http: reqwest::Client,
+    limit: Arc<Semaphore>,
+    tx: mpsc::Sender<(SocketAddrV4, Check, bool)>,
+) {
+    let mut gate = Gate::new(check.rise, check.fall);
+    // Spread thousands of checkers over one interval.
+    let jitter = rand::rng().random_range(0..=check.interval.as_millis() as u64);
+    tokio::time::sleep(Duration::from_millis(jitter)).await;
+    let mut tick = tokio::time::interval(check.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = {
+            let _permit = limit.acquire().await.expect("semaphore never closed");
+            probe(&check, &http).await
+        };
+        if let Some(up) = gate.observe(result.is_ok()) {
+            match &result {
+                Ok(()) => {
+                    info!(backend = %addr, rise = check.rise, "backend passes its check again; back in rotation on this node")
+                }
+                Err(reason) => {
+                    warn!(backend = %addr, fall = check.fall, %reason, "backend fails its check; out of rotation on this node")
+                }
+            }
+            if tx.send((addr, check.clone(), up)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Model;
+
+    #[tokio::test]
+    async fn ejects_on_this_node_and_falls_back_when_all_fail() {
+        let mut m = Model::new("/d/".into(), vec!["127.0.0.0/8".parse().unwrap()]);
+        m.put(
+            "/d/services/web",
+            br#"{"frontend":"127.0.0.1:80","check":{"type":"tcp","interval":"1s"}}"#,
+            1,
+        );
+        m.put("/d/services/plain", br#"{"frontend":"127.0.0.1:81"}"#, 1);
+        for (k, v) in [
+            ("/d/backends/web/a", "127.0.0.2:80"),
+            ("/d/backends/web/b", "127.0.0.3:80"),
+            ("/d/backends/plain/a", "127.0.0.2:80"),
+        ] {
+            m.put(k, v.as_bytes(), 2);
+        }
+        let (tx, _rx) = mpsc::channel(8);
+        let mut c = ActiveChecks::new(tx).unwrap();
+        let d = m.desired();
+        c.sync(&d);
+        assert_eq!(c.tasks.len(), 2, "one checker per backend address");
+        let a: SocketAddrV4 = "127.0.0.2:80".parse().unwrap();
+        let b: SocketAddrV4 = "127.0.0.3:80".parse().unwrap();
+        let check_a = c.tasks[&a].0.clone();
+        assert!(c.observe(a, &check_a, false));
+        let backends = |d: &Desired, port: u16| -> Vec<SocketAddrV4> {
+            d.services
+                .values()
+                .find(|s| s.frontend.port() == port)
+                .unwrap()
+                .backends
+                .iter()
+                .map(|x| x.addr)
+                .collect()
+        };
+        let mut d2 = m.desired();
+        c.apply(&mut d2);
+        assert_eq!(backends(&d2, 80), [b], "a is out for web");
+        assert_eq!(
+            backends(&d2, 81),
+            [a],
+            "a stays for a service without checks"
+        );
+        let check_b = c.tasks[&b].0.clone();
+        c.observe(b, &check_b, false);
+        let mut d3 = m.desired();
+        c.apply(&mut d3);
+        assert_eq!(backends(&d3, 80), [a, b], "all failing: fall back to all");
+        // A verdict of a replaced check is ignored.
+        assert!(!c.observe(a, &check_b, true));
+        assert!(c.observe(a, &check_a, true));
+    }
+}
