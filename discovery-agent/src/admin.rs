@@ -29,6 +29,7 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
                 protocol,
                 policy,
                 check: None,
+                connect_timeout: None,
             })?;
             let mut client = connect(&etcd.config()?).await?;
             client

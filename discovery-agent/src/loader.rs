@@ -145,63 +145,126 @@ pub fn load_and_attach(
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     // A cgroup v2 directory's inode number is its cgroup id.
     let cgroup_id = cgroup_file.metadata()?.ino();
-    for (prog_name, link_name) in names::PROGRAMS {
-        let link_path = pin_dir.join(link_name);
-        let prog: &mut CgroupSockAddr = ebpf
+    let programs = names::PROGRAMS
+        .iter()
+        .copied()
+        .chain(std::iter::once(names::SOCKOPS));
+    for (prog_name, link_name) in programs {
+        let prog = ebpf
             .program_mut(prog_name)
-            .with_context(|| format!("program {prog_name} missing from the object"))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("verifier rejected {prog_name}"))?;
-        if link_path.exists() {
-            let link = PinnedCgroupLink::open(&link_path)
-                .with_context(|| format!("reading pinned link {}", link_path.display()))?;
-            if link.cgroup_id != Some(cgroup_id) {
-                bail!(
-                    "pinned link {} is attached to another cgroup (id {:?}), not {} \
-                     (id {cgroup_id}); run `discovery-agent detach --pin-dir {}` first or use \
-                     another --pin-dir",
-                    link_path.display(),
-                    link.cgroup_id,
-                    cgroup.display(),
-                    pin_dir.display()
-                );
-            }
-            let new = prog.info()?;
-            let old = aya::programs::loaded_programs()
-                .filter_map(Result::ok)
-                .find(|p| p.id() == link.prog_id)
-                .with_context(|| {
-                    format!(
-                        "program {} of {} is gone",
-                        link.prog_id,
-                        link_path.display()
-                    )
-                })?;
-            if old.tag() == new.tag() && !replace {
-                info!(program = prog_name, link = %link_path.display(), "adopted attached program");
-                continue;
-            }
-            // One syscall swaps the program under the link: every connect()
-            // runs either the old program or the new one. BPF_F_REPLACE
-            // makes it fail if someone else replaced it meanwhile.
-            link.update(prog.fd()?.as_fd(), old.fd()?.as_fd())
-                .with_context(|| format!("replacing the program of {}", link_path.display()))?;
-            info!(program = prog_name, link = %link_path.display(),
-                  old_tag = format!("{:016x}", old.tag()), new_tag = format!("{:016x}", new.tag()),
-                  "replaced the attached program atomically");
-            continue;
-        }
-        // bpf links on cgroups always coexist with other programs; the
-        // multi-attach flag is for the legacy attach API and EINVAL here.
-        let id = prog
-            .attach(&cgroup_file, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching {prog_name} to {}", cgroup.display()))?;
-        let link: FdLink = prog.take_link(id)?.try_into()?;
-        link.pin(&link_path)
-            .with_context(|| format!("pinning link {}", link_path.display()))?;
-        info!(program = prog_name, cgroup = %cgroup.display(), "attached");
+            .with_context(|| format!("program {prog_name} missing from the object"))?;
+        let prog: &mut dyn CgroupProgram = match prog {
+            aya::programs::Program::CgroupSockAddr(p) => p,
+            aya::programs::Program::SockOps(p) => p,
+            _ => bail!("program {prog_name} has an unexpected type"),
+        };
+        install(
+            prog,
+            prog_name,
+            &pin_dir.join(link_name),
+            &cgroup_file,
+            cgroup,
+            cgroup_id,
+            pin_dir,
+            replace,
+        )?;
     }
+    Ok(())
+}
+
+/// What `install` needs of a program attached to a cgroup: the sock_addr
+/// programs and the sock_ops program.
+trait CgroupProgram {
+    fn load_prog(&mut self) -> Result<(), aya::programs::ProgramError>;
+    fn prog_info(&self) -> Result<aya::programs::ProgramInfo, aya::programs::ProgramError>;
+    fn prog_fd(&self) -> Result<BorrowedFd<'_>, aya::programs::ProgramError>;
+    fn attach_link(&mut self, cgroup: &fs::File) -> anyhow::Result<FdLink>;
+}
+
+macro_rules! cgroup_program {
+    ($t:ty) => {
+        impl CgroupProgram for $t {
+            fn load_prog(&mut self) -> Result<(), aya::programs::ProgramError> {
+                self.load()
+            }
+            fn prog_info(&self) -> Result<aya::programs::ProgramInfo, aya::programs::ProgramError> {
+                self.info()
+            }
+            fn prog_fd(&self) -> Result<BorrowedFd<'_>, aya::programs::ProgramError> {
+                Ok(self.fd()?.as_fd())
+            }
+            fn attach_link(&mut self, cgroup: &fs::File) -> anyhow::Result<FdLink> {
+                // bpf links on cgroups always coexist with other programs;
+                // the multi-attach flag is for the legacy API and EINVAL here.
+                let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+                Ok(self.take_link(id)?.try_into()?)
+            }
+        }
+    };
+}
+cgroup_program!(CgroupSockAddr);
+cgroup_program!(aya::programs::SockOps);
+
+/// Loads one program and attaches it, or adopts the pinned link (swapping
+/// the program atomically when this build's differs, or with `replace`).
+#[allow(clippy::too_many_arguments)]
+fn install(
+    prog: &mut dyn CgroupProgram,
+    prog_name: &str,
+    link_path: &Path,
+    cgroup_file: &fs::File,
+    cgroup: &Path,
+    cgroup_id: u64,
+    pin_dir: &Path,
+    replace: bool,
+) -> anyhow::Result<()> {
+    prog.load_prog()
+        .with_context(|| format!("verifier rejected {prog_name}"))?;
+    if link_path.exists() {
+        let link = PinnedCgroupLink::open(link_path)
+            .with_context(|| format!("reading pinned link {}", link_path.display()))?;
+        if link.cgroup_id != Some(cgroup_id) {
+            bail!(
+                "pinned link {} is attached to another cgroup (id {:?}), not {} \
+                 (id {cgroup_id}); run `discovery-agent detach --pin-dir {}` first or use \
+                 another --pin-dir",
+                link_path.display(),
+                link.cgroup_id,
+                cgroup.display(),
+                pin_dir.display()
+            );
+        }
+        let new = prog.prog_info()?;
+        let old = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == link.prog_id)
+            .with_context(|| {
+                format!(
+                    "program {} of {} is gone",
+                    link.prog_id,
+                    link_path.display()
+                )
+            })?;
+        if old.tag() == new.tag() && !replace {
+            info!(program = prog_name, link = %link_path.display(), "adopted attached program");
+            return Ok(());
+        }
+        // One syscall swaps the program under the link: every call runs
+        // either the old program or the new one. BPF_F_REPLACE makes it
+        // fail if someone else replaced it meanwhile.
+        link.update(prog.prog_fd()?, old.fd()?.as_fd())
+            .with_context(|| format!("replacing the program of {}", link_path.display()))?;
+        info!(program = prog_name, link = %link_path.display(),
+              old_tag = format!("{:016x}", old.tag()), new_tag = format!("{:016x}", new.tag()),
+              "replaced the attached program atomically");
+        return Ok(());
+    }
+    let link = prog
+        .attach_link(cgroup_file)
+        .with_context(|| format!("attaching {prog_name} to {}", cgroup.display()))?;
+    link.pin(link_path)
+        .with_context(|| format!("pinning link {}", link_path.display()))?;
+    info!(program = prog_name, cgroup = %cgroup.display(), "attached");
     Ok(())
 }
 
@@ -369,7 +432,7 @@ pub fn detach(pin_dir: &Path) -> anyhow::Result<()> {
         info!(pin_dir = %pin_dir.display(), "nothing pinned; nothing to detach");
         return Ok(());
     }
-    for (_, link) in names::PROGRAMS {
+    for (_, link) in names::PROGRAMS.iter().chain([&names::SOCKOPS]) {
         remove_pin(&pin_dir.join(link))?;
     }
     for map in names::ALL_MAPS {

@@ -55,6 +55,8 @@ pub struct ServiceDef {
     pub protocol: Protocol,
     pub policy: Policy,
     pub check: Option<ServiceCheck>,
+    /// 0: the kernel's default.
+    pub connect_timeout_ms: u32,
     /// etcd create revision: the oldest definition wins a frontend.
     pub create_revision: i64,
 }
@@ -97,6 +99,8 @@ pub enum Invalid {
     Policy(Policy),
     #[error("check: {0}")]
     Check(String),
+    #[error("connect_timeout {0}")]
+    ConnectTimeout(String),
 }
 
 /// A parsed key under the prefix.
@@ -226,7 +230,17 @@ pub struct ServiceJson {
     pub policy: Policy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckJson>,
+    /// e.g. "500ms": a TCP connect to a backend fails after this long
+    /// instead of after the kernel's SYN retries (about two minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
 }
+
+/// Bounds of `connect_timeout`. The kernel checks it when a SYN would be
+/// retransmitted, and the first retransmission comes after 1 s, so shorter
+/// timeouts cannot be honoured (yet).
+pub const MIN_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+pub const MAX_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A service's active check, run by every agent against the backends it
 /// routes to: `{"type": "tcp", "interval": "1s", "timeout": "300ms",
@@ -380,11 +394,25 @@ pub fn parse_service(
         return Err(Invalid::Policy(j.policy));
     }
     let check = j.check.as_ref().map(ServiceCheck::parse).transpose()?;
+    let connect_timeout_ms = match &j.connect_timeout {
+        None => 0,
+        Some(t) => {
+            let d = humantime::parse_duration(t)
+                .map_err(|e| Invalid::ConnectTimeout(format!("{t:?}: {e}")))?;
+            if !(MIN_CONNECT_TIMEOUT..=MAX_CONNECT_TIMEOUT).contains(&d) {
+                return Err(Invalid::ConnectTimeout(format!(
+                    "{t:?} is outside {MIN_CONNECT_TIMEOUT:?}..={MAX_CONNECT_TIMEOUT:?}"
+                )));
+            }
+            d.as_millis() as u32
+        }
+    };
     Ok(ServiceDef {
         frontend,
         protocol: j.protocol,
         policy: j.policy,
         check,
+        connect_timeout_ms,
         create_revision,
     })
 }
@@ -417,6 +445,7 @@ pub struct DesiredService {
     pub frontend: SocketAddrV4,
     pub policy: Policy,
     pub check: Option<ServiceCheck>,
+    pub connect_timeout_ms: u32,
     /// Sorted, so the same set always gives the same slot table.
     pub backends: Vec<BackendDef>,
 }
@@ -597,6 +626,7 @@ impl Model {
                     frontend: def.frontend,
                     policy: def.policy,
                     check: def.check.clone(),
+                    connect_timeout_ms: def.connect_timeout_ms,
                     backends,
                 },
             );

@@ -62,6 +62,7 @@ struct Installed {
     set_id: u32,
     /// `Service::flags` (the policy).
     flags: u32,
+    connect_timeout_ms: u32,
     slots: Vec<ResolvedSlot>,
     /// Distinct backend ids the set references.
     ids: Vec<u32>,
@@ -342,6 +343,7 @@ impl<D: Dataplane> Reconciler<D> {
                     service: None,
                     set_id: svc.set_id,
                     flags: svc.flags,
+                    connect_timeout_ms: svc.connect_timeout_ms,
                     slots: resolved,
                     ids,
                 },
@@ -473,6 +475,7 @@ impl<D: Dataplane> Reconciler<D> {
         if let Some(cur) = self.installed.get(&key)
             && cur.slots == want
             && cur.flags == flags
+            && cur.connect_timeout_ms == svc.connect_timeout_ms
         {
             return Ok(None);
         }
@@ -558,7 +561,7 @@ impl<D: Dataplane> Reconciler<D> {
                     set_id,
                     count: want.len() as u32,
                     flags,
-                    pad: 0,
+                    connect_timeout_ms: svc.connect_timeout_ms,
                 },
             );
         }
@@ -577,6 +580,7 @@ impl<D: Dataplane> Reconciler<D> {
                 service: Some(svc.service.clone()),
                 set_id,
                 flags,
+                connect_timeout_ms: svc.connect_timeout_ms,
                 slots: want.clone(),
                 ids,
             },

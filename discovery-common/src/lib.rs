@@ -30,9 +30,12 @@ pub mod names {
     pub const COUNTERS: &str = "disc_counters";
     /// Socket-local storage: [`crate::SockRevNat`], freed with the socket.
     pub const REVNAT: &str = "disc_revnat";
+    /// [`crate::BackendKey`] → [`crate::BackendHealth`]: connect outcomes
+    /// of redirected TCP sockets, for passive checks.
+    pub const BHEALTH: &str = "disc_bhealth";
 
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL_MAPS: [&str; 5] = [SERVICES, SLOTS, BACKENDS, COUNTERS, REVNAT];
+    pub const ALL_MAPS: [&str; 6] = [SERVICES, SLOTS, BACKENDS, COUNTERS, REVNAT, BHEALTH];
 
     /// The cgroup/sock_addr programs: (program name, pinned link name).
     pub const PROGRAMS: [(&str, &str); 4] = [
@@ -41,6 +44,10 @@ pub mod names {
         ("disc_recvmsg4", "link_recvmsg4"),
         ("disc_getpeername4", "link_getpeername4"),
     ];
+
+    /// The sock_ops program (connect timeouts, connect outcomes) and its
+    /// pinned link.
+    pub const SOCKOPS: (&str, &str) = ("disc_sockops", "link_sockops");
 }
 
 /// Default map sizes; the agent overrides them with `--max-services` and
@@ -86,7 +93,9 @@ pub struct Service {
     pub count: u32,
     /// Policy: [`SVC_F_CONSISTENT`] or 0 (weighted random).
     pub flags: u32,
-    pub pad: u32,
+    /// TCP connects to a backend fail after this long (TCP_USER_TIMEOUT
+    /// while connecting); 0 keeps the kernel's SYN retries.
+    pub connect_timeout_ms: u32,
 }
 
 /// The slots are a Maglev table and the slot is chosen by a hash of the
@@ -153,7 +162,29 @@ pub struct SockRevNat {
     pub entries: [RevNatEntry; REVNAT_ENTRIES],
     /// Next entry to overwrite when all are taken.
     pub next: u32,
+    /// The service's connect timeout, for the sock_ops program (TCP).
+    pub connect_timeout_ms: u32,
+}
+
+/// A backend address as a map key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// Connect outcomes of redirected TCP sockets to one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendHealth {
+    /// Failed connects since the last successful one.
+    pub consecutive_failures: u32,
     pub pad: u32,
+    pub failures: u64,
+    pub established: u64,
 }
 
 /// Indexes into the per-CPU counters map.
@@ -174,10 +205,12 @@ pub enum Counter {
     StaleRetry = 5,
     /// Socket storage could not be allocated; reply source not rewritten.
     RevNatAllocFailed = 6,
+    /// Redirected TCP connects that failed (refused or timed out).
+    ConnectFailed = 7,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ConnectRedirected,
         Counter::SendmsgRedirected,
@@ -186,6 +219,7 @@ impl Counter {
         Counter::PeerRevNat,
         Counter::StaleRetry,
         Counter::RevNatAllocFailed,
+        Counter::ConnectFailed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -197,6 +231,7 @@ impl Counter {
             Counter::PeerRevNat => "peer_revnat",
             Counter::StaleRetry => "stale_retry",
             Counter::RevNatAllocFailed => "revnat_alloc_failed",
+            Counter::ConnectFailed => "connect_failed",
         }
     }
 }
@@ -221,6 +256,8 @@ mod user {
     unsafe impl aya::Pod for Slot {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for SockRevNat {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for BackendHealth {}
 }
 
 #[cfg(test)]
@@ -237,6 +274,8 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<RevNatEntry>(), 40);
         assert_eq!(size_of::<SockRevNat>(), 40 * REVNAT_ENTRIES + 8);
+        assert_eq!(size_of::<BackendKey>(), 20);
+        assert_eq!(size_of::<BackendHealth>(), 24);
     }
 
     #[test]

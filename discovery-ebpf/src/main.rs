@@ -9,17 +9,23 @@
 #![no_main]
 
 use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+    },
     btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
+        bpf_setsockopt, bpf_sk_storage_get,
     },
-    macros::{btf_map, cgroup_sock_addr},
-    programs::SockAddrContext,
+    macros::{btf_map, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use discovery_common::{
-    BACKEND_F_VALID, BPF_F_NO_PREALLOC, Backend, Counter, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, IPPROTO_TCP, IPPROTO_UDP, REVNAT_ENTRIES, RevNatEntry,
-    SVC_F_CONSISTENT, Service, ServiceKey, Slot, SlotKey, SockRevNat, v4_mapped,
+    BACKEND_F_VALID, BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendKey, Counter,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, IPPROTO_TCP, IPPROTO_UDP,
+    REVNAT_ENTRIES, RevNatEntry, SVC_F_CONSISTENT, Service, ServiceKey, Slot, SlotKey, SockRevNat,
+    v4_mapped,
 };
 
 #[btf_map(name = "disc_services")]
@@ -81,7 +87,8 @@ enum Pick {
     NotFrontend,
     /// A frontend with no backend: fail the call at once.
     NoBackend,
-    Backend(Backend),
+    /// The backend, and the service's connect timeout in ms.
+    Backend(Backend, u32),
 }
 
 /// One service lookup, then a weighted choice: `draw` (given the service's
@@ -99,6 +106,7 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
         return Pick::NoBackend;
     }
     let (r1, r2) = draw(svc.flags);
+    let timeout = svc.connect_timeout_ms;
     let (mut set_id, mut count) = (svc.set_id, svc.count);
     let mut attempt = 0;
     while attempt < 2 {
@@ -113,7 +121,7 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
             if let Some(b) = BACKENDS.get(id)
                 && b.flags & BACKEND_F_VALID != 0
             {
-                return Pick::Backend(*b);
+                return Pick::Backend(*b, timeout);
             }
         }
         bump(Counter::StaleRetry);
@@ -133,13 +141,14 @@ fn proto_of(ctx: &SockAddrContext) -> u8 {
 
 /// Remember that this socket talks to `backend` on behalf of `frontend`.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, frontend: &ServiceKey, backend: &Backend) {
+fn remember(ctx: &SockAddrContext, frontend: &ServiceKey, backend: &Backend, timeout_ms: u32) {
     let st = unsafe { REVNAT.get_or_insert_ptr_mut(ctx, None) };
     if st.is_null() {
         bump(Counter::RevNatAllocFailed);
         return;
     }
     let st = unsafe { &mut *st };
+    st.connect_timeout_ms = timeout_ms;
     let mut i = 0;
     while i < REVNAT_ENTRIES {
         let e = &mut st.entries[i];
@@ -239,10 +248,11 @@ pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
     }) {
         Pick::NotFrontend => return ALLOW,
         Pick::NoBackend => return refuse(),
-        Pick::Backend(b) => b,
+        Pick::Backend(b, t) => (b, t),
     };
+    let (backend, timeout_ms) = backend;
     set_ctx_addr(&ctx, &backend.addr, backend.port);
-    remember(&ctx, &key, &backend);
+    remember(&ctx, &key, &backend, timeout_ms);
     bump(Counter::ConnectRedirected);
     ALLOW
 }
@@ -273,10 +283,10 @@ pub fn disc_sendmsg4(ctx: SockAddrContext) -> i32 {
     }) {
         Pick::NotFrontend => return ALLOW,
         Pick::NoBackend => return refuse(),
-        Pick::Backend(b) => b,
+        Pick::Backend(b, _) => b,
     };
     set_ctx_addr(&ctx, &backend.addr, backend.port);
-    remember(&ctx, &key, &backend);
+    remember(&ctx, &key, &backend, 0);
     bump(Counter::SendmsgRedirected);
     ALLOW
 }
@@ -299,6 +309,120 @@ pub fn disc_getpeername4(ctx: SockAddrContext) -> i32 {
         bump(Counter::PeerRevNat);
     }
     ALLOW
+}
+
+#[btf_map(name = "disc_bhealth")]
+static BHEALTH: HashMap<
+    BackendKey,
+    BackendHealth,
+    { DEFAULT_MAX_BACKENDS as usize },
+    BPF_F_NO_PREALLOC,
+> = HashMap::new();
+
+const SOL_TCP: i32 = 6;
+const TCP_USER_TIMEOUT: i32 = 18;
+
+/// The socket storage of a sock_ops socket, if connect4 redirected it.
+#[inline(always)]
+fn redirected(ctx: &SockOpsContext) -> Option<&'static SockRevNat> {
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // The same map the sock_addr programs use, by its definition's address
+    // (what aya-ebpf's SkStorage does for sock_addr contexts).
+    let map = core::ptr::from_ref(&REVNAT).cast_mut().cast();
+    let st = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) };
+    (!st.is_null()).then(|| unsafe { &*st.cast::<SockRevNat>() })
+}
+
+/// The peer of a sock_ops socket as a backend key.
+#[inline(always)]
+fn peer(ctx: &SockOpsContext) -> BackendKey {
+    // remote_port holds the network-order port in its upper 16 bits.
+    let port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    BackendKey {
+        addr: v4_mapped(ctx.remote_ip4().to_ne_bytes()),
+        port,
+        pad: 0,
+    }
+}
+
+#[inline(always)]
+fn set_user_timeout(ctx: &SockOpsContext, ms: u32) {
+    let mut v = ms as i32;
+    unsafe {
+        bpf_setsockopt(
+            ctx.ops.cast(),
+            SOL_TCP,
+            TCP_USER_TIMEOUT,
+            core::ptr::from_mut(&mut v).cast(),
+            4,
+        )
+    };
+}
+
+/// TCP sockets that connect4 redirected: applies the service's connect
+/// timeout while connecting (the kernel clamps SYN retransmits to
+/// TCP_USER_TIMEOUT), clears it once established, and records connect
+/// outcomes per backend for passive checks.
+#[sock_ops]
+pub fn disc_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            let Some(st) = redirected(&ctx) else { return 1 };
+            // State changes of this socket tell how the connect ended.
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            if st.connect_timeout_ms > 0 {
+                set_user_timeout(&ctx, st.connect_timeout_ms);
+            }
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let Some(st) = redirected(&ctx) else { return 1 };
+            if st.connect_timeout_ms > 0 {
+                // The connect timeout is not a timeout for the connection.
+                set_user_timeout(&ctx, 0);
+            }
+            let key = peer(&ctx);
+            match unsafe { BHEALTH.get_ptr_mut(&key) } {
+                Some(h) => unsafe {
+                    (*h).consecutive_failures = 0;
+                    (*h).established += 1;
+                },
+                None => {
+                    let h = BackendHealth {
+                        established: 1,
+                        ..BackendHealth::default()
+                    };
+                    let _ = BHEALTH.insert(&key, &h, 0);
+                }
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB => {
+            // Only sockets that got the flag above: redirected ones.
+            let (old, new) = (ctx.arg(0), ctx.arg(1));
+            if old == BPF_TCP_SYN_SENT && new == BPF_TCP_CLOSE {
+                bump(Counter::ConnectFailed);
+                let key = peer(&ctx);
+                match unsafe { BHEALTH.get_ptr_mut(&key) } {
+                    Some(h) => unsafe {
+                        (*h).consecutive_failures += 1;
+                        (*h).failures += 1;
+                    },
+                    None => {
+                        let h = BackendHealth {
+                            consecutive_failures: 1,
+                            failures: 1,
+                            ..BackendHealth::default()
+                        };
+                        let _ = BHEALTH.insert(&key, &h, 0);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    1
 }
 
 #[cfg(not(test))]

@@ -835,6 +835,49 @@ impl Drop for TestCgroup {
     }
 }
 
+// ---------------------------------------------------------------- nftables
+
+/// An nftables table of the test's own that silently drops TCP SYNs to one
+/// loopback address and port; removed on drop.
+pub struct SynDrop {
+    table: String,
+}
+
+impl SynDrop {
+    pub fn new(addr: SocketAddr) -> Self {
+        let table = unique("drop").replace('-', "_");
+        let script = format!(
+            "table inet {table} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  \
+             ip daddr {} tcp dport {} tcp flags syn drop\n }}\n}}\n",
+            addr.ip(),
+            addr.port()
+        );
+        let out = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(script.as_bytes())?;
+                c.wait_with_output()
+            })
+            .expect("nft (nftables)");
+        assert!(out.status.success(), "nft: {out:?}");
+        Self { table }
+    }
+}
+
+impl Drop for SynDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .output();
+    }
+}
+
 // ------------------------------------------------------------------- agent
 
 /// A `discovery-agent` process (any subcommand) with its log in a temp dir.

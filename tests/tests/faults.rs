@@ -169,7 +169,7 @@ fn programs_are_replaced_atomically_under_load() {
         "{log}"
     );
     let now = prog_ids(&w);
-    assert_eq!(now.len(), 4);
+    assert_eq!(now.len(), 5);
     assert!(
         now.is_disjoint(&progs),
         "old programs still attached: {progs:?} {now:?}"

@@ -662,3 +662,38 @@ fn when_every_backend_fails_its_check_traffic_falls_back_to_all() {
     assert!(ejected.is_some());
     w.converge("tcp", "127.0.0.1:8080", 30, |t| t.len() == 2);
 }
+
+#[test]
+fn connect_timeout_fails_a_connect_to_a_backend_that_drops_syns() {
+    const ETIMEDOUT: i32 = 110;
+    let w = world("ctimeout", &[]);
+    // Nothing answers: SYNs to this address are dropped silently.
+    let dead = addr(&format!("127.0.0.9:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.9:0").unwrap();
+        l.local_addr().unwrap().port()
+    }));
+    let _drop = discovery_tests::SynDrop::new(dead);
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":"127.0.0.1:8080","connect_timeout":"1500ms"}"#,
+    );
+    w.backend("web", "dead", &dead.to_string());
+    // Without the timeout the kernel retries SYNs for minutes; the probe
+    // itself gives up after 5 s with no errno.
+    let o = wait_until(Duration::from_secs(15), || {
+        let o = w.probe("tcp", "127.0.0.1:8080", 1).remove(0);
+        (o.errno == Some(ETIMEDOUT)).then_some(o)
+    })
+    .unwrap_or_else(|| panic!("connect never timed out early:\n{}", w.agent.log()));
+    assert!(
+        (1_400_000..2_500_000).contains(&o.micros),
+        "timed out after {} ms, configured 1500 ms",
+        o.micros / 1000
+    );
+    eprintln!(
+        "connect timed out after {} ms (configured 1500 ms)",
+        o.micros / 1000
+    );
+    let c = w.agent.counters();
+    assert!(c["connect_failed"] >= 1, "{c:?}");
+}

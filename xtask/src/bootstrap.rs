@@ -64,6 +64,10 @@ pub fn bootstrap() -> anyhow::Result<()> {
             "etcdctl: tests and the demo write services and backends",
         ),
         ("bpftool", "inspecting attached programs and pinned maps"),
+        (
+            "nftables",
+            "tests drop SYNs to a loopback address to prove connect timeouts",
+        ),
     ];
     if !nightly {
         for pkg in ["rustc-web", "cargo-web", "rust-web-src"] {
