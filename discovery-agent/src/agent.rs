@@ -65,6 +65,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut conflicts = BTreeSet::new();
     let mut failing: BTreeMap<NotApplied, String> = BTreeMap::new();
     let mut revision = 0;
+    // Passive checks read the kernel's connect outcomes at this pace.
+    let mut passive_tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             u = rx.recv() => {
@@ -77,6 +80,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             Some((addr, check, up)) = health_rx.recv() => {
                 if !checks.observe(addr, &check, up) {
+                    continue;
+                }
+            }
+            _ = passive_tick.tick(), if args.passive_failures > 0 => {
+                let failing = reconciler.dataplane().failing_backends(args.passive_failures);
+                let (newly, changed) =
+                    checks.passive(&failing, args.passive_ejection, std::time::Instant::now());
+                for addr in newly {
+                    // A re-admitted backend must fail anew to go out again.
+                    reconciler.dataplane_mut().reset_failures(addr);
+                }
+                if !changed {
                     continue;
                 }
             }

@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddrV4,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use rand::Rng as _;
@@ -33,6 +33,8 @@ const MAX_CONCURRENT_PROBES: usize = 64;
 pub struct ActiveChecks {
     tasks: HashMap<SocketAddrV4, (Check, JoinHandle<()>)>,
     down: HashSet<SocketAddrV4>,
+    /// Passive ejections: backends whose connects kept failing, until when.
+    ejected_until: HashMap<SocketAddrV4, Instant>,
     falling_back: BTreeSet<String>,
     tx: mpsc::Sender<(SocketAddrV4, Check, bool)>,
     http: reqwest::Client,
@@ -52,6 +54,7 @@ impl ActiveChecks {
         Ok(Self {
             tasks: HashMap::new(),
             down: HashSet::new(),
+            ejected_until: HashMap::new(),
             falling_back: BTreeSet::new(),
             tx,
             http: reqwest::Client::builder().no_proxy().build()?,
@@ -59,9 +62,43 @@ impl ActiveChecks {
         })
     }
 
-    /// Backends currently failing their checks from this node.
+    /// Backends out of rotation on this node (active or passive).
     pub fn ejected(&self) -> usize {
-        self.down.len()
+        self.down
+            .union(&self.ejected_until.keys().copied().collect())
+            .count()
+    }
+
+    /// Passive checks: ejects backends whose connects failed `threshold`
+    /// times in a row (counted in the kernel) for `backoff`, and re-admits
+    /// those whose back-off is over. Returns the backends newly ejected, whose
+    /// kernel streak the caller resets, and whether anything changed.
+    pub fn passive(
+        &mut self,
+        failing: &[(SocketAddrV4, u32)],
+        backoff: Duration,
+        now: Instant,
+    ) -> (Vec<SocketAddrV4>, bool) {
+        let before = self.ejected_until.len();
+        self.ejected_until.retain(|addr, until| {
+            let keep = *until > now;
+            if !keep {
+                info!(backend = %addr, "passive ejection over; back in rotation on this node");
+            }
+            keep
+        });
+        let mut newly = Vec::new();
+        for (addr, streak) in failing {
+            if self.ejected_until.contains_key(addr) {
+                continue;
+            }
+            warn!(backend = %addr, consecutive_failures = streak, ejection = ?backoff,
+                  "connects keep failing; out of rotation on this node");
+            self.ejected_until.insert(*addr, now + backoff);
+            newly.push(*addr);
+        }
+        let changed = !newly.is_empty() || self.ejected_until.len() != before;
+        (newly, changed)
     }
 
     /// Starts and stops checkers to match the services that define checks.
@@ -110,19 +147,25 @@ impl ActiveChecks {
         }
     }
 
-    /// Removes ejected backends from services with checks, on this node.
+    /// Removes ejected backends on this node: failing active checks (for
+    /// services with a check) or ejected passively (any service).
     pub fn apply(&mut self, desired: &mut Desired) {
         let mut falling_back = BTreeSet::new();
         for svc in desired.services.values_mut() {
-            if svc.check.is_none() || svc.backends.is_empty() {
+            if svc.backends.is_empty() {
                 continue;
             }
+            let checked = svc.check.is_some();
             let healthy: Vec<_> = svc
                 .backends
                 .iter()
-                .filter(|b| !self.down.contains(&b.addr))
+                .filter(|b| !(checked && self.down.contains(&b.addr)))
+                .filter(|b| !self.ejected_until.contains_key(&b.addr))
                 .copied()
                 .collect();
+            if healthy.len() == svc.backends.len() {
+                continue;
+            }
             if healthy.is_empty() {
                 falling_back.insert(svc.service.clone());
             } else {
@@ -236,5 +279,40 @@ mod tests {
         // A verdict of a replaced check is ignored.
         assert!(!c.observe(a, &check_b, true));
         assert!(c.observe(a, &check_a, true));
+    }
+
+    #[tokio::test]
+    async fn passive_ejection_lasts_the_backoff_and_applies_to_any_service() {
+        let mut m = Model::new("/d/".into(), vec!["127.0.0.0/8".parse().unwrap()]);
+        m.put("/d/services/plain", br#"{"frontend":"127.0.0.1:81"}"#, 1);
+        m.put("/d/backends/plain/a", b"127.0.0.2:80", 2);
+        m.put("/d/backends/plain/b", b"127.0.0.3:80", 2);
+        let (tx, _rx) = mpsc::channel(8);
+        let mut c = ActiveChecks::new(tx).unwrap();
+        let a: SocketAddrV4 = "127.0.0.2:80".parse().unwrap();
+        let t0 = Instant::now();
+        let backoff = Duration::from_secs(10);
+        assert_eq!(c.passive(&[(a, 3)], backoff, t0), (vec![a], true));
+        // Still failing while ejected: nothing new.
+        assert_eq!(
+            c.passive(&[(a, 5)], backoff, t0 + Duration::from_secs(1)),
+            (vec![], false)
+        );
+        let mut d = m.desired();
+        c.apply(&mut d);
+        let only: Vec<_> = d
+            .services
+            .values()
+            .next()
+            .unwrap()
+            .backends
+            .iter()
+            .map(|b| b.addr)
+            .collect();
+        assert_eq!(only, ["127.0.0.3:80".parse::<SocketAddrV4>().unwrap()]);
+        assert_eq!(c.ejected(), 1);
+        // Back-off over: back in.
+        assert_eq!(c.passive(&[], backoff, t0 + backoff), (vec![], true));
+        assert_eq!(c.ejected(), 0);
     }
 }

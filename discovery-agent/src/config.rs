@@ -329,6 +329,16 @@ pub struct RunArgs {
     #[arg(long, env = "DISCOVERY_REPLACE_PROGRAMS")]
     pub replace_programs: bool,
 
+    /// Passive checks: take a backend out on this node after this many
+    /// consecutive failed connects (refused, timed out); 0 turns them off.
+    #[arg(long, env = "DISCOVERY_PASSIVE_FAILURES", default_value_t = 3)]
+    pub passive_failures: u32,
+
+    /// How long a passively ejected backend stays out before it is tried
+    /// again.
+    #[arg(long, env = "DISCOVERY_PASSIVE_EJECTION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub passive_ejection: Duration,
+
     /// Address of the Prometheus endpoint (/metrics), or "off".
     #[arg(long, env = "DISCOVERY_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,

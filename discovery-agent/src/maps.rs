@@ -1,15 +1,17 @@
 //! Typed access to the pinned BPF maps.
-use std::{io, path::Path};
+use std::{io, net::SocketAddrV4, path::Path};
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray};
 use discovery_common::{
-    BACKEND_F_VALID, Backend, Counter, Service, ServiceKey, Slot, SlotKey, names,
+    BACKEND_F_VALID, Backend, BackendHealth, BackendKey, Counter, Service, ServiceKey, Slot,
+    SlotKey, names, v4_mapped,
 };
 
 use crate::reconcile::{Dataplane, Dump, MapError};
 
 pub struct BpfMaps {
+    bhealth: HashMap<MapData, BackendKey, BackendHealth>,
     services: HashMap<MapData, ServiceKey, Service>,
     slots: HashMap<MapData, SlotKey, Slot>,
     backends: Array<MapData, Backend>,
@@ -45,11 +47,41 @@ fn err(map: &'static str, op: &'static str, e: AyaMapError) -> MapError {
 impl BpfMaps {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         Ok(Self {
+            bhealth: open(pin_dir, names::BHEALTH)?.try_into()?,
             services: open(pin_dir, names::SERVICES)?.try_into()?,
             slots: open(pin_dir, names::SLOTS)?.try_into()?,
             backends: open(pin_dir, names::BACKENDS)?.try_into()?,
             counters: open(pin_dir, names::COUNTERS)?.try_into()?,
         })
+    }
+
+    /// Backends whose connects failed `min` times in a row or more.
+    pub fn failing_backends(&self, min: u32) -> Vec<(SocketAddrV4, u32)> {
+        self.bhealth
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, h)| h.consecutive_failures >= min)
+            .filter_map(|(k, h)| {
+                let a = k.addr;
+                (a[..12] == v4_mapped([0; 4])[..12]).then(|| {
+                    let ip = std::net::Ipv4Addr::new(a[12], a[13], a[14], a[15]);
+                    (SocketAddrV4::new(ip, k.port), h.consecutive_failures)
+                })
+            })
+            .collect()
+    }
+
+    /// Starts a backend's failure streak over.
+    pub fn reset_failures(&mut self, addr: SocketAddrV4) {
+        let key = BackendKey {
+            addr: v4_mapped(addr.ip().octets()),
+            port: addr.port(),
+            pad: 0,
+        };
+        if let Ok(mut h) = self.bhealth.get(&key, 0) {
+            h.consecutive_failures = 0;
+            let _ = self.bhealth.insert(key, h, 0);
+        }
     }
 
     /// Global counters summed over CPUs, by name.

@@ -367,7 +367,10 @@ impl<D: Dataplane> Reconciler<D> {
         Ok(r)
     }
 
-    #[cfg(test)]
+    pub fn dataplane_mut(&mut self) -> &mut D {
+        &mut self.dp
+    }
+
     pub fn dataplane(&self) -> &D {
         &self.dp
     }

@@ -70,8 +70,10 @@ fn registers_with_a_lease_withdraws_a_dead_backend_and_brings_it_back() {
     );
 }
 
-/// An HTTP health endpoint that answers 200 and 500 in turn (or always 200
-/// once told to), counting requests.
+/// An HTTP health endpoint that flaps: one pass then two failures, over and
+/// over (or always 200 once told to), counting complete requests. Two
+/// failures between passes keep the pattern flapping even if a stray
+/// connection (a client retry under load) takes one answer.
 struct FlappingHealth {
     addr: SocketAddr,
     served: Arc<AtomicUsize>,
@@ -88,10 +90,19 @@ impl FlappingHealth {
         thread::spawn(move || {
             for c in l.incoming() {
                 let Ok(mut c) = c else { continue };
+                let mut req = Vec::new();
                 let mut buf = [0u8; 1024];
-                let _ = c.read(&mut buf);
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    continue;
+                }
                 let n = s.fetch_add(1, Ordering::SeqCst);
-                let ok = st.load(Ordering::SeqCst) || n % 2 == 0;
+                let ok = st.load(Ordering::SeqCst) || n % 3 == 0;
                 let status = if ok {
                     "200 OK"
                 } else {
@@ -128,7 +139,7 @@ fn a_flapping_instance_stays_out_until_it_passes_rise_times_in_a_row() {
             "/health",
         ],
     );
-    // Twenty alternating answers: never two passes in a row, never in.
+    // Twenty flapping answers: never two passes in a row, never in.
     let seen = wait_until(Duration::from_secs(10), || {
         assert!(etcd.get(KEY).is_none(), "flapping instance was registered");
         (h.served.load(Ordering::SeqCst) >= 20).then_some(())

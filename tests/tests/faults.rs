@@ -165,7 +165,7 @@ fn programs_are_replaced_atomically_under_load() {
     assert_eq!(
         log.matches("replaced the attached program atomically")
             .count(),
-        4,
+        5,
         "{log}"
     );
     let now = prog_ids(&w);

@@ -603,7 +603,9 @@ fn consistent_policy_sticks_workloads_and_moves_about_one_nth_on_change() {
 
 #[test]
 fn active_checks_eject_a_dead_backend_on_this_node_and_bring_it_back() {
-    let w = world("activecheck", &[]);
+    // Active checks alone: passive ejection would hold the dead backend out
+    // for its own back-off.
+    let w = world("activecheck", &["--passive-failures", "0"]);
     let a = Backend::tcp("a", addr("127.0.0.2:0"));
     let b = Backend::tcp("b", addr("127.0.0.3:0"));
     let at = a.addr();
@@ -696,4 +698,40 @@ fn connect_timeout_fails_a_connect_to_a_backend_that_drops_syns() {
     );
     let c = w.agent.counters();
     assert!(c["connect_failed"] >= 1, "{c:?}");
+}
+
+#[test]
+fn passive_checks_eject_a_backend_that_refuses_connections() {
+    let w = world(
+        "passive",
+        &["--passive-failures", "3", "--passive-ejection", "2s"],
+    );
+    // Registered, but nothing listens there any more: connects are refused.
+    let refused = {
+        let b = Backend::tcp("gone", addr("127.0.0.2:0"));
+        b.addr()
+    };
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    w.service("web", "127.0.0.1:8080", "tcp");
+    w.backend("web", "gone", &refused.to_string());
+    w.backend("web", "b", &b.addr().to_string());
+    // Some clients get refused at first; after three in a row the agent
+    // takes the backend out on this node, before any etcd change.
+    let ok = wait_until(Duration::from_secs(10), || {
+        (tally(&w.probe("tcp", "127.0.0.1:8080", 20)) == all("b", 20)).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "refusing backend not ejected:\n{}",
+        w.agent.log()
+    );
+    w.agent.wait_log(
+        "connects keep failing; out of rotation on this node",
+        Duration::from_secs(1),
+    );
+    assert!(w.agent.counters()["connect_failed"] >= 3);
+    assert!(w.etcd.get("/discovery/backends/web/gone").is_some());
+    // After the back-off it is tried again.
+    w.agent
+        .wait_log("passive ejection over", Duration::from_secs(5));
 }
