@@ -151,8 +151,8 @@ pub enum ServiceCommand {
         frontend: String,
         #[arg(long, value_enum, default_value = "tcp")]
         protocol: Protocol,
-        /// How backends are chosen: random (weighted) or consistent
-        /// (sticky per client cgroup).
+        /// How backends are chosen: random (weighted), consistent (sticky
+        /// per client cgroup) or least-conn (fewer live connections).
         #[arg(long, value_enum, default_value = "random")]
         policy: Policy,
         #[command(flatten)]

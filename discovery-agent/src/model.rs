@@ -95,8 +95,6 @@ pub enum Invalid {
     FrontendNotAllowed(String, String),
     #[error("weight {0} is above the maximum {MAX_WEIGHT}")]
     Weight(u64),
-    #[error("policy {0:?} is not supported yet (use random or consistent)")]
-    Policy(Policy),
     #[error("check: {0}")]
     Check(String),
     #[error("connect_timeout {0}")]
@@ -216,7 +214,8 @@ pub enum Policy {
     /// sticks to one backend; removing one of N backends moves about 1/N
     /// of the workloads.
     Consistent,
-    /// Reserved; rejected until it exists.
+    /// Power of two choices on live connection counts kept in the kernel:
+    /// new connections go mostly to the backends with fewer open ones.
     LeastConn,
 }
 
@@ -389,9 +388,6 @@ pub fn parse_service(
             .collect::<Vec<_>>()
             .join(",");
         return Err(Invalid::FrontendNotAllowed(frontend.to_string(), ranges));
-    }
-    if j.policy == Policy::LeastConn {
-        return Err(Invalid::Policy(j.policy));
     }
     let check = j.check.as_ref().map(ServiceCheck::parse).transpose()?;
     let connect_timeout_ms = match &j.connect_timeout {
@@ -721,8 +717,10 @@ mod tests {
                 br#"{"frontend":"127.0.0.9:53","policy":"least_conn"}"#,
                 &allowed,
                 5
-            ),
-            Err(Invalid::Policy(Policy::LeastConn))
+            )
+            .unwrap()
+            .policy,
+            Policy::LeastConn
         );
         assert!(matches!(
             parse_service(

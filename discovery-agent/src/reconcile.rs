@@ -12,7 +12,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use discovery_common::{
-    BACKEND_F_VALID, Backend, SVC_F_CONSISTENT, Service, ServiceKey, Slot, SlotKey, v4_mapped,
+    BACKEND_F_VALID, Backend, SVC_F_CONSISTENT, SVC_F_LEAST_CONN, Service, ServiceKey, Slot,
+    SlotKey, v4_mapped,
 };
 
 use crate::model::{BackendDef, Desired, DesiredService, Policy};
@@ -472,8 +473,9 @@ impl<D: Dataplane> Reconciler<D> {
     fn apply(&mut self, key: ServiceKey, svc: &DesiredService) -> Result<Option<Change>, MapError> {
         let want = desired_slots(svc);
         let flags = match svc.policy {
+            Policy::Random => 0,
             Policy::Consistent => SVC_F_CONSISTENT,
-            _ => 0,
+            Policy::LeastConn => SVC_F_LEAST_CONN,
         };
         if let Some(cur) = self.installed.get(&key)
             && cur.slots == want

@@ -103,6 +103,10 @@ pub struct Service {
 /// names one backend (`threshold` is `u32::MAX`, `alias == backend`).
 pub const SVC_F_CONSISTENT: u32 = 1;
 
+/// `least_conn`: connect() draws two backends (weighted) and takes the one
+/// with fewer live connections (`BackendHealth::live`).
+pub const SVC_F_LEAST_CONN: u32 = 2;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SlotKey {
@@ -182,7 +186,8 @@ pub struct BackendKey {
 pub struct BackendHealth {
     /// Failed connects since the last successful one.
     pub consecutive_failures: u32,
-    pub pad: u32,
+    /// Redirected TCP connections open now (established, not yet closed).
+    pub live: u32,
     pub failures: u64,
     pub established: u64,
 }

@@ -24,8 +24,8 @@ use aya_ebpf::{
 use discovery_common::{
     BACKEND_F_VALID, BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendKey, Counter,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, IPPROTO_TCP, IPPROTO_UDP,
-    REVNAT_ENTRIES, RevNatEntry, SVC_F_CONSISTENT, Service, ServiceKey, Slot, SlotKey, SockRevNat,
-    v4_mapped,
+    REVNAT_ENTRIES, RevNatEntry, SVC_F_CONSISTENT, SVC_F_LEAST_CONN, Service, ServiceKey, Slot,
+    SlotKey, SockRevNat, v4_mapped,
 };
 
 #[btf_map(name = "disc_services")]
@@ -87,8 +87,8 @@ enum Pick {
     NotFrontend,
     /// A frontend with no backend: fail the call at once.
     NoBackend,
-    /// The backend, and the service's connect timeout in ms.
-    Backend(Backend, u32),
+    /// The backend, the service's connect timeout in ms and its flags.
+    Backend(Backend, u32, u32),
 }
 
 /// One service lookup, then a weighted choice: `draw` (given the service's
@@ -105,7 +105,8 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
     if svc.count == 0 {
         return Pick::NoBackend;
     }
-    let (r1, r2) = draw(svc.flags);
+    let flags = svc.flags;
+    let (r1, r2) = draw(flags);
     let timeout = svc.connect_timeout_ms;
     let (mut set_id, mut count) = (svc.set_id, svc.count);
     let mut attempt = 0;
@@ -121,7 +122,7 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
             if let Some(b) = BACKENDS.get(id)
                 && b.flags & BACKEND_F_VALID != 0
             {
-                return Pick::Backend(*b, timeout);
+                return Pick::Backend(*b, timeout, flags);
             }
         }
         bump(Counter::StaleRetry);
@@ -215,6 +216,17 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Live connections to a backend, as the sock_ops program counts them.
+#[inline(always)]
+fn live(b: &Backend) -> u32 {
+    let key = BackendKey {
+        addr: b.addr,
+        port: b.port,
+        pad: 0,
+    };
+    unsafe { BHEALTH.get(&key) }.map_or(0, |h| h.live)
+}
+
 /// `consistent` policy: the slot comes from the caller's cgroup (its
 /// workload), so every connection of a workload lands on the same backend.
 /// Slots of a Maglev table name one backend, so the second draw is moot.
@@ -248,9 +260,19 @@ pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
     }) {
         Pick::NotFrontend => return ALLOW,
         Pick::NoBackend => return refuse(),
-        Pick::Backend(b, t) => (b, t),
+        Pick::Backend(b, t, f) => (b, t, f),
     };
-    let (backend, timeout_ms) = backend;
+    let (mut backend, timeout_ms, flags) = backend;
+    if flags & SVC_F_LEAST_CONN != 0 {
+        // Power of two choices: a second weighted draw, and the one with
+        // fewer live connections wins.
+        if let Pick::Backend(other, _, _) = pick(&key, |_| unsafe {
+            (bpf_get_prandom_u32(), bpf_get_prandom_u32())
+        }) && live(&other) < live(&backend)
+        {
+            backend = other;
+        }
+    }
     set_ctx_addr(&ctx, &backend.addr, backend.port);
     remember(&ctx, &key, &backend, timeout_ms);
     bump(Counter::ConnectRedirected);
@@ -283,7 +305,7 @@ pub fn disc_sendmsg4(ctx: SockAddrContext) -> i32 {
     }) {
         Pick::NotFrontend => return ALLOW,
         Pick::NoBackend => return refuse(),
-        Pick::Backend(b, _) => b,
+        Pick::Backend(b, _, _) => b,
     };
     set_ctx_addr(&ctx, &backend.addr, backend.port);
     remember(&ctx, &key, &backend, 0);
@@ -388,10 +410,12 @@ pub fn disc_sockops(ctx: SockOpsContext) -> u32 {
                 Some(h) => unsafe {
                     (*h).consecutive_failures = 0;
                     (*h).established += 1;
+                    (*h).live += 1;
                 },
                 None => {
                     let h = BackendHealth {
                         established: 1,
+                        live: 1,
                         ..BackendHealth::default()
                     };
                     let _ = BHEALTH.insert(&key, &h, 0);
@@ -401,6 +425,13 @@ pub fn disc_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_STATE_CB => {
             // Only sockets that got the flag above: redirected ones.
             let (old, new) = (ctx.arg(0), ctx.arg(1));
+            if new == BPF_TCP_CLOSE && old != BPF_TCP_SYN_SENT && old != BPF_TCP_CLOSE {
+                // An established connection ended (it was counted live).
+                let key = peer(&ctx);
+                if let Some(h) = unsafe { BHEALTH.get_ptr_mut(&key) } {
+                    unsafe { (*h).live = (*h).live.saturating_sub(1) };
+                }
+            }
             if old == BPF_TCP_SYN_SENT && new == BPF_TCP_CLOSE {
                 bump(Counter::ConnectFailed);
                 let key = peer(&ctx);

@@ -134,6 +134,33 @@ impl Backend {
         }
     }
 
+    /// Like `tcp`, but keeps every connection open after the greeting (a
+    /// backend whose requests hang), until dropped.
+    pub fn tcp_holding(name: &str, addr: SocketAddr) -> Self {
+        let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+        let addr = l.local_addr().expect("local addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, name) = (stop.clone(), name.to_owned());
+        let thread = thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in l.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(mut c) = c {
+                    let _ = c.write_all(format!("{name}\n").as_bytes());
+                    held.push(c);
+                }
+            }
+        });
+        Self {
+            addr,
+            udp: false,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
     pub fn udp(name: &str, addr: SocketAddr) -> Self {
         let sock = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
         let addr = sock.local_addr().expect("local addr");

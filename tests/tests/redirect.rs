@@ -735,3 +735,38 @@ fn passive_checks_eject_a_backend_that_refuses_connections() {
     w.agent
         .wait_log("passive ejection over", Duration::from_secs(5));
 }
+
+#[test]
+fn least_conn_sends_new_connections_away_from_a_backend_holding_many() {
+    let w = world("leastconn", &[]);
+    let fast = Backend::tcp("fast", addr("127.0.0.2:0"));
+    let slow = Backend::tcp_holding("slow", addr("127.0.0.3:0"));
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":"127.0.0.1:8080","policy":"least_conn"}"#,
+    );
+    w.backend("web", "fast", &fast.addr().to_string());
+    w.backend("web", "slow", &slow.addr().to_string());
+    // (A plain probe would wait for the slow backend to close.)
+    w.agent.wait_log("backends=2", Duration::from_secs(5));
+    // The client keeps the slow backend's connections open (hung requests)
+    // and closes the fast one's at once.
+    let n = 200;
+    let out = w.cg.output(std::process::Command::new(PROBE).args([
+        "hold",
+        "127.0.0.1:8080",
+        &n.to_string(),
+        "slow",
+    ]));
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let slow_share = text.lines().filter(|l| *l == "slow").count() as f64 / n as f64;
+    eprintln!(
+        "least_conn: slow backend got {:.0}% of {n} connections",
+        slow_share * 100.0
+    );
+    // Random would give 50%; two choices give about 25% once the slow one
+    // leads (both draws must hit it). The bound is several sigma from both.
+    assert!(slow_share < 0.38, "slow share {slow_share}");
+    assert!(text.lines().count() == n);
+}

@@ -3,6 +3,9 @@
 //!
 //! discovery-probe tcp|udp|udp-connected ADDR COUNT
 //! discovery-probe load ADDR MILLIS   (TCP connections back to back)
+//! discovery-probe hold ADDR COUNT NAME (TCP; connections answered by NAME
+//!                                      stay open until the end, like hung
+//!                                      requests; the others close at once)
 use std::{
     io::Read as _,
     net::{SocketAddr, TcpStream, UdpSocket},
@@ -48,8 +51,36 @@ fn once(mode: &str, addr: SocketAddr) -> std::io::Result<(String, String)> {
     }
 }
 
+/// `hold` mode: one line per connection, the answering backend's name.
+fn hold(addr: SocketAddr, count: usize, name: &str) {
+    use std::io::BufRead as _;
+    let mut held = Vec::new();
+    for _ in 0..count {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        let mut line = String::new();
+        std::io::BufReader::new(&s)
+            .read_line(&mut line)
+            .expect("greeting");
+        let got = line.trim().to_owned();
+        println!("{got}");
+        if got == name {
+            held.push(s);
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let [_, mode, addr, count, name] = &args[..]
+        && mode == "hold"
+    {
+        hold(
+            addr.parse().expect("ADDR"),
+            count.parse().expect("COUNT"),
+            name,
+        );
+        return;
+    }
     let [_, mode, addr, count] = &args[..] else {
         eprintln!("usage: discovery-probe tcp|udp|udp-connected ADDR COUNT");
         std::process::exit(2);
