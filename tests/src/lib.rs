@@ -112,31 +112,16 @@ pub struct Backend {
 
 impl Backend {
     pub fn tcp(name: &str, addr: SocketAddr) -> Self {
-        let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
-        let addr = l.local_addr().expect("local addr");
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, name) = (stop.clone(), name.to_owned());
-        let thread = thread::spawn(move || {
-            for c in l.incoming() {
-                if s.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Ok(mut c) = c {
-                    let _ = c.write_all(format!("{name}\n").as_bytes());
-                }
-            }
-        });
-        Self {
-            addr,
-            udp: false,
-            stop,
-            thread: Some(thread),
-        }
+        Self::tcp_with(name, addr, false)
     }
 
     /// Like `tcp`, but keeps every connection open after the greeting (a
     /// backend whose requests hang), until dropped.
     pub fn tcp_holding(name: &str, addr: SocketAddr) -> Self {
+        Self::tcp_with(name, addr, true)
+    }
+
+    fn tcp_with(name: &str, addr: SocketAddr, hold: bool) -> Self {
         let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
         let addr = l.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
@@ -149,7 +134,9 @@ impl Backend {
                 }
                 if let Ok(mut c) = c {
                     let _ = c.write_all(format!("{name}\n").as_bytes());
-                    held.push(c);
+                    if hold {
+                        held.push(c);
+                    }
                 }
             }
         });
