@@ -6,7 +6,7 @@ use crate::{
     config::{BackendCommand, ServiceCommand},
     etcd::connect,
     model::{
-        ServiceJson, maintenance_key_path, parse_addr, service_key_path, valid_instance, valid_name,
+        ServiceJson, check_instance, check_name, maintenance_key_path, parse_addr, service_key_path,
     },
 };
 
@@ -19,9 +19,7 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
             policy,
             etcd,
         } => {
-            if !valid_name(&name) {
-                bail!("invalid service name {name:?}: must match [a-z0-9][a-z0-9._-]{{0,62}}");
-            }
+            check_name(&name)?;
             let frontend = parse_addr(&frontend).map_err(|e| anyhow::anyhow!("--frontend: {e}"))?;
             let key = service_key_path(&etcd.prefix, &name);
             let value = serde_json::to_string(&ServiceJson {
@@ -70,12 +68,8 @@ pub async fn backend(cmd: BackendCommand) -> anyhow::Result<()> {
             etcd,
         } => (service, instance, etcd, None),
     };
-    if !valid_name(service) {
-        bail!("invalid service name {service:?}: must match [a-z0-9][a-z0-9._-]{{0,62}}");
-    }
-    if !valid_instance(instance) {
-        bail!("invalid instance id {instance:?}: 1-128 characters of [A-Za-z0-9._:-]");
-    }
+    check_name(service)?;
+    check_instance(instance)?;
     let key = maintenance_key_path(&etcd.prefix, service, instance);
     let mut client = connect(&etcd.config()?).await?;
     match reason {

@@ -73,7 +73,7 @@ pub struct BackendDef {
 pub enum Invalid {
     #[error("unknown key layout (expected services/<name> or backends/<name>/<instance-id>)")]
     Layout,
-    #[error("invalid name {0:?}: must match [a-z0-9][a-z0-9._-]{{0,62}}")]
+    #[error("invalid service name {0:?}: must match [a-z0-9][a-z0-9._-]{{0,62}}")]
     Name(String),
     #[error("invalid instance id {0:?}: 1-128 characters of [A-Za-z0-9._:-]")]
     Instance(String),
@@ -116,6 +116,24 @@ pub fn valid_name(s: &str) -> bool {
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
         && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
+}
+
+/// The service name rule, as an error that says it.
+pub fn check_name(s: &str) -> Result<(), Invalid> {
+    if valid_name(s) {
+        Ok(())
+    } else {
+        Err(Invalid::Name(s.to_owned()))
+    }
+}
+
+/// The instance id rule, as an error that says it.
+pub fn check_instance(s: &str) -> Result<(), Invalid> {
+    if valid_instance(s) {
+        Ok(())
+    } else {
+        Err(Invalid::Instance(s.to_owned()))
+    }
 }
 
 pub fn valid_instance(s: &str) -> bool {

@@ -370,6 +370,19 @@ fn peer(ctx: &SockOpsContext) -> BackendKey {
     }
 }
 
+/// Applies `f` to a backend's entry, creating it (zeroed) if missing.
+#[inline(always)]
+fn update_health(key: &BackendKey, f: impl FnOnce(&mut BackendHealth)) {
+    match BHEALTH.get_ptr_mut(key) {
+        Some(h) => f(unsafe { &mut *h }),
+        None => {
+            let mut h = BackendHealth::default();
+            f(&mut h);
+            let _ = BHEALTH.insert(key, &h, 0);
+        }
+    }
+}
+
 #[inline(always)]
 fn set_user_timeout(ctx: &SockOpsContext, ms: u32) {
     let mut v = ms as i32;
@@ -405,22 +418,11 @@ pub fn disc_sockops(ctx: SockOpsContext) -> u32 {
                 // The connect timeout is not a timeout for the connection.
                 set_user_timeout(&ctx, 0);
             }
-            let key = peer(&ctx);
-            match unsafe { BHEALTH.get_ptr_mut(&key) } {
-                Some(h) => unsafe {
-                    (*h).consecutive_failures = 0;
-                    (*h).established += 1;
-                    (*h).live += 1;
-                },
-                None => {
-                    let h = BackendHealth {
-                        established: 1,
-                        live: 1,
-                        ..BackendHealth::default()
-                    };
-                    let _ = BHEALTH.insert(&key, &h, 0);
-                }
-            }
+            update_health(&peer(&ctx), |h| {
+                h.consecutive_failures = 0;
+                h.established += 1;
+                h.live += 1;
+            });
         }
         BPF_SOCK_OPS_STATE_CB => {
             // Only sockets that got the flag above: redirected ones.
@@ -428,27 +430,16 @@ pub fn disc_sockops(ctx: SockOpsContext) -> u32 {
             if new == BPF_TCP_CLOSE && old != BPF_TCP_SYN_SENT && old != BPF_TCP_CLOSE {
                 // An established connection ended (it was counted live).
                 let key = peer(&ctx);
-                if let Some(h) = unsafe { BHEALTH.get_ptr_mut(&key) } {
+                if let Some(h) = BHEALTH.get_ptr_mut(&key) {
                     unsafe { (*h).live = (*h).live.saturating_sub(1) };
                 }
             }
             if old == BPF_TCP_SYN_SENT && new == BPF_TCP_CLOSE {
                 bump(Counter::ConnectFailed);
-                let key = peer(&ctx);
-                match unsafe { BHEALTH.get_ptr_mut(&key) } {
-                    Some(h) => unsafe {
-                        (*h).consecutive_failures += 1;
-                        (*h).failures += 1;
-                    },
-                    None => {
-                        let h = BackendHealth {
-                            consecutive_failures: 1,
-                            failures: 1,
-                            ..BackendHealth::default()
-                        };
-                        let _ = BHEALTH.insert(&key, &h, 0);
-                    }
-                }
+                update_health(&peer(&ctx), |h| {
+                    h.consecutive_failures += 1;
+                    h.failures += 1;
+                });
             }
         }
         _ => {}

@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 use crate::{
     health::{Check, CheckKind},
-    model::{MAX_WEIGHT, parse_addr, valid_instance, valid_name},
+    model::{MAX_WEIGHT, check_instance, check_name, parse_addr},
 };
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
@@ -95,19 +95,12 @@ fn hostname() -> String {
 impl RawInstance {
     /// Checks every field and fills in defaults.
     pub fn validate(self) -> anyhow::Result<Instance> {
-        if !valid_name(&self.service) {
-            bail!(
-                "invalid service name {:?}: must match [a-z0-9][a-z0-9._-]{{0,62}}",
-                self.service
-            );
-        }
+        check_name(&self.service)?;
         let addr = parse_addr(&self.addr).map_err(|e| anyhow::anyhow!("addr: {e}"))?;
         let id = self
             .id
             .unwrap_or_else(|| format!("{}-{}", hostname(), addr.port()));
-        if !valid_instance(&id) {
-            bail!("invalid instance id {id:?}: 1-128 characters of [A-Za-z0-9._:-]");
-        }
+        check_instance(&id)?;
         let weight = self.weight.unwrap_or(1);
         if weight > MAX_WEIGHT {
             bail!("weight {weight} is above the maximum {MAX_WEIGHT}");
