@@ -52,5 +52,60 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         Toolchain::Custom(&toolchain),
-    )
+    )?;
+    version_info()
+}
+
+/// `--version` and `status` name the exact build: the git commit and a
+/// content hash of the embedded eBPF object (the "programs id").
+fn version_info() -> anyhow::Result<()> {
+    let out_dir = PathBuf::from(env::var("OUT_DIR").context("OUT_DIR")?);
+    let object = std::fs::read(out_dir.join("discovery")).context("reading the eBPF object")?;
+    // FNV-1a 64: enough to tell builds apart, no dependency.
+    let id = object.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    println!("cargo:rustc-env=DISCOVERY_PROGRAMS_ID={id:016x}");
+    let git = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let dirty = Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .is_some_and(|o| o.status.success() && !o.stdout.is_empty());
+    let suffix = if dirty { "-dirty" } else { "" };
+    println!("cargo:rustc-env=DISCOVERY_GIT={git}{suffix}");
+    // Re-run when the checked-out commit moves.
+    if let Ok(head) = Command::new("git")
+        .args(["rev-parse", "--git-path", "HEAD"])
+        .output()
+    {
+        println!(
+            "cargo:rerun-if-changed={}",
+            String::from_utf8_lossy(&head.stdout).trim()
+        );
+    }
+    if let Ok(r) = Command::new("git")
+        .args(["symbolic-ref", "-q", "HEAD"])
+        .output()
+        && r.status.success()
+        && let Ok(p) = Command::new("git")
+            .args([
+                "rev-parse",
+                "--git-path",
+                String::from_utf8_lossy(&r.stdout).trim(),
+            ])
+            .output()
+    {
+        println!(
+            "cargo:rerun-if-changed={}",
+            String::from_utf8_lossy(&p.stdout).trim()
+        );
+    }
+    Ok(())
 }

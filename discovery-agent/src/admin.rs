@@ -6,7 +6,8 @@ use crate::{
     config::{BackendCommand, ServiceCommand},
     etcd::connect,
     model::{
-        ServiceJson, check_instance, check_name, maintenance_key_path, parse_addr, service_key_path,
+        KeepaliveJson, ServiceJson, check_instance, check_name, maintenance_key_path, parse_addr,
+        service_key_path,
     },
 };
 
@@ -17,18 +18,32 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
             frontend,
             protocol,
             policy,
+            connect_timeout,
+            user_timeout,
+            keepalive_idle,
+            keepalive_interval,
+            keepalive_probes,
             etcd,
         } => {
             check_name(&name)?;
             let frontend = parse_addr(&frontend).map_err(|e| anyhow::anyhow!("--frontend: {e}"))?;
             let key = service_key_path(&etcd.prefix, &name);
-            let value = serde_json::to_string(&ServiceJson {
+            let json = ServiceJson {
                 frontend: frontend.to_string(),
                 protocol,
                 policy,
                 check: None,
-                connect_timeout: None,
-            })?;
+                connect_timeout,
+                user_timeout,
+                keepalive: keepalive_idle.map(|idle| KeepaliveJson {
+                    idle,
+                    interval: keepalive_interval,
+                    probes: keepalive_probes,
+                }),
+            };
+            // The agents would skip an invalid definition; say so here.
+            json.tcp_opts()?;
+            let value = serde_json::to_string(&json)?;
             let mut client = connect(&etcd.config()?).await?;
             client
                 .put(key.as_str(), value.as_str(), None)

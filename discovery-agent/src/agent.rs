@@ -1,6 +1,6 @@
 //! The run loop: etcd → model → desired table → reconciler → maps.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
 };
 
@@ -18,8 +18,9 @@ use crate::{
     loader,
     maps::BpfMaps,
     metrics::{self, Metrics, NotApplied},
-    model::{Applied, Conflict, Model, proto_name},
+    model::{Applied, Conflict, Desired, Model, proto_name},
     reconcile::{ApplyError, Change, Reconciler, frontend_of},
+    status::{self, SnapBackend, SnapService, Snapshot},
 };
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -31,7 +32,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let pin_dir = args.pin.pin_dir.clone();
     // Bound before attaching: a busy port must not leave programs behind.
-    let metrics = Arc::new(Metrics::new());
+    let (names_tx, names_rx) = tokio::sync::watch::channel(HashMap::new());
+    let metrics = Arc::new(Metrics::new(Some(metrics::KernelCollector {
+        pin_dir: pin_dir.clone(),
+        names: names_rx.clone(),
+        etcd_revision: Default::default(),
+        etcd_watch_revision: Default::default(),
+    })));
     if let MetricsAddr(Some(addr)) = args.metrics_addr {
         metrics::serve(addr, metrics.clone()).await?;
     }
@@ -54,8 +61,33 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let source = Source {
         etcd,
         prefix: args.etcd.prefix.clone(),
+        metrics: metrics.clone(),
     };
     let source_task = tokio::spawn(source.run(tx));
+
+    let node = args
+        .node
+        .clone()
+        .unwrap_or_else(crate::announce::config::hostname);
+    let consumers_task = (!args.consumers_interval.is_zero()).then(|| {
+        tokio::spawn(
+            crate::consumers::Publisher {
+                etcd: args.etcd.config().expect("checked at start"),
+                prefix: args.etcd.prefix.clone(),
+                node: node.clone(),
+                pin_dir: pin_dir.clone(),
+                cgroup_root: loader::cgroup2_root().unwrap_or_else(|_| cgroup.clone()),
+                interval: args.consumers_interval,
+                names: names_rx,
+            }
+            .run(),
+        )
+    });
+    // The status file is rewritten at most once per tick, when dirty.
+    let mut status_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status_dirty = false;
+    let mut applied_unix = 0;
 
     let (health_tx, mut health_rx) = mpsc::channel(256);
     let mut checks = ActiveChecks::new(health_tx)?;
@@ -65,6 +97,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut conflicts = BTreeSet::new();
     let mut failing: BTreeMap<NotApplied, String> = BTreeMap::new();
     let mut revision = 0;
+    let mut desired_last = Desired::default();
     // Passive checks read the kernel's connect outcomes at this pace.
     let mut passive_tick = tokio::time::interval(std::time::Duration::from_millis(200));
     passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -95,6 +128,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     continue;
                 }
             }
+            _ = status_tick.tick(), if status_dirty => {
+                let snap = snapshot(&node, revision, applied_unix, &model, &desired_last, &checks);
+                if let Err(e) = status::write_snapshot(&args.status.status_file, &snap) {
+                    warn!(path = %args.status.status_file.display(), error = %format!("{e:#}"),
+                          "could not write the status file");
+                }
+                status_dirty = false;
+                continue;
+            }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break }
         }
@@ -103,7 +145,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         // Active checks: this node's view of backend health.
         checks.sync(&desired);
         checks.apply(&mut desired);
+        let started = std::time::Instant::now();
         let (changes, errors) = reconciler.reconcile(&desired);
+        metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        metrics.last_reconcile.set(status::unix_now() as i64);
         for c in changes {
             match c {
                 Change::Updated {
@@ -130,12 +177,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
         report_failures(&mut failing, errors, &metrics);
+        names_tx.send_if_modified(|names| {
+            let now: HashMap<_, _> = desired
+                .services
+                .iter()
+                .map(|(k, s)| (*k, s.service.clone()))
+                .collect();
+            let changed = *names != now;
+            *names = now;
+            changed
+        });
+        applied_unix = status::unix_now();
+        desired_last = desired;
+        status_dirty = true;
         metrics.services.set(reconciler.services_installed() as i64);
         metrics.invalid_keys.set(model.invalid_keys().len() as i64);
         metrics.etcd_revision.set(revision);
         metrics.ejected.set(checks.ejected() as i64);
     }
     source_task.abort();
+    if let Some(t) = consumers_task {
+        t.abort();
+    }
     if args.detach_on_exit {
         loader::detach(&pin_dir)?;
     } else {
@@ -236,4 +299,60 @@ fn report_conflicts(seen: &mut BTreeSet<Conflict>, now: &BTreeSet<Conflict>) {
         );
     }
     *seen = now.clone();
+}
+
+/// What `status` shows beside the kernel's view: names, weights, states
+/// and this node's health verdicts.
+fn snapshot(
+    node: &str,
+    revision: i64,
+    applied_unix: u64,
+    model: &Model,
+    desired: &Desired,
+    checks: &ActiveChecks,
+) -> Snapshot {
+    let services = model
+        .view()
+        .into_iter()
+        .map(|(name, def, backends)| SnapService {
+            name: name.to_owned(),
+            frontend: def.frontend.to_string(),
+            protocol: serde_name(&def.protocol),
+            policy: serde_name(&def.policy),
+            routed: desired.services.values().any(|d| d.service == name),
+            backends: backends
+                .into_iter()
+                .map(|(instance, b, maintenance)| SnapBackend {
+                    instance: instance.to_owned(),
+                    addr: b.addr.to_string(),
+                    weight: b.weight,
+                    state: if maintenance {
+                        "maintenance"
+                    } else if b.weight == 0 {
+                        "draining"
+                    } else {
+                        "active"
+                    }
+                    .to_owned(),
+                    health: checks.health(b.addr).to_owned(),
+                })
+                .collect(),
+        })
+        .collect();
+    Snapshot {
+        node: node.to_owned(),
+        pid: std::process::id(),
+        version: crate::config::VERSION.to_owned(),
+        revision,
+        applied_unix,
+        services,
+    }
+}
+
+/// An enum's name as written in etcd (`least_conn`, `both`).
+fn serde_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }

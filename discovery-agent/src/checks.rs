@@ -62,6 +62,19 @@ impl ActiveChecks {
         })
     }
 
+    /// This node's verdict on a backend, for `status`: `ok`, `check
+    /// failing` (out of services that have an active check) or `ejected`
+    /// (passively, from every service).
+    pub fn health(&self, addr: SocketAddrV4) -> &'static str {
+        if self.ejected_until.contains_key(&addr) {
+            "ejected"
+        } else if self.down.contains(&addr) {
+            "check failing"
+        } else {
+            "ok"
+        }
+    }
+
     /// Backends out of rotation on this node (active or passive).
     pub fn ejected(&self) -> usize {
         self.down

@@ -13,19 +13,46 @@ use ipnet::Ipv4Net;
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/discovery";
 pub const DEFAULT_PREFIX: &str = "/discovery/";
 pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
+pub const DEFAULT_STATUS_FILE: &str = "/run/discovery/status.json";
+
+/// Crate version, git commit and the embedded programs' content hash.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("DISCOVERY_GIT"),
+    ", programs ",
+    env!("DISCOVERY_PROGRAMS_ID"),
+    ")"
+);
 
 #[derive(Debug, Parser)]
 #[command(
     name = "discovery-agent",
-    version,
+    version = VERSION,
     about = "eBPF transparent service redirector"
 )]
 pub struct Cli {
-    /// Log filter (tracing EnvFilter syntax); RUST_LOG is used when unset.
+    /// Log level or filter (tracing EnvFilter syntax, e.g. `debug` or
+    /// `info,discovery_agent::etcd=debug`); RUST_LOG is used when unset.
     #[arg(long, global = true, env = "DISCOVERY_LOG")]
     pub log: Option<String>,
+    /// Log lines as text or as JSON objects (one per line, for collectors).
+    #[arg(
+        long,
+        global = true,
+        env = "DISCOVERY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -36,6 +63,9 @@ pub enum Command {
     Detach(PinArgs),
     /// Print the kernel counters (summed over CPUs) from the pinned maps.
     Counters(PinArgs),
+    /// Show every service, its backends, their state and traffic; works
+    /// while the agent is down.
+    Status(StatusArgs),
     /// Register local instances in etcd while their health checks pass.
     Announce(AnnounceArgs),
     /// Define or remove a service (its frontend) in etcd.
@@ -155,6 +185,22 @@ pub enum ServiceCommand {
         /// per client cgroup) or least-conn (fewer live connections).
         #[arg(long, value_enum, default_value = "random")]
         policy: Policy,
+        /// TCP connects to a backend fail after this long, e.g. 500ms.
+        #[arg(long)]
+        connect_timeout: Option<String>,
+        /// Established connections with data unacknowledged this long fail.
+        #[arg(long)]
+        user_timeout: Option<String>,
+        /// TCP keepalive on redirected connections: idle time before probing.
+        #[arg(long)]
+        keepalive_idle: Option<String>,
+        /// Time between keepalive probes (needs --keepalive-idle).
+        #[arg(long, requires = "keepalive_idle")]
+        keepalive_interval: Option<String>,
+        /// Unanswered probes before the connection fails (needs
+        /// --keepalive-idle).
+        #[arg(long, requires = "keepalive_idle")]
+        keepalive_probes: Option<u16>,
         #[command(flatten)]
         etcd: EtcdArgs,
     },
@@ -289,7 +335,43 @@ pub struct PinArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct StatusFileArgs {
+    /// Where the agent records what it applied (names, weights, states,
+    /// health) for `status`.
+    #[arg(long, env = "DISCOVERY_STATUS_FILE", default_value = DEFAULT_STATUS_FILE)]
+    pub status_file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub pin: PinArgs,
+    #[command(flatten)]
+    pub status: StatusFileArgs,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Redraw every INTERVAL (e.g. 1s) until interrupted, like `top`.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s",
+          value_parser = humantime::parse_duration)]
+    pub watch: Option<Duration>,
+    /// Instead of the local view: every node and workload that uses
+    /// SERVICE, from etcd.
+    #[arg(long, value_name = "SERVICE", conflicts_with = "watch")]
+    pub consumers: Option<String>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(args_override_self = true)]
 pub struct RunArgs {
+    /// TOML file with any of these flags as keys (`pin_dir = "..."`,
+    /// `allowed_frontends = ["127.0.0.0/8"]`, `detach_on_exit = true`);
+    /// flags on the command line override it.
+    #[arg(long, env = "DISCOVERY_CONFIG")]
+    pub config: Option<PathBuf>,
+
     #[command(flatten)]
     pub etcd: EtcdArgs,
 
@@ -347,6 +429,19 @@ pub struct RunArgs {
     /// default they stay, so traffic keeps flowing while the agent is down.
     #[arg(long, env = "DISCOVERY_DETACH_ON_EXIT")]
     pub detach_on_exit: bool,
+
+    #[command(flatten)]
+    pub status: StatusFileArgs,
+
+    /// This node's name in etcd (consumers); default: the hostname.
+    #[arg(long, env = "DISCOVERY_NODE")]
+    pub node: Option<String>,
+
+    /// How often this node's consumers (which workloads use which
+    /// services) are published to etcd, if they changed; 0s turns it off.
+    #[arg(long, env = "DISCOVERY_CONSUMERS_INTERVAL", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub consumers_interval: Duration,
 }
 
 /// A prefix is an absolute etcd key path ending in '/'; the slash is added
@@ -363,6 +458,67 @@ fn parse_prefix(s: &str) -> Result<String, String> {
     } else {
         format!("{s}/")
     })
+}
+
+/// Expands `run --config FILE` (or DISCOVERY_CONFIG) into flags placed
+/// right after `run`, so every flag can live in the file and the command
+/// line still wins (`args_override_self`). Other commands pass through.
+pub fn expand_config_file(
+    args: Vec<std::ffi::OsString>,
+) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    use anyhow::Context as _;
+    let Some(run) = args.iter().position(|a| a == "run") else {
+        return Ok(args);
+    };
+    let mut path = std::env::var_os("DISCOVERY_CONFIG").map(PathBuf::from);
+    for (i, a) in args.iter().enumerate().skip(run + 1) {
+        let a = a.to_string_lossy();
+        if a == "--config" {
+            path = args.get(i + 1).map(PathBuf::from);
+        } else if let Some(p) = a.strip_prefix("--config=") {
+            path = Some(PathBuf::from(p));
+        }
+    }
+    let Some(path) = path else { return Ok(args) };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let file_args =
+        config_file_args(&text).with_context(|| format!("config file {}", path.display()))?;
+    let mut out = args[..=run].to_vec();
+    out.extend(file_args.into_iter().map(Into::into));
+    out.extend(args[run + 1..].iter().cloned());
+    Ok(out)
+}
+
+/// TOML keys to flags: `max_services = 100` → `--max-services 100`,
+/// `true` → the bare flag, arrays → one comma-joined value.
+fn config_file_args(text: &str) -> anyhow::Result<Vec<String>> {
+    let table: toml::Table = text.parse()?;
+    let mut out = Vec::new();
+    for (k, v) in table {
+        let flag = format!("--{}", k.replace('_', "-"));
+        let scalar = |v: &toml::Value| -> anyhow::Result<String> {
+            Ok(match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                other => anyhow::bail!(
+                    "{k}: expected a string or number, found {}",
+                    other.type_str()
+                ),
+            })
+        };
+        match &v {
+            toml::Value::Boolean(true) => out.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                let items: Vec<String> = items.iter().map(scalar).collect::<anyhow::Result<_>>()?;
+                out.extend([flag, items.join(",")]);
+            }
+            other => out.extend([flag, scalar(other)?]),
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -398,6 +554,43 @@ mod tests {
             panic!("expected run")
         };
         assert_eq!(args.metrics_addr, MetricsAddr(None));
+    }
+
+    #[test]
+    fn config_file_sets_flags_and_the_command_line_wins() {
+        let file = "pin_dir = \"/sys/fs/bpf/x\"\nmax_services = 100\n\
+                    allowed_frontends = [\"127.0.0.0/8\", \"169.254.0.0/16\"]\n\
+                    detach_on_exit = true\nreplace_programs = false\n";
+        let args = config_file_args(file).unwrap();
+        let mut argv = vec!["discovery-agent".to_owned(), "run".into()];
+        argv.extend(args);
+        argv.extend(["--max-services".to_owned(), "7".to_owned()]);
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(a.pin.pin_dir, PathBuf::from("/sys/fs/bpf/x"));
+        assert_eq!(a.max_services, 7, "command line overrides the file");
+        assert_eq!(a.allowed_frontends.len(), 2);
+        assert!(a.detach_on_exit && !a.replace_programs);
+        // A key that is no flag is an error from clap, naming it.
+        let mut argv = vec!["discovery-agent".to_owned(), "run".into()];
+        argv.extend(config_file_args("max_sevices = 1").unwrap());
+        let e = Cli::try_parse_from(argv).unwrap_err().to_string();
+        assert!(e.contains("--max-sevices"), "{e}");
+        assert!(config_file_args("[etcd]\nx = 1").is_err());
+    }
+
+    #[test]
+    fn the_contrib_config_file_is_valid() {
+        let mut argv = vec!["discovery-agent".to_owned(), "run".into()];
+        argv.extend(config_file_args(include_str!("../../contrib/agent.toml")).unwrap());
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(a.etcd.endpoints.len(), 3);
+        assert_eq!(a.passive_ejection, Duration::from_secs(10));
     }
 
     #[test]

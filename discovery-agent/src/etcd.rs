@@ -112,6 +112,8 @@ enum Lost {
 pub struct Source {
     pub etcd: EtcdConfig,
     pub prefix: String,
+    /// `etcd_connected` and `etcd_watch_revision` are kept here.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -150,6 +152,7 @@ impl Source {
             match self.list_and_watch(c, &tx, &mut backoff).await {
                 Ok(()) => return,
                 Err(e) => {
+                    self.metrics.etcd_connected.set(0);
                     let wait = backoff.next();
                     match e {
                         Lost::List(e) => {
@@ -199,6 +202,8 @@ impl Source {
             })
             .collect();
         info!(prefix = %self.prefix, revision, keys = kvs.len(), "listed etcd prefix");
+        self.metrics.etcd_connected.set(1);
+        self.metrics.etcd_watch_revision.set(revision);
         if tx.send(Update::Snapshot { kvs, revision }).await.is_err() {
             return Ok(());
         }
@@ -238,6 +243,7 @@ impl Source {
                 anyhow::bail!("watch canceled by etcd: {}", resp.cancel_reason());
             }
             let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+            self.metrics.etcd_watch_revision.set(rev);
             if resp.events().is_empty() {
                 debug!(revision = rev, "watch progress");
                 continue;

@@ -134,7 +134,17 @@ pub fn load_and_attach(
         .map_max_entries(names::SERVICES, sizes.max_services)
         .map_max_entries(names::SLOTS, sizes.slots())
         // Id 0 is reserved, so one more entry than backends.
-        .map_max_entries(names::BACKENDS, sizes.max_backends.saturating_add(1));
+        .map_max_entries(names::BACKENDS, sizes.max_backends.saturating_add(1))
+        .map_max_entries(names::SVC_STATS, sizes.max_services)
+        .map_max_entries(names::BACKEND_STATS, sizes.max_backends);
+    let hz = kernel_hz();
+    if hz == 0 {
+        warn!(
+            "CONFIG_HZ not found in /proc/config.gz or /boot/config-*: connect timeouts \
+             under 3 s keep the kernel's 1 s initial SYN retransmission"
+        );
+    }
+    loader.override_global("HZ", &hz, true);
     let mut ebpf = loader.load(PROGRAMS).context(
         "loading the BPF programs and maps (kernel needs cgroup sock_addr programs, \
          BTF and socket storage: Linux 5.10 or newer)",
@@ -272,9 +282,12 @@ fn install(
 /// or value layout differs from this build's would be misread, so refuse
 /// it; a different size only means other limits, so say so.
 fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow::Result<()> {
-    use discovery_common::{Backend, Service, ServiceKey, Slot, SlotKey};
+    use discovery_common::{
+        Backend, BackendKey, BackendStats, ConsumerKey, Service, ServiceKey, ServiceStats, Slot,
+        SlotKey,
+    };
     use std::mem::size_of;
-    let expect: [(&str, usize, usize, Option<u32>); 4] = [
+    let expect: [(&str, usize, usize, Option<u32>); 7] = [
         (
             names::SERVICES,
             size_of::<ServiceKey>(),
@@ -294,6 +307,19 @@ fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow:
             Some(sizes.max_backends.saturating_add(1)),
         ),
         (names::COUNTERS, 4, 8, None),
+        (
+            names::SVC_STATS,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceStats>(),
+            Some(sizes.max_services),
+        ),
+        (
+            names::BACKEND_STATS,
+            size_of::<BackendKey>(),
+            size_of::<BackendStats>(),
+            Some(sizes.max_backends),
+        ),
+        (names::CONSUMERS, size_of::<ConsumerKey>(), 8, None),
     ];
     for (name, key, value, entries) in expect {
         let map = ebpf
@@ -302,7 +328,9 @@ fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow:
         let info = match map {
             aya::maps::Map::HashMap(d)
             | aya::maps::Map::Array(d)
-            | aya::maps::Map::PerCpuArray(d) => d.info()?,
+            | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::PerCpuHashMap(d)
+            | aya::maps::Map::LruHashMap(d) => d.info()?,
             _ => bail!("map {name} has an unexpected type"),
         };
         if (info.key_size() as usize, info.value_size() as usize) != (key, value) {
@@ -454,6 +482,35 @@ fn remove_pin(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// CONFIG_HZ of the running kernel, from /proc/config.gz or
+/// /boot/config-<release>; 0 if neither says.
+pub fn kernel_hz() -> u32 {
+    use std::io::Read as _;
+    let from_gz = || -> Option<String> {
+        let f = fs::File::open("/proc/config.gz").ok()?;
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(f)
+            .read_to_string(&mut s)
+            .ok()?;
+        Some(s)
+    };
+    let from_boot = || -> Option<String> {
+        let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+        fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()
+    };
+    from_gz()
+        .or_else(from_boot)
+        .and_then(|config| parse_hz(&config))
+        .unwrap_or(0)
+}
+
+fn parse_hz(config: &str) -> Option<u32> {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,5 +525,12 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(cgroup2_mount_in("tmpfs /tmp tmpfs rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn reads_hz_from_a_kernel_config() {
+        let config = "# CONFIG_HZ_100 is not set\nCONFIG_HZ_250=y\nCONFIG_HZ=250\n";
+        assert_eq!(parse_hz(config), Some(250));
+        assert_eq!(parse_hz("CONFIG_HZ_1000=y\n"), None);
     }
 }

@@ -4,6 +4,7 @@ mod agent;
 mod announce;
 mod checks;
 mod config;
+mod consumers;
 mod etcd;
 mod health;
 mod loader;
@@ -11,6 +12,7 @@ mod maps;
 mod metrics;
 mod model;
 mod reconcile;
+mod status;
 
 use std::io::IsTerminal as _;
 
@@ -26,8 +28,41 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow
         .block_on(f)
 }
 
+async fn status_command(args: config::StatusArgs) -> anyhow::Result<()> {
+    if let Some(service) = &args.consumers {
+        let etcd = args.etcd.config()?;
+        return consumers::show(&etcd, &args.etcd.prefix, service, args.json).await;
+    }
+    loop {
+        let r = status::collect(&args.pin.pin_dir, &args.status.status_file)?;
+        let text = if args.json {
+            serde_json::to_string_pretty(&r)? + "\n"
+        } else {
+            status::render(&r)
+        };
+        let Some(every) = args.watch else {
+            print!("{text}");
+            return Ok(());
+        };
+        // Home and clear, then the fresh table: a `top`-like redraw.
+        print!("\x1b[H\x1b[2J{text}");
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match config::expand_config_file(std::env::args_os().collect()) {
+        Ok(args) => Cli::parse_from(args),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let filter = match &cli.log {
         Some(f) => EnvFilter::try_new(f),
         None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
@@ -39,18 +74,21 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        config::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        config::LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let result = match cli.command {
         Command::Run(args) => block_on(agent::run(args)),
         Command::Announce(args) => block_on(announce::run(args)),
         Command::Service(cmd) => block_on(admin::service(cmd)),
         Command::Backend(cmd) => block_on(admin::backend(cmd)),
         Command::Detach(args) => loader::detach(&args.pin_dir),
+        Command::Status(args) => block_on(status_command(args)),
         Command::Counters(args) => maps::BpfMaps::open(&args.pin_dir)
             .and_then(|m| m.counters())
             .map(|cs| {

@@ -2,16 +2,27 @@
 use std::{io, net::SocketAddrV4, path::Path};
 
 use anyhow::Context as _;
-use aya::maps::{Array, HashMap, Map, MapData, MapError as AyaMapError, PerCpuArray};
-use discovery_common::{
-    BACKEND_F_VALID, Backend, BackendHealth, BackendKey, Counter, Service, ServiceKey, Slot,
-    SlotKey, names, v4_mapped,
+use aya::maps::{
+    Array, HashMap, IterableMap as _, Map, MapData, MapError as AyaMapError, PerCpuArray,
+    PerCpuHashMap, PerCpuValues,
 };
+use discovery_common::{
+    BACKEND_F_VALID, Backend, BackendHealth, BackendKey, BackendStats, ConsumerKey, Counter,
+    Service, ServiceKey, ServiceStats, Slot, SlotKey, names, v4_mapped,
+};
+use tracing::warn;
 
-use crate::reconcile::{Dataplane, Dump, MapError};
+use crate::reconcile::{Addr, Dataplane, Dump, MapError, StatsOp};
+
+/// `BPF_NOEXIST`: create only; an existing entry (and its counts) stays.
+const BPF_NOEXIST: u64 = 1;
 
 pub struct BpfMaps {
     bhealth: HashMap<MapData, BackendKey, BackendHealth>,
+    svc_stats: PerCpuHashMap<MapData, ServiceKey, ServiceStats>,
+    backend_stats: PerCpuHashMap<MapData, BackendKey, BackendStats>,
+    consumers: HashMap<MapData, ConsumerKey, u64>,
+    nr_cpus: usize,
     services: HashMap<MapData, ServiceKey, Service>,
     slots: HashMap<MapData, SlotKey, Slot>,
     backends: Array<MapData, Backend>,
@@ -48,6 +59,10 @@ impl BpfMaps {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         Ok(Self {
             bhealth: open(pin_dir, names::BHEALTH)?.try_into()?,
+            svc_stats: open(pin_dir, names::SVC_STATS)?.try_into()?,
+            backend_stats: open(pin_dir, names::BACKEND_STATS)?.try_into()?,
+            consumers: open(pin_dir, names::CONSUMERS)?.try_into()?,
+            nr_cpus: aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?,
             services: open(pin_dir, names::SERVICES)?.try_into()?,
             slots: open(pin_dir, names::SLOTS)?.try_into()?,
             backends: open(pin_dir, names::BACKENDS)?.try_into()?,
@@ -84,6 +99,111 @@ impl BpfMaps {
         }
     }
 
+    /// What the kernel routes and has counted, read straight from the
+    /// maps (the agent need not run). Backends are read by id from the
+    /// slots, not by scanning the whole backends array.
+    pub fn view(&self) -> anyhow::Result<KernelView> {
+        let ctx = |m: &str| format!("reading map {m}");
+        let slots: std::collections::HashMap<SlotKey, Slot> = self
+            .slots
+            .iter()
+            .collect::<Result<_, _>>()
+            .with_context(|| ctx(names::SLOTS))?;
+        let mut stats: std::collections::HashMap<ServiceKey, ServiceStats> = Default::default();
+        for r in self.svc_stats.iter() {
+            let (k, per_cpu) = r.with_context(|| ctx(names::SVC_STATS))?;
+            stats.insert(k, sum_services(per_cpu.iter()));
+        }
+        let mut backend_cache: std::collections::HashMap<u32, Option<Addr>> = Default::default();
+        let mut services = Vec::new();
+        for r in self.services.iter() {
+            let (key, svc) = r.with_context(|| ctx(names::SERVICES))?;
+            let mut routed = Vec::new();
+            for i in 0..svc.count {
+                let Some(slot) = slots.get(&SlotKey {
+                    set_id: svc.set_id,
+                    slot: i,
+                }) else {
+                    continue;
+                };
+                for id in [slot.backend, slot.alias] {
+                    let addr = *backend_cache.entry(id).or_insert_with(|| {
+                        self.backends
+                            .get(&id, 0)
+                            .ok()
+                            .filter(|b| b.flags & BACKEND_F_VALID != 0)
+                            .map(|b| (b.addr, b.port))
+                    });
+                    if let Some(a) = addr
+                        && !routed.contains(&a)
+                    {
+                        routed.push(a);
+                    }
+                }
+            }
+            routed.sort();
+            services.push(ServiceView {
+                key,
+                service: svc,
+                routed,
+                stats: stats.get(&key).copied().unwrap_or_default(),
+            });
+        }
+        services.sort_by_key(|s| s.key);
+        let mut backends: std::collections::BTreeMap<Addr, BackendView> = Default::default();
+        for r in self.backend_stats.iter() {
+            let (k, per_cpu) = r.with_context(|| ctx(names::BACKEND_STATS))?;
+            let mut t = BackendStats::default();
+            for v in per_cpu.iter() {
+                t.connects += v.connects;
+                t.datagrams += v.datagrams;
+            }
+            backends.entry((k.addr, k.port)).or_default().stats = t;
+        }
+        for r in self.bhealth.iter() {
+            let (k, h) = r.with_context(|| ctx(names::BHEALTH))?;
+            backends.entry((k.addr, k.port)).or_default().health = h;
+        }
+        let consumers = self.consumers()?;
+        let usage = vec![
+            (names::SERVICES, services.len(), self.services_capacity()),
+            (names::SLOTS, slots.len(), self.slots_capacity()),
+            (
+                names::BACKENDS,
+                backend_cache.values().flatten().count(),
+                self.backends.len() as usize - 1,
+            ),
+            (names::CONSUMERS, consumers.len(), self.consumers_capacity()),
+        ];
+        Ok(KernelView {
+            services,
+            backends,
+            consumers,
+            counters: self.counters()?,
+            usage,
+        })
+    }
+
+    fn services_capacity(&self) -> usize {
+        map_capacity(self.services.map())
+    }
+
+    fn slots_capacity(&self) -> usize {
+        map_capacity(self.slots.map())
+    }
+
+    fn consumers_capacity(&self) -> usize {
+        map_capacity(self.consumers.map())
+    }
+
+    /// Calls per (frontend, client cgroup).
+    pub fn consumers(&self) -> anyhow::Result<Vec<(ConsumerKey, u64)>> {
+        self.consumers
+            .iter()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading map {}", names::CONSUMERS))
+    }
+
     /// Global counters summed over CPUs, by name.
     pub fn counters(&self) -> anyhow::Result<Vec<(&'static str, u64)>> {
         Counter::ALL
@@ -99,7 +219,56 @@ impl BpfMaps {
     }
 }
 
+fn backend_key((addr, port): Addr) -> BackendKey {
+    BackendKey { addr, port, pad: 0 }
+}
+
+/// Inserts zeroed per-CPU values unless the key exists.
+fn create<K: aya::Pod, V: aya::Pod + Default>(
+    map: &mut PerCpuHashMap<MapData, K, V>,
+    nr_cpus: usize,
+    key: K,
+) -> io::Result<()> {
+    let zero = PerCpuValues::try_from(vec![V::default(); nr_cpus])?;
+    match map.insert(key, zero, BPF_NOEXIST).map_err(to_io) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        r => r,
+    }
+}
+
+/// A delete that treats "already gone" as done.
+fn delete<K: aya::Pod, V: aya::Pod>(
+    map: &mut PerCpuHashMap<MapData, K, V>,
+    key: &K,
+) -> io::Result<()> {
+    match map.remove(key) {
+        Ok(()) | Err(AyaMapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(to_io(e)),
+    }
+}
+
 impl Dataplane for BpfMaps {
+    fn stats(&mut self, op: StatsOp) {
+        let (map, r) = match op {
+            StatsOp::AddService(k) => (
+                names::SVC_STATS,
+                create(&mut self.svc_stats, self.nr_cpus, k),
+            ),
+            StatsOp::RemoveService(k) => (names::SVC_STATS, delete(&mut self.svc_stats, &k)),
+            StatsOp::AddBackend(a) => (
+                names::BACKEND_STATS,
+                create(&mut self.backend_stats, self.nr_cpus, backend_key(a)),
+            ),
+            StatsOp::RemoveBackend(a) => (
+                names::BACKEND_STATS,
+                delete(&mut self.backend_stats, &backend_key(a)),
+            ),
+        };
+        if let Err(error) = r {
+            warn!(map, ?op, %error, "counters not updated");
+        }
+    }
+
     fn set_backend(&mut self, id: u32, b: Backend) -> Result<(), MapError> {
         self.backends
             .set(id, b, 0)
@@ -172,4 +341,46 @@ impl Dataplane for BpfMaps {
             backends,
         })
     }
+}
+
+fn map_capacity(m: &MapData) -> usize {
+    m.info().map(|i| i.max_entries() as usize).unwrap_or(0)
+}
+
+fn sum_services<'a>(per_cpu: impl Iterator<Item = &'a ServiceStats>) -> ServiceStats {
+    let mut t = ServiceStats::default();
+    for v in per_cpu {
+        t.connects += v.connects;
+        t.datagrams += v.datagrams;
+        t.no_backend += v.no_backend;
+        t.connect_failed += v.connect_failed;
+    }
+    t
+}
+
+/// One frontend as the kernel sees it.
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    pub key: ServiceKey,
+    pub service: Service,
+    /// Backends a connect() can reach now (from the live slot set).
+    pub routed: Vec<Addr>,
+    pub stats: ServiceStats,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BackendView {
+    pub stats: BackendStats,
+    pub health: BackendHealth,
+}
+
+/// Everything `status` and the metrics read from the kernel.
+#[derive(Debug, Clone)]
+pub struct KernelView {
+    pub services: Vec<ServiceView>,
+    pub backends: std::collections::BTreeMap<Addr, BackendView>,
+    pub consumers: Vec<(ConsumerKey, u64)>,
+    pub counters: Vec<(&'static str, u64)>,
+    /// (map, entries in use, capacity).
+    pub usage: Vec<(&'static str, usize, usize)>,
 }

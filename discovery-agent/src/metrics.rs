@@ -2,13 +2,21 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
+use discovery_common::ServiceKey;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{family::Family, gauge::Gauge},
-    registry::Registry,
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, text::encode},
+    metrics::{
+        MetricType,
+        counter::ConstCounter,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
 };
 use tokio::net::TcpListener;
 use tracing::{debug, info};
@@ -27,12 +35,179 @@ pub struct Metrics {
     pub not_applied: Family<NotApplied, Gauge>,
     pub invalid_keys: Gauge,
     pub etcd_revision: Gauge,
+    pub etcd_watch_revision: Gauge,
+    pub etcd_connected: Gauge,
     pub services: Gauge,
     pub ejected: Gauge,
+    pub last_reconcile: Gauge,
+    pub reconcile_duration: Histogram,
+}
+
+/// Reads the kernel's counters from the pinned maps at each scrape, so the
+/// numbers are never older than the scrape.
+#[derive(Debug)]
+pub struct KernelCollector {
+    pub pin_dir: std::path::PathBuf,
+    /// Frontend → service name, as last applied.
+    pub names: tokio::sync::watch::Receiver<std::collections::HashMap<ServiceKey, String>>,
+    pub etcd_revision: Gauge,
+    pub etcd_watch_revision: Gauge,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counters(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauges(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let lag = (self.etcd_watch_revision.get() - self.etcd_revision.get()).max(0);
+        gauges(
+            &mut e,
+            "etcd_watch_lag_revisions",
+            "etcd revisions seen on the watch but not yet applied to the maps",
+            &[(vec![], lag)],
+        )?;
+        // Before the agent pinned its maps there is nothing to read.
+        let view = match crate::maps::BpfMaps::open(&self.pin_dir).and_then(|m| m.view()) {
+            Ok(v) => v,
+            Err(err) => {
+                debug!(error = %format!("{err:#}"), "metrics: kernel view unavailable");
+                return Ok(());
+            }
+        };
+        let names = self.names.borrow().clone();
+        let svc_labels = |k: &ServiceKey| -> Labels {
+            vec![
+                (
+                    "service",
+                    names.get(k).cloned().unwrap_or_else(|| "?".into()),
+                ),
+                ("frontend", crate::reconcile::frontend_of(k)),
+            ]
+        };
+        let per_svc = |f: fn(&discovery_common::ServiceStats) -> u64| -> Vec<(Labels, u64)> {
+            view.services
+                .iter()
+                .map(|s| (svc_labels(&s.key), f(&s.stats)))
+                .collect()
+        };
+        counters(
+            &mut e,
+            "service_connects",
+            "connect() calls redirected (TCP and connected UDP)",
+            &per_svc(|s| s.connects),
+        )?;
+        counters(
+            &mut e,
+            "service_datagrams",
+            "unconnected UDP datagrams redirected",
+            &per_svc(|s| s.datagrams),
+        )?;
+        counters(
+            &mut e,
+            "service_no_backend",
+            "calls refused because the service had no backend",
+            &per_svc(|s| s.no_backend),
+        )?;
+        counters(
+            &mut e,
+            "service_connect_failures",
+            "redirected TCP connects that failed (refused or timed out)",
+            &per_svc(|s| s.connect_failed),
+        )?;
+        let per_backend = |f: fn(&crate::maps::BackendView) -> u64| -> Vec<(Labels, u64)> {
+            view.backends
+                .iter()
+                .map(|(a, v)| (vec![("backend", crate::status::addr_str(*a))], f(v)))
+                .collect()
+        };
+        counters(
+            &mut e,
+            "backend_connects",
+            "connect() calls redirected to this backend",
+            &per_backend(|v| v.stats.connects),
+        )?;
+        counters(
+            &mut e,
+            "backend_datagrams",
+            "unconnected UDP datagrams redirected to this backend",
+            &per_backend(|v| v.stats.datagrams),
+        )?;
+        counters(
+            &mut e,
+            "backend_connect_failures",
+            "redirected TCP connects to this backend that failed",
+            &per_backend(|v| v.health.failures),
+        )?;
+        let live: Vec<(Labels, i64)> = per_backend(|v| u64::from(v.health.live))
+            .into_iter()
+            .map(|(l, v)| (l, v as i64))
+            .collect();
+        gauges(
+            &mut e,
+            "backend_connections",
+            "redirected TCP connections open now",
+            &live,
+        )?;
+        let events: Vec<(Labels, u64)> = view
+            .counters
+            .iter()
+            .map(|(n, v)| (vec![("event", (*n).to_owned())], *v))
+            .collect();
+        counters(
+            &mut e,
+            "kernel_events",
+            "program events summed over CPUs, by kind",
+            &events,
+        )?;
+        let usage = |pick: fn(usize, usize) -> usize| -> Vec<(Labels, i64)> {
+            view.usage
+                .iter()
+                .map(|(m, n, cap)| (vec![("map", (*m).to_owned())], pick(*n, *cap) as i64))
+                .collect()
+        };
+        gauges(
+            &mut e,
+            "map_entries",
+            "entries in use per map",
+            &usage(|n, _| n),
+        )?;
+        gauges(
+            &mut e,
+            "map_capacity",
+            "maximum entries per map",
+            &usage(|_, c| c),
+        )?;
+        Ok(())
+    }
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub fn new(kernel: Option<KernelCollector>) -> Self {
         let mut registry = Registry::with_prefix("discovery");
         let not_applied = Family::<NotApplied, Gauge>::default();
         registry.register(
@@ -52,6 +227,37 @@ impl Metrics {
             "etcd revision last applied to the maps",
             etcd_revision.clone(),
         );
+        let etcd_watch_revision = Gauge::default();
+        registry.register(
+            "etcd_watch_revision",
+            "newest etcd revision seen on the watch",
+            etcd_watch_revision.clone(),
+        );
+        let etcd_connected = Gauge::default();
+        registry.register(
+            "etcd_connected",
+            "1 while the agent holds a consistent list and a live watch",
+            etcd_connected.clone(),
+        );
+        let last_reconcile = Gauge::default();
+        registry.register_with_unit(
+            "last_reconcile_timestamp",
+            "Unix time of the last reconcile of the maps",
+            Unit::Seconds,
+            last_reconcile.clone(),
+        );
+        let reconcile_duration = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        registry.register_with_unit(
+            "reconcile_duration",
+            "time to diff the desired table against the maps and write the difference",
+            Unit::Seconds,
+            reconcile_duration.clone(),
+        );
+        if let Some(mut k) = kernel {
+            k.etcd_revision = etcd_revision.clone();
+            k.etcd_watch_revision = etcd_watch_revision.clone();
+            registry.register_collector(Box::new(k));
+        }
         let services = Gauge::default();
         registry.register(
             "services",
@@ -69,8 +275,12 @@ impl Metrics {
             not_applied,
             invalid_keys,
             etcd_revision,
+            etcd_watch_revision,
+            etcd_connected,
             services,
             ejected,
+            last_reconcile,
+            reconcile_duration,
         }
     }
 
@@ -139,7 +349,7 @@ mod tests {
 
     #[test]
     fn exposition_uses_the_discovery_prefix_and_labels() {
-        let m = Metrics::new();
+        let m = Metrics::new(None);
         m.not_applied
             .get_or_create(&NotApplied {
                 service: "web".into(),

@@ -20,9 +20,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr, SocketAddrV4},
+    time::Duration,
 };
 
-use discovery_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey, v4_mapped};
+use discovery_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey, TcpOpts, v4_mapped};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -55,8 +56,9 @@ pub struct ServiceDef {
     pub protocol: Protocol,
     pub policy: Policy,
     pub check: Option<ServiceCheck>,
-    /// 0: the kernel's default.
-    pub connect_timeout_ms: u32,
+    /// Connect timeout, keepalive and user timeout of redirected TCP
+    /// sockets; zeros keep the kernel's defaults.
+    pub tcp: TcpOpts,
     /// etcd create revision: the oldest definition wins a frontend.
     pub create_revision: i64,
 }
@@ -97,8 +99,9 @@ pub enum Invalid {
     Weight(u64),
     #[error("check: {0}")]
     Check(String),
-    #[error("connect_timeout {0}")]
-    ConnectTimeout(String),
+    /// A TCP option field (`connect_timeout`, `keepalive.idle`, ...).
+    #[error("{0} {1}")]
+    Tcp(&'static str, String),
 }
 
 /// A parsed key under the prefix.
@@ -251,13 +254,111 @@ pub struct ServiceJson {
     /// instead of after the kernel's SYN retries (about two minutes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
+    /// e.g. "30s": an established connection whose sent data (or keepalive
+    /// probes) stay unacknowledged this long fails (TCP_USER_TIMEOUT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_timeout: Option<String>,
+    /// TCP keepalive on redirected connections, so an idle connection to a
+    /// backend that vanished is noticed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<KeepaliveJson>,
 }
 
-/// Bounds of `connect_timeout`. The kernel checks it when a SYN would be
-/// retransmitted, and the first retransmission comes after 1 s, so shorter
-/// timeouts cannot be honoured (yet).
-pub const MIN_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
-pub const MAX_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+/// `{"idle": "30s", "interval": "5s", "probes": 3}`: after `idle` without
+/// traffic, probe every `interval`; `probes` unanswered probes fail the
+/// connection. `interval` and `probes` default to the kernel's settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveJson {
+    pub idle: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<u16>,
+}
+
+/// Bounds of `connect_timeout`. Below 3 s the SYN gets an initial RTO of a
+/// third of the timeout (needs the kernel's CONFIG_HZ; see the loader).
+pub const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
+pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bounds of `user_timeout`.
+pub const MIN_USER_TIMEOUT: Duration = Duration::from_secs(1);
+pub const MAX_USER_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The kernel's limits for TCP_KEEPIDLE / TCP_KEEPINTVL (seconds) and
+/// TCP_KEEPCNT.
+pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
+pub const MAX_KEEPALIVE_PROBES: u16 = 127;
+
+/// A duration field within `min..=max`, or an error naming the field.
+fn bounded(
+    field: &'static str,
+    t: &str,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, Invalid> {
+    let d = humantime::parse_duration(t).map_err(|e| Invalid::Tcp(field, format!("{t:?}: {e}")))?;
+    if !(min..=max).contains(&d) {
+        return Err(Invalid::Tcp(
+            field,
+            format!("{t:?} is outside {min:?}..={max:?}"),
+        ));
+    }
+    Ok(d)
+}
+
+/// Whole seconds within 1..=MAX_KEEPALIVE_SECS: the kernel's unit.
+fn keepalive_secs(field: &'static str, t: &str) -> Result<u16, Invalid> {
+    let d = bounded(
+        field,
+        t,
+        Duration::from_secs(1),
+        Duration::from_secs(MAX_KEEPALIVE_SECS),
+    )?;
+    if d.subsec_nanos() != 0 {
+        return Err(Invalid::Tcp(field, format!("{t:?} is not whole seconds")));
+    }
+    Ok(d.as_secs() as u16)
+}
+
+impl ServiceJson {
+    /// The TCP options this definition asks for.
+    pub fn tcp_opts(&self) -> Result<TcpOpts, Invalid> {
+        let ms = |d: Duration| d.as_millis() as u32;
+        let mut o = TcpOpts::default();
+        if let Some(t) = &self.connect_timeout {
+            o.connect_timeout_ms = ms(bounded(
+                "connect_timeout",
+                t,
+                MIN_CONNECT_TIMEOUT,
+                MAX_CONNECT_TIMEOUT,
+            )?);
+        }
+        if let Some(t) = &self.user_timeout {
+            o.user_timeout_ms = ms(bounded(
+                "user_timeout",
+                t,
+                MIN_USER_TIMEOUT,
+                MAX_USER_TIMEOUT,
+            )?);
+        }
+        if let Some(k) = &self.keepalive {
+            o.keepalive_idle_s = keepalive_secs("keepalive.idle", &k.idle)?;
+            if let Some(i) = &k.interval {
+                o.keepalive_intvl_s = keepalive_secs("keepalive.interval", i)?;
+            }
+            if let Some(p) = k.probes {
+                if !(1..=MAX_KEEPALIVE_PROBES).contains(&p) {
+                    return Err(Invalid::Tcp(
+                        "keepalive.probes",
+                        format!("{p} is outside 1..={MAX_KEEPALIVE_PROBES}"),
+                    ));
+                }
+                o.keepalive_probes = p;
+            }
+        }
+        Ok(o)
+    }
+}
 
 /// A service's active check, run by every agent against the backends it
 /// routes to: `{"type": "tcp", "interval": "1s", "timeout": "300ms",
@@ -408,25 +509,13 @@ pub fn parse_service(
         return Err(Invalid::FrontendNotAllowed(frontend.to_string(), ranges));
     }
     let check = j.check.as_ref().map(ServiceCheck::parse).transpose()?;
-    let connect_timeout_ms = match &j.connect_timeout {
-        None => 0,
-        Some(t) => {
-            let d = humantime::parse_duration(t)
-                .map_err(|e| Invalid::ConnectTimeout(format!("{t:?}: {e}")))?;
-            if !(MIN_CONNECT_TIMEOUT..=MAX_CONNECT_TIMEOUT).contains(&d) {
-                return Err(Invalid::ConnectTimeout(format!(
-                    "{t:?} is outside {MIN_CONNECT_TIMEOUT:?}..={MAX_CONNECT_TIMEOUT:?}"
-                )));
-            }
-            d.as_millis() as u32
-        }
-    };
+    let tcp = j.tcp_opts()?;
     Ok(ServiceDef {
         frontend,
         protocol: j.protocol,
         policy: j.policy,
         check,
-        connect_timeout_ms,
+        tcp,
         create_revision,
     })
 }
@@ -452,6 +541,9 @@ pub fn parse_backend(value: &[u8]) -> Result<BackendDef, Invalid> {
     })
 }
 
+/// (name, definition, [(instance, backend, in maintenance)]).
+pub type ServiceView<'a> = (&'a str, &'a ServiceDef, Vec<(&'a str, BackendDef, bool)>);
+
 /// What one frontend should route to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredService {
@@ -459,7 +551,7 @@ pub struct DesiredService {
     pub frontend: SocketAddrV4,
     pub policy: Policy,
     pub check: Option<ServiceCheck>,
-    pub connect_timeout_ms: u32,
+    pub tcp: TcpOpts,
     /// Sorted, so the same set always gives the same slot table.
     pub backends: Vec<BackendDef>,
 }
@@ -594,6 +686,29 @@ impl Model {
         }
     }
 
+    /// Every valid service with all its registered instances, whether or
+    /// not routed.
+    pub fn view(&self) -> Vec<ServiceView<'_>> {
+        self.services
+            .iter()
+            .map(|(name, def)| {
+                let backends = self
+                    .backends
+                    .get(name)
+                    .map(|b| {
+                        b.iter()
+                            .map(|(id, d)| {
+                                let m = self.maintenance.contains(&(name.clone(), id.clone()));
+                                (id.as_str(), *d, m)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (name.as_str(), def, backends)
+            })
+            .collect()
+    }
+
     /// The routing table: for each frontend+protocol, the winning service
     /// (oldest create revision, then name) and its backends.
     pub fn desired(&self) -> Desired {
@@ -640,7 +755,7 @@ impl Model {
                     frontend: def.frontend,
                     policy: def.policy,
                     check: def.check.clone(),
-                    connect_timeout_ms: def.connect_timeout_ms,
+                    tcp: def.tcp,
                     backends,
                 },
             );
@@ -771,6 +886,55 @@ mod tests {
         assert!(matches!(
             parse_service(br#"{"frontend":"127.0.0.1:0"}"#, &allowed, 1),
             Err(Invalid::PortZero(_))
+        ));
+    }
+
+    #[test]
+    fn tcp_options() {
+        let allowed = ["127.0.0.0/8".parse().unwrap()];
+        let tcp = |extra: &str| {
+            let v = format!(r#"{{"frontend":"127.0.0.1:80"{extra}}}"#);
+            parse_service(v.as_bytes(), &allowed, 1).map(|d| d.tcp)
+        };
+        assert_eq!(tcp("").unwrap(), TcpOpts::default());
+        let t = tcp(r#","connect_timeout":"250ms","user_timeout":"20s",
+               "keepalive":{"idle":"30s","interval":"5s","probes":3}"#)
+        .unwrap();
+        assert_eq!(
+            (t.connect_timeout_ms, t.user_timeout_ms),
+            (250, 20_000),
+            "{t:?}"
+        );
+        assert_eq!(
+            (t.keepalive_idle_s, t.keepalive_intvl_s, t.keepalive_probes),
+            (30, 5, 3)
+        );
+        let t = tcp(r#","keepalive":{"idle":"1m"}"#).unwrap();
+        assert_eq!((t.keepalive_idle_s, t.keepalive_intvl_s), (60, 0));
+        for (extra, field) in [
+            (r#","connect_timeout":"50ms""#, "connect_timeout"),
+            (r#","connect_timeout":"soon""#, "connect_timeout"),
+            (r#","user_timeout":"2h""#, "user_timeout"),
+            (r#","keepalive":{"idle":"1500ms"}"#, "keepalive.idle"),
+            (r#","keepalive":{"idle":"10h"}"#, "keepalive.idle"),
+            (
+                r#","keepalive":{"idle":"1s","interval":"0s"}"#,
+                "keepalive.interval",
+            ),
+            (
+                r#","keepalive":{"idle":"1s","probes":0}"#,
+                "keepalive.probes",
+            ),
+        ] {
+            match tcp(extra) {
+                Err(Invalid::Tcp(f, _)) => assert_eq!(f, field, "{extra}"),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        // A misspelt keepalive field is an error, not silently ignored.
+        assert!(matches!(
+            tcp(r#","keepalive":{"idle":"1s","intervall":"1s"}"#),
+            Err(Invalid::Json(_))
         ));
     }
 

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use discovery_common::{
     BACKEND_F_VALID, Backend, SVC_F_CONSISTENT, SVC_F_LEAST_CONN, Service, ServiceKey, Slot,
-    SlotKey, v4_mapped,
+    SlotKey, TcpOpts, v4_mapped,
 };
 
 use crate::model::{BackendDef, Desired, DesiredService, Policy};
@@ -42,10 +42,25 @@ pub trait Dataplane {
     fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError>;
     fn set_service(&mut self, key: ServiceKey, svc: Service) -> Result<(), MapError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
+    /// Creates or deletes the traffic counters of a service or backend.
+    /// Best effort: counters never hold up routing, so implementations
+    /// log failures instead of returning them. Creating keeps existing
+    /// counts (an adopting agent must not zero them).
+    fn stats(&mut self, op: StatsOp);
     /// Capacity of the backends array (ids are 1..capacity).
     fn backend_capacity(&self) -> u32;
     /// Everything currently in the maps.
     fn dump(&self) -> Result<Dump, MapError>;
+}
+
+/// Lifetime of the per-service and per-backend counters, which follow
+/// what is installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StatsOp {
+    AddService(ServiceKey),
+    RemoveService(ServiceKey),
+    AddBackend(Addr),
+    RemoveBackend(Addr),
 }
 
 #[derive(Debug, Default, Clone)]
@@ -63,7 +78,7 @@ struct Installed {
     set_id: u32,
     /// `Service::flags` (the policy).
     flags: u32,
-    connect_timeout_ms: u32,
+    tcp: TcpOpts,
     slots: Vec<ResolvedSlot>,
     /// Distinct backend ids the set references.
     ids: Vec<u32>,
@@ -332,10 +347,13 @@ impl<D: Dataplane> Reconciler<D> {
                 // Cannot happen with our write order; rewrite it from etcd.
                 resolved.clear();
             }
+            r.dp.stats(StatsOp::AddService(key));
             for &id in &ids {
                 *r.refs.entry(id).or_default() += 1;
                 let b = backends[&id];
-                r.backend_ids.insert((b.addr, b.port), id);
+                if r.backend_ids.insert((b.addr, b.port), id).is_none() {
+                    r.dp.stats(StatsOp::AddBackend((b.addr, b.port)));
+                }
                 r.addrs.insert(id, (b.addr, b.port));
             }
             r.installed.insert(
@@ -344,7 +362,7 @@ impl<D: Dataplane> Reconciler<D> {
                     service: None,
                     set_id: svc.set_id,
                     flags: svc.flags,
-                    connect_timeout_ms: svc.connect_timeout_ms,
+                    tcp: svc.tcp,
                     slots: resolved,
                     ids,
                 },
@@ -447,6 +465,7 @@ impl<D: Dataplane> Reconciler<D> {
                 self.refs.remove(&id);
                 if let Some(addr) = self.addrs.remove(&id) {
                     self.backend_ids.remove(&addr);
+                    self.dp.stats(StatsOp::RemoveBackend(addr));
                 }
                 self.dp.clear_backend(id)?;
                 self.free_ids.push_back(id);
@@ -461,6 +480,7 @@ impl<D: Dataplane> Reconciler<D> {
         };
         self.dp.delete_service(key)?;
         self.installed.remove(&key);
+        self.dp.stats(StatsOp::RemoveService(key));
         for i in 0..old.slots.len() as u32 {
             self.dp.delete_slot(SlotKey {
                 set_id: old.set_id,
@@ -480,7 +500,7 @@ impl<D: Dataplane> Reconciler<D> {
         if let Some(cur) = self.installed.get(&key)
             && cur.slots == want
             && cur.flags == flags
-            && cur.connect_timeout_ms == svc.connect_timeout_ms
+            && cur.tcp == svc.tcp
         {
             return Ok(None);
         }
@@ -512,7 +532,10 @@ impl<D: Dataplane> Reconciler<D> {
                             flags: BACKEND_F_VALID,
                             pad: 0,
                         };
+                        // Counters first, so the first connect is counted.
+                        self.dp.stats(StatsOp::AddBackend(addr));
                         if let Err(e) = self.dp.set_backend(id, entry) {
+                            self.dp.stats(StatsOp::RemoveBackend(addr));
                             self.free_ids.push_front(id);
                             result = Err(e);
                             break;
@@ -558,7 +581,11 @@ impl<D: Dataplane> Reconciler<D> {
                 written += 1;
             }
         }
-        // 3. Flip.
+        // 3. Flip; a new service's counters exist before its first connect.
+        let new_service = !self.installed.contains_key(&key);
+        if result.is_ok() && new_service {
+            self.dp.stats(StatsOp::AddService(key));
+        }
         if result.is_ok() {
             result = self.dp.set_service(
                 key,
@@ -566,7 +593,8 @@ impl<D: Dataplane> Reconciler<D> {
                     set_id,
                     count: want.len() as u32,
                     flags,
-                    connect_timeout_ms: svc.connect_timeout_ms,
+                    pad: 0,
+                    tcp: svc.tcp,
                 },
             );
         }
@@ -576,6 +604,9 @@ impl<D: Dataplane> Reconciler<D> {
             }
             // Fresh ids drop to zero references and are cleared here.
             let _ = self.release(&ids);
+            if new_service {
+                self.dp.stats(StatsOp::RemoveService(key));
+            }
             return Err(e);
         }
         // 4. Old set and unreferenced backends.
@@ -585,7 +616,7 @@ impl<D: Dataplane> Reconciler<D> {
                 service: Some(svc.service.clone()),
                 set_id,
                 flags,
-                connect_timeout_ms: svc.connect_timeout_ms,
+                tcp: svc.tcp,
                 slots: want.clone(),
                 ids,
             },
@@ -626,6 +657,8 @@ pub(crate) mod tests {
         pub cap: u32,
         pub slot_cap: usize,
         pub writes: usize,
+        pub svc_stats: HashSet<ServiceKey>,
+        pub backend_stats: HashSet<Addr>,
     }
 
     impl FakeMaps {
@@ -639,6 +672,7 @@ pub(crate) mod tests {
 
         fn check(&self) {
             for (k, s) in &self.services {
+                assert!(self.svc_stats.contains(k), "{k:?} has no counters");
                 for i in 0..s.count {
                     let slot = self
                         .slots
@@ -648,9 +682,12 @@ pub(crate) mod tests {
                         })
                         .unwrap_or_else(|| panic!("{k:?} points at missing slot {i}"));
                     for id in [slot.backend, slot.alias] {
+                        let b = self.backends.get(&id).unwrap_or_else(|| {
+                            panic!("{k:?} slot {i} points at missing backend {id}")
+                        });
                         assert!(
-                            self.backends.contains_key(&id),
-                            "{k:?} slot {i} points at missing backend {id}"
+                            self.backend_stats.contains(&(b.addr, b.port)),
+                            "backend {b:?} has no counters"
                         );
                     }
                 }
@@ -723,6 +760,14 @@ pub(crate) mod tests {
             self.writes += 1;
             self.check();
             Ok(())
+        }
+        fn stats(&mut self, op: StatsOp) {
+            match op {
+                StatsOp::AddService(k) => self.svc_stats.insert(k),
+                StatsOp::RemoveService(k) => self.svc_stats.remove(&k),
+                StatsOp::AddBackend(a) => self.backend_stats.insert(a),
+                StatsOp::RemoveBackend(a) => self.backend_stats.remove(&a),
+            };
         }
         fn backend_capacity(&self) -> u32 {
             self.cap
@@ -899,9 +944,13 @@ pub(crate) mod tests {
             r.dataplane().reachable(&web()),
             vec![(a("127.0.0.3:80"), 1.0)]
         );
-        // Old sets and backends are gone.
+        // Old sets and backends are gone, and so are their counters.
         assert_eq!(r.dataplane().slots.len(), 1);
         assert_eq!(r.dataplane().backends.len(), 1);
+        assert_eq!(
+            r.dataplane().backend_stats,
+            HashSet::from([a("127.0.0.3:80")])
+        );
         // Service delete removes everything.
         m.delete("/d/services/web");
         let (changes, _) = r.reconcile(&m.desired());
@@ -915,6 +964,7 @@ pub(crate) mod tests {
         assert_eq!(frontend_of(&web()), "127.0.0.1:80/tcp");
         let dp = r.dataplane();
         assert!(dp.services.is_empty() && dp.slots.is_empty() && dp.backends.is_empty());
+        assert!(dp.svc_stats.is_empty() && dp.backend_stats.is_empty());
     }
 
     #[test]
@@ -959,7 +1009,12 @@ pub(crate) mod tests {
                 pad: 0,
             },
         );
+        // Maps pinned by an agent from before the counters existed.
+        maps.svc_stats.clear();
+        maps.backend_stats.clear();
         let mut r = Reconciler::new(maps).unwrap();
+        assert_eq!(r.dataplane().svc_stats, HashSet::from([web()]));
+        assert_eq!(r.dataplane().backend_stats.len(), 2);
         assert!(!r.dataplane().slots.keys().any(|k| k.set_id == 999));
         assert!(!r.dataplane().backends.contains_key(&50));
         let before = r.dataplane().writes;

@@ -33,9 +33,26 @@ pub mod names {
     /// [`crate::BackendKey`] → [`crate::BackendHealth`]: connect outcomes
     /// of redirected TCP sockets, for passive checks.
     pub const BHEALTH: &str = "disc_bhealth";
+    /// Per-CPU hash [`crate::ServiceKey`] → [`crate::ServiceStats`].
+    pub const SVC_STATS: &str = "disc_svc_stats";
+    /// Per-CPU hash [`crate::BackendKey`] → [`crate::BackendStats`].
+    pub const BACKEND_STATS: &str = "disc_backend_stats";
+    /// LRU hash [`crate::ConsumerKey`] → `u64` calls: which workloads use
+    /// which frontends.
+    pub const CONSUMERS: &str = "disc_consumers";
 
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL_MAPS: [&str; 6] = [SERVICES, SLOTS, BACKENDS, COUNTERS, REVNAT, BHEALTH];
+    pub const ALL_MAPS: [&str; 9] = [
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        COUNTERS,
+        REVNAT,
+        BHEALTH,
+        SVC_STATS,
+        BACKEND_STATS,
+        CONSUMERS,
+    ];
 
     /// The cgroup/sock_addr programs: (program name, pinned link name).
     pub const PROGRAMS: [(&str, &str); 4] = [
@@ -82,6 +99,28 @@ pub struct ServiceKey {
     pub pad: u8,
 }
 
+/// Socket options the sock_ops program applies to a service's redirected
+/// TCP sockets. Zero everywhere means "leave the kernel's defaults".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct TcpOpts {
+    /// The connect fails after this long (TCP_USER_TIMEOUT while in
+    /// SYN_SENT, and a shorter initial RTO below 3 s so the SYN is retried
+    /// within it); 0 keeps the kernel's SYN retries (about two minutes).
+    pub connect_timeout_ms: u32,
+    /// TCP_USER_TIMEOUT once established: data unacknowledged this long
+    /// (or keepalive probes unanswered this long) fails the connection.
+    pub user_timeout_ms: u32,
+    /// SO_KEEPALIVE with TCP_KEEPIDLE in seconds; 0 leaves keepalive to the
+    /// application.
+    pub keepalive_idle_s: u16,
+    /// TCP_KEEPINTVL in seconds (0: kernel default).
+    pub keepalive_intvl_s: u16,
+    /// TCP_KEEPCNT (0: kernel default).
+    pub keepalive_probes: u16,
+    pub pad: u16,
+}
+
 /// Service entry: which backend set is live and how many slots it has.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,11 +130,12 @@ pub struct Service {
     /// Number of slots in the set; 0 means "no backend": connect fails with
     /// `ECONNREFUSED` at once.
     pub count: u32,
-    /// Policy: [`SVC_F_CONSISTENT`] or 0 (weighted random).
+    /// Policy: [`SVC_F_CONSISTENT`], [`SVC_F_LEAST_CONN`] or 0 (weighted
+    /// random).
     pub flags: u32,
-    /// TCP connects to a backend fail after this long (TCP_USER_TIMEOUT
-    /// while connecting); 0 keeps the kernel's SYN retries.
-    pub connect_timeout_ms: u32,
+    pub pad: u32,
+    /// Copied into each redirected TCP socket for the sock_ops program.
+    pub tcp: TcpOpts,
 }
 
 /// The slots are a Maglev table and the slot is chosen by a hash of the
@@ -166,8 +206,9 @@ pub struct SockRevNat {
     pub entries: [RevNatEntry; REVNAT_ENTRIES],
     /// Next entry to overwrite when all are taken.
     pub next: u32,
-    /// The service's connect timeout, for the sock_ops program (TCP).
-    pub connect_timeout_ms: u32,
+    pub pad: u32,
+    /// The service's socket options, for the sock_ops program (TCP).
+    pub tcp: TcpOpts,
 }
 
 /// A backend address as a map key.
@@ -191,6 +232,48 @@ pub struct BackendHealth {
     pub failures: u64,
     pub established: u64,
 }
+
+/// Traffic of one frontend, per CPU. The agent creates the entry when it
+/// installs the service (the programs only add to existing entries) and
+/// deletes it with the service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceStats {
+    /// connect() calls redirected (TCP and connected UDP).
+    pub connects: u64,
+    /// Unconnected UDP datagrams redirected.
+    pub datagrams: u64,
+    /// connect()/sendmsg() refused because the service had no backend.
+    pub no_backend: u64,
+    /// Redirected TCP connects that failed (refused or timed out).
+    pub connect_failed: u64,
+}
+
+/// Traffic to one backend address, per CPU, summed over the services that
+/// use it. Created and deleted by the agent like [`ServiceStats`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BackendStats {
+    /// connect() calls redirected to this backend.
+    pub connects: u64,
+    /// Unconnected UDP datagrams redirected to this backend.
+    pub datagrams: u64,
+}
+
+/// A client workload (its cgroup) calling a frontend. The programs count
+/// connect()/sendmsg() calls per key; the least recently used entries are
+/// evicted when the map is full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConsumerKey {
+    pub service: ServiceKey,
+    pub pad: u32,
+    /// cgroup v2 id of the caller: the inode number of its cgroup directory.
+    pub cgroup_id: u64,
+}
+
+/// Entries of [`names::CONSUMERS`].
+pub const MAX_CONSUMERS: u32 = 65_536;
 
 /// Indexes into the per-CPU counters map.
 #[repr(u32)]
@@ -263,6 +346,10 @@ mod user {
     unsafe impl aya::Pod for SockRevNat {}
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for BackendHealth {}
+    unsafe impl aya::Pod for TcpOpts {}
+    unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for ConsumerKey {}
 }
 
 #[cfg(test)]
@@ -273,14 +360,18 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<Service>(), 16);
+        assert_eq!(size_of::<TcpOpts>(), 16);
+        assert_eq!(size_of::<Service>(), 32);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Slot>(), 16);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<RevNatEntry>(), 40);
-        assert_eq!(size_of::<SockRevNat>(), 40 * REVNAT_ENTRIES + 8);
+        assert_eq!(size_of::<SockRevNat>(), 40 * REVNAT_ENTRIES + 8 + 16);
         assert_eq!(size_of::<BackendKey>(), 20);
         assert_eq!(size_of::<BackendHealth>(), 24);
+        assert_eq!(size_of::<ServiceStats>(), 32);
+        assert_eq!(size_of::<BackendStats>(), 16);
+        assert_eq!(size_of::<ConsumerKey>(), 32);
     }
 
     #[test]

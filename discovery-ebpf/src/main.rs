@@ -11,9 +11,9 @@
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
-    btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage},
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
         bpf_setsockopt, bpf_sk_storage_get,
@@ -22,10 +22,11 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use discovery_common::{
-    BACKEND_F_VALID, BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendKey, Counter,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, IPPROTO_TCP, IPPROTO_UDP,
-    REVNAT_ENTRIES, RevNatEntry, SVC_F_CONSISTENT, SVC_F_LEAST_CONN, Service, ServiceKey, Slot,
-    SlotKey, SockRevNat, v4_mapped,
+    BACKEND_F_VALID, BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendKey, BackendStats,
+    ConsumerKey, Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_CONSUMERS, REVNAT_ENTRIES, RevNatEntry, SVC_F_CONSISTENT,
+    SVC_F_LEAST_CONN, Service, ServiceKey, ServiceStats, Slot, SlotKey, SockRevNat, TcpOpts,
+    v4_mapped,
 };
 
 #[btf_map(name = "disc_services")]
@@ -49,6 +50,31 @@ static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::ne
 #[btf_map(name = "disc_revnat")]
 static REVNAT: SkStorage<SockRevNat> = SkStorage::new();
 
+#[btf_map(name = "disc_svc_stats")]
+static SVC_STATS: PerCpuHashMap<
+    ServiceKey,
+    ServiceStats,
+    { DEFAULT_MAX_SERVICES as usize },
+    BPF_F_NO_PREALLOC,
+> = PerCpuHashMap::new();
+
+#[btf_map(name = "disc_backend_stats")]
+static BACKEND_STATS: PerCpuHashMap<
+    BackendKey,
+    BackendStats,
+    { DEFAULT_MAX_BACKENDS as usize },
+    BPF_F_NO_PREALLOC,
+> = PerCpuHashMap::new();
+
+#[btf_map(name = "disc_consumers")]
+static CONSUMERS: LruHashMap<ConsumerKey, u64, { MAX_CONSUMERS as usize }> = LruHashMap::new();
+
+/// Kernel ticks per second (CONFIG_HZ), set by the agent at load time: the
+/// initial RTO a sock_ops program returns is in jiffies. 0: unknown, so
+/// connect timeouts keep the kernel's 1 s initial RTO.
+#[unsafe(no_mangle)]
+static HZ: u32 = 0;
+
 /// cgroup sock_addr verdicts.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -59,6 +85,45 @@ fn bump(counter: Counter) {
     if let Some(v) = COUNTERS.get_ptr_mut(counter as u32) {
         // Per-CPU slot: no other writer while we run.
         unsafe { *v += 1 };
+    }
+}
+
+/// Adds to a service's per-CPU stats, if the agent created its entry.
+#[inline(always)]
+fn svc_stat(key: &ServiceKey, f: impl FnOnce(&mut ServiceStats)) {
+    if let Some(s) = SVC_STATS.get_ptr_mut(key) {
+        f(unsafe { &mut *s });
+    }
+}
+
+/// Counts a call of the current cgroup to a frontend ("who talks to
+/// whom"). Not atomic: concurrent calls may undercount; it is a usage
+/// summary, not a meter.
+#[inline(always)]
+fn consumed(service: &ServiceKey) {
+    let key = ConsumerKey {
+        service: *service,
+        pad: 0,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+    };
+    match CONSUMERS.get_ptr_mut(key) {
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = CONSUMERS.insert(key, 1, 0);
+        }
+    }
+}
+
+/// Adds to a backend's per-CPU stats, if the agent created its entry.
+#[inline(always)]
+fn backend_stat(b: &Backend, f: impl FnOnce(&mut BackendStats)) {
+    let key = BackendKey {
+        addr: b.addr,
+        port: b.port,
+        pad: 0,
+    };
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(key) {
+        f(unsafe { &mut *s });
     }
 }
 
@@ -87,8 +152,8 @@ enum Pick {
     NotFrontend,
     /// A frontend with no backend: fail the call at once.
     NoBackend,
-    /// The backend, the service's connect timeout in ms and its flags.
-    Backend(Backend, u32, u32),
+    /// The backend, the service's TCP options and its flags.
+    Backend(Backend, TcpOpts, u32),
 }
 
 /// One service lookup, then a weighted choice: `draw` (given the service's
@@ -107,7 +172,7 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
     }
     let flags = svc.flags;
     let (r1, r2) = draw(flags);
-    let timeout = svc.connect_timeout_ms;
+    let tcp = svc.tcp;
     let (mut set_id, mut count) = (svc.set_id, svc.count);
     let mut attempt = 0;
     while attempt < 2 {
@@ -122,7 +187,7 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
             if let Some(b) = BACKENDS.get(id)
                 && b.flags & BACKEND_F_VALID != 0
             {
-                return Pick::Backend(*b, timeout, flags);
+                return Pick::Backend(*b, tcp, flags);
             }
         }
         bump(Counter::StaleRetry);
@@ -142,14 +207,14 @@ fn proto_of(ctx: &SockAddrContext) -> u8 {
 
 /// Remember that this socket talks to `backend` on behalf of `frontend`.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, frontend: &ServiceKey, backend: &Backend, timeout_ms: u32) {
+fn remember(ctx: &SockAddrContext, frontend: &ServiceKey, backend: &Backend, tcp: &TcpOpts) {
     let st = unsafe { REVNAT.get_or_insert_ptr_mut(ctx, None) };
     if st.is_null() {
         bump(Counter::RevNatAllocFailed);
         return;
     }
     let st = unsafe { &mut *st };
-    st.connect_timeout_ms = timeout_ms;
+    st.tcp = *tcp;
     let mut i = 0;
     while i < REVNAT_ENTRIES {
         let e = &mut st.entries[i];
@@ -202,8 +267,9 @@ fn restore_frontend(ctx: &SockAddrContext) -> bool {
 
 /// Fail the call with ECONNREFUSED right away instead of letting it hang.
 #[inline(always)]
-fn refuse() -> i32 {
+fn refuse(key: &ServiceKey) -> i32 {
     bump(Counter::NoBackend);
+    svc_stat(key, |s| s.no_backend += 1);
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     REJECT
 }
@@ -224,7 +290,7 @@ fn live(b: &Backend) -> u32 {
         port: b.port,
         pad: 0,
     };
-    unsafe { BHEALTH.get(&key) }.map_or(0, |h| h.live)
+    unsafe { BHEALTH.get(key) }.map_or(0, |h| h.live)
 }
 
 /// `consistent` policy: the slot comes from the caller's cgroup (its
@@ -259,10 +325,10 @@ pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
         }
     }) {
         Pick::NotFrontend => return ALLOW,
-        Pick::NoBackend => return refuse(),
+        Pick::NoBackend => return refuse(&key),
         Pick::Backend(b, t, f) => (b, t, f),
     };
-    let (mut backend, timeout_ms, flags) = backend;
+    let (mut backend, tcp, flags) = backend;
     if flags & SVC_F_LEAST_CONN != 0 {
         // Power of two choices: a second weighted draw, and the one with
         // fewer live connections wins.
@@ -274,8 +340,11 @@ pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
         }
     }
     set_ctx_addr(&ctx, &backend.addr, backend.port);
-    remember(&ctx, &key, &backend, timeout_ms);
+    remember(&ctx, &key, &backend, &tcp);
     bump(Counter::ConnectRedirected);
+    svc_stat(&key, |s| s.connects += 1);
+    consumed(&key);
+    backend_stat(&backend, |s| s.connects += 1);
     ALLOW
 }
 
@@ -304,12 +373,15 @@ pub fn disc_sendmsg4(ctx: SockAddrContext) -> i32 {
         ((h >> 32) as u32, h as u32)
     }) {
         Pick::NotFrontend => return ALLOW,
-        Pick::NoBackend => return refuse(),
+        Pick::NoBackend => return refuse(&key),
         Pick::Backend(b, _, _) => b,
     };
     set_ctx_addr(&ctx, &backend.addr, backend.port);
-    remember(&ctx, &key, &backend, 0);
+    remember(&ctx, &key, &backend, &TcpOpts::default());
     bump(Counter::SendmsgRedirected);
+    svc_stat(&key, |s| s.datagrams += 1);
+    consumed(&key);
+    backend_stat(&backend, |s| s.datagrams += 1);
     ALLOW
 }
 
@@ -341,7 +413,12 @@ static BHEALTH: HashMap<
     BPF_F_NO_PREALLOC,
 > = HashMap::new();
 
+const SOL_SOCKET: i32 = 1;
+const SO_KEEPALIVE: i32 = 9;
 const SOL_TCP: i32 = 6;
+const TCP_KEEPIDLE: i32 = 4;
+const TCP_KEEPINTVL: i32 = 5;
+const TCP_KEEPCNT: i32 = 6;
 const TCP_USER_TIMEOUT: i32 = 18;
 
 /// The socket storage of a sock_ops socket, if connect4 redirected it.
@@ -378,45 +455,83 @@ fn update_health(key: &BackendKey, f: impl FnOnce(&mut BackendHealth)) {
         None => {
             let mut h = BackendHealth::default();
             f(&mut h);
-            let _ = BHEALTH.insert(key, &h, 0);
+            let _ = BHEALTH.insert(key, h, 0);
         }
     }
 }
 
 #[inline(always)]
-fn set_user_timeout(ctx: &SockOpsContext, ms: u32) {
-    let mut v = ms as i32;
+fn setsockopt(ctx: &SockOpsContext, level: i32, opt: i32, value: u32) {
+    let mut v = value as i32;
     unsafe {
         bpf_setsockopt(
             ctx.ops.cast(),
-            SOL_TCP,
-            TCP_USER_TIMEOUT,
+            level,
+            opt,
             core::ptr::from_mut(&mut v).cast(),
             4,
         )
     };
 }
 
+/// Connect timeouts below this get a shorter initial RTO, so the SYN is
+/// retransmitted (twice) before the timeout instead of once at 1 s.
+const SHORT_CONNECT_TIMEOUT_MS: u32 = 3_000;
+
+/// The service of a redirected TCP socket: its first reverse-NAT entry.
+#[inline(always)]
+fn frontend_of(st: &SockRevNat) -> ServiceKey {
+    ServiceKey {
+        addr: st.entries[0].frontend_addr,
+        port: st.entries[0].frontend_port,
+        proto: IPPROTO_TCP,
+        pad: 0,
+    }
+}
+
 /// TCP sockets that connect4 redirected: applies the service's connect
 /// timeout while connecting (the kernel clamps SYN retransmits to
-/// TCP_USER_TIMEOUT), clears it once established, and records connect
-/// outcomes per backend for passive checks.
+/// TCP_USER_TIMEOUT), then its keepalive and user timeout once
+/// established, and records connect outcomes per backend for passive
+/// checks.
 #[sock_ops]
 pub fn disc_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
+        BPF_SOCK_OPS_TIMEOUT_INIT => {
+            // The reply is the initial RTO in jiffies; left alone (0), the
+            // kernel uses 1 s, and other programs' replies stand.
+            let hz = unsafe { core::ptr::read_volatile(&HZ) };
+            let Some(st) = redirected(&ctx) else { return 1 };
+            let t = st.tcp.connect_timeout_ms;
+            if hz > 0 && t > 0 && t < SHORT_CONNECT_TIMEOUT_MS {
+                let jiffies = (u64::from(t / 3) * u64::from(hz) / 1000).max(1);
+                ctx.set_reply(jiffies as u32);
+            }
+        }
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
             let Some(st) = redirected(&ctx) else { return 1 };
             // State changes of this socket tell how the connect ended.
             let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-            if st.connect_timeout_ms > 0 {
-                set_user_timeout(&ctx, st.connect_timeout_ms);
+            if st.tcp.connect_timeout_ms > 0 {
+                setsockopt(&ctx, SOL_TCP, TCP_USER_TIMEOUT, st.tcp.connect_timeout_ms);
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             let Some(st) = redirected(&ctx) else { return 1 };
-            if st.connect_timeout_ms > 0 {
+            let tcp = st.tcp;
+            if tcp.connect_timeout_ms > 0 || tcp.user_timeout_ms > 0 {
                 // The connect timeout is not a timeout for the connection.
-                set_user_timeout(&ctx, 0);
+                setsockopt(&ctx, SOL_TCP, TCP_USER_TIMEOUT, tcp.user_timeout_ms);
+            }
+            if tcp.keepalive_idle_s > 0 {
+                setsockopt(&ctx, SOL_SOCKET, SO_KEEPALIVE, 1);
+                setsockopt(&ctx, SOL_TCP, TCP_KEEPIDLE, tcp.keepalive_idle_s.into());
+                if tcp.keepalive_intvl_s > 0 {
+                    setsockopt(&ctx, SOL_TCP, TCP_KEEPINTVL, tcp.keepalive_intvl_s.into());
+                }
+                if tcp.keepalive_probes > 0 {
+                    setsockopt(&ctx, SOL_TCP, TCP_KEEPCNT, tcp.keepalive_probes.into());
+                }
             }
             update_health(&peer(&ctx), |h| {
                 h.consecutive_failures = 0;
@@ -430,12 +545,15 @@ pub fn disc_sockops(ctx: SockOpsContext) -> u32 {
             if new == BPF_TCP_CLOSE && old != BPF_TCP_SYN_SENT && old != BPF_TCP_CLOSE {
                 // An established connection ended (it was counted live).
                 let key = peer(&ctx);
-                if let Some(h) = BHEALTH.get_ptr_mut(&key) {
+                if let Some(h) = BHEALTH.get_ptr_mut(key) {
                     unsafe { (*h).live = (*h).live.saturating_sub(1) };
                 }
             }
             if old == BPF_TCP_SYN_SENT && new == BPF_TCP_CLOSE {
                 bump(Counter::ConnectFailed);
+                if let Some(st) = redirected(&ctx) {
+                    svc_stat(&frontend_of(st), |s| s.connect_failed += 1);
+                }
                 update_health(&peer(&ctx), |h| {
                     h.consecutive_failures += 1;
                     h.failures += 1;

@@ -741,9 +741,28 @@ fn move_self(fd: i32) -> io::Result<()> {
 /// A running load generator.
 pub struct Load {
     child: Child,
+    /// Lines of stdout as they come, once `next_line` was called.
+    lines: Option<std::sync::mpsc::Receiver<String>>,
 }
 
 impl Load {
+    /// The next line the probe prints, waiting at most `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        if self.lines.is_none() {
+            let out = self.child.stdout.take().expect("stdout");
+            let (tx, rx) = std::sync::mpsc::channel();
+            thread::spawn(move || {
+                for l in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+                    if l.is_err() || tx.send(l.unwrap_or_default()).is_err() {
+                        break;
+                    }
+                }
+            });
+            self.lines = Some(rx);
+        }
+        self.lines.as_ref()?.recv_timeout(timeout).ok()
+    }
+
     /// Waits for the end of the run and returns every attempt.
     pub fn finish(mut self) -> Vec<Outcome> {
         let mut out = String::new();
@@ -805,18 +824,23 @@ impl TestCgroup {
     /// Starts `discovery-probe load ADDR MILLIS` in the cgroup: new
     /// connections back to back for that long, one JSON line each.
     pub fn start_load(&self, probe_bin: &str, addr: &str, millis: u64) -> Load {
+        self.start(probe_bin, &["load", addr, &millis.to_string()])
+    }
+
+    /// Starts `discovery-probe ARGS...` in the cgroup, its stdout piped.
+    pub fn start(&self, probe_bin: &str, args: &[&str]) -> Load {
         let procs = fs::OpenOptions::new()
             .write(true)
             .open(self.path.join("cgroup.procs"))
             .expect("open cgroup.procs");
         let fd = procs.as_raw_fd();
         let mut cmd = Command::new(probe_bin);
-        cmd.args(["load", addr, &millis.to_string()])
-            .stdout(std::process::Stdio::piped());
+        cmd.args(args).stdout(std::process::Stdio::piped());
         // SAFETY: as in `output`.
         unsafe { cmd.pre_exec(move || move_self(fd)) };
         Load {
-            child: cmd.spawn().expect("spawn load generator"),
+            child: cmd.spawn().expect("spawn probe"),
+            lines: None,
         }
     }
 
@@ -851,18 +875,29 @@ impl Drop for TestCgroup {
 
 // ---------------------------------------------------------------- nftables
 
-/// An nftables table of the test's own that silently drops TCP SYNs to one
-/// loopback address and port; removed on drop.
-pub struct SynDrop {
+/// An nftables table of the test's own that silently drops TCP packets to
+/// one loopback address and port (as a vanished host would); removed on
+/// drop.
+pub struct PacketDrop {
     table: String,
 }
 
-impl SynDrop {
-    pub fn new(addr: SocketAddr) -> Self {
+impl PacketDrop {
+    /// Drops SYNs only: new connections hang, existing ones still work.
+    pub fn syns(addr: SocketAddr) -> Self {
+        Self::matching(addr, "tcp flags syn")
+    }
+
+    /// Drops every packet to the address: existing connections go silent.
+    pub fn all(addr: SocketAddr) -> Self {
+        Self::matching(addr, "")
+    }
+
+    fn matching(addr: SocketAddr, extra: &str) -> Self {
         let table = unique("drop").replace('-', "_");
         let script = format!(
             "table inet {table} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  \
-             ip daddr {} tcp dport {} tcp flags syn drop\n }}\n}}\n",
+             ip daddr {} tcp dport {} {extra} drop\n }}\n}}\n",
             addr.ip(),
             addr.port()
         );
@@ -884,7 +919,7 @@ impl SynDrop {
     }
 }
 
-impl Drop for SynDrop {
+impl Drop for PacketDrop {
     fn drop(&mut self) {
         let _ = Command::new("nft")
             .args(["delete", "table", "inet", &self.table])
@@ -1045,6 +1080,8 @@ pub const SMALL_MAPS: [&str; 4] = ["--max-services", "256", "--max-backends", "1
 pub struct Agent {
     pub proc: Proc,
     pub pin_dir: PathBuf,
+    /// The agent's `--status-file`.
+    pub status_file: PathBuf,
 }
 
 impl std::ops::Deref for Agent {
@@ -1084,11 +1121,32 @@ impl Agent {
         if !extra.contains(&"--metrics-addr") {
             args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
         }
+        // Nor share the default status file.
+        let status_file = std::env::temp_dir().join(format!(
+            "{}.status.json",
+            pin_dir.file_name().expect("pin dir name").to_string_lossy()
+        ));
+        args.extend(["--status-file".into(), status_file.display().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         Self {
             proc: Proc::spawn(args),
             pin_dir,
+            status_file,
         }
+    }
+
+    /// `discovery-agent status --json` for this agent's pins and status
+    /// file.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(agent_bin())
+            .args(["status", "--json", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .arg("--status-file")
+            .arg(&self.status_file)
+            .output()
+            .expect("run discovery-agent status");
+        assert!(out.status.success(), "status: {out:?}");
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
     }
 
     /// Scrapes `path` from the agent's metrics endpoint (address from its
@@ -1157,6 +1215,7 @@ impl Drop for Agent {
         self.proc.kill();
         let _ = self.run_cmd("detach");
         let _ = fs::remove_dir_all(&self.pin_dir);
+        let _ = fs::remove_file(&self.status_file);
     }
 }
 
@@ -1250,6 +1309,11 @@ impl World {
 
     pub fn start_load(&self, addr: &str, millis: u64) -> Load {
         self.cg.start_load(&self.probe, addr, millis)
+    }
+
+    /// Starts `discovery-probe ARGS...` in the test cgroup.
+    pub fn start_probe(&self, args: &[&str]) -> Load {
+        self.cg.start(&self.probe, args)
     }
 
     /// Polls with fresh connections until `ok` holds for a whole batch.

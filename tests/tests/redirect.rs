@@ -470,7 +470,7 @@ fn pinned_maps_of_another_layout_are_refused() {
     args.extend(SMALL_MAPS);
     let err = agent_fails(args);
     assert!(
-        err.contains("has key/value sizes 8/8, this agent expects 20/16"),
+        err.contains("has key/value sizes 8/8, this agent expects 20/32"),
         "{err}"
     );
     // Nothing was attached.
@@ -674,7 +674,7 @@ fn connect_timeout_fails_a_connect_to_a_backend_that_drops_syns() {
         let l = std::net::TcpListener::bind("127.0.0.9:0").unwrap();
         l.local_addr().unwrap().port()
     }));
-    let _drop = discovery_tests::SynDrop::new(dead);
+    let _drop = discovery_tests::PacketDrop::syns(dead);
     w.etcd.put(
         "/discovery/services/web",
         r#"{"frontend":"127.0.0.1:8080","connect_timeout":"1500ms"}"#,
@@ -698,6 +698,74 @@ fn connect_timeout_fails_a_connect_to_a_backend_that_drops_syns() {
     );
     let c = w.agent.counters();
     assert!(c["connect_failed"] >= 1, "{c:?}");
+    // Below the kernel's 1 s initial RTO: the SYN gets a shorter one.
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":"127.0.0.1:8080","connect_timeout":"300ms"}"#,
+    );
+    let o = wait_until(Duration::from_secs(15), || {
+        let o = w.probe("tcp", "127.0.0.1:8080", 1).remove(0);
+        (o.errno == Some(ETIMEDOUT) && o.micros < 1_000_000).then_some(o)
+    })
+    .unwrap_or_else(|| panic!("no sub-second connect timeout:\n{}", w.agent.log()));
+    assert!(o.micros >= 280_000, "timed out after {} us", o.micros);
+    eprintln!(
+        "connect timed out after {} ms (configured 300 ms)",
+        o.micros / 1000
+    );
+}
+
+#[test]
+fn keepalive_notices_an_idle_connection_to_a_vanished_backend() {
+    const ETIMEDOUT: i32 = 110;
+    let w = world("keepalive", &[]);
+    let b = Backend::tcp_holding("held", addr("127.0.0.2:0"));
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":"127.0.0.1:8080",
+            "keepalive":{"idle":"1s","interval":"1s","probes":2}}"#,
+    );
+    w.backend("web", "held", &b.addr().to_string());
+    // A second service with only a user timeout: no keepalive.
+    w.etcd.put(
+        "/discovery/services/plain",
+        r#"{"frontend":"127.0.0.1:8081","user_timeout":"20s"}"#,
+    );
+    w.backend("plain", "held", &b.addr().to_string());
+    // One idle connection, once the frontend is applied (before that the
+    // probe's connect is refused and it exits without a line).
+    let idle = |frontend: &str| {
+        wait_until(Duration::from_secs(10), || {
+            let mut p = w.start_probe(&["idle", frontend]);
+            let line = p.next_line(Duration::from_secs(5))?;
+            let opts: serde_json::Value = serde_json::from_str(&line).unwrap();
+            Some((p, opts))
+        })
+        .unwrap_or_else(|| panic!("no connection to {frontend}:\n{}", w.agent.log()))
+    };
+    let (_plain, o) = idle("127.0.0.1:8081");
+    assert_eq!(
+        (o["keepalive"].as_i64(), o["user_timeout"].as_i64()),
+        (Some(0), Some(20_000)),
+        "{o}"
+    );
+
+    let (mut idle, o) = idle("127.0.0.1:8080");
+    assert_eq!(o["backend"], "held");
+    let got = ["keepalive", "idle", "interval", "probes"].map(|k| o[k].as_i64());
+    assert_eq!(got, [Some(1), Some(1), Some(1), Some(2)], "{o}");
+    assert_eq!(o["user_timeout"], 0, "{o}");
+
+    // The backend's host goes silent: no RST, no FIN, nothing.
+    let _gone = discovery_tests::PacketDrop::all(b.addr());
+    let end = idle
+        .next_line(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("idle connection never noticed the vanished backend"));
+    let end: serde_json::Value = serde_json::from_str(&end).unwrap();
+    assert_eq!(end["errno"], ETIMEDOUT, "{end}");
+    // 1 s idle + 2 probes 1 s apart; nothing else times out an idle socket.
+    assert!(end["after_ms"].as_u64() < Some(10_000), "{end}");
+    eprintln!("idle connection failed after {} ms", end["after_ms"]);
 }
 
 #[test]

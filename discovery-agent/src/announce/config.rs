@@ -85,7 +85,7 @@ struct File {
     instance: Vec<toml::Spanned<RawInstance>>,
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())

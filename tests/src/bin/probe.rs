@@ -6,6 +6,8 @@
 //! discovery-probe hold ADDR COUNT NAME (TCP; connections answered by NAME
 //!                                      stay open until the end, like hung
 //!                                      requests; the others close at once)
+//! discovery-probe idle ADDR  (TCP; one connection left idle: prints its
+//!                             socket options, then how it ended)
 use std::{
     io::Read as _,
     net::{SocketAddr, TcpStream, UdpSocket},
@@ -69,8 +71,62 @@ fn hold(addr: SocketAddr, count: usize, name: &str) {
     }
 }
 
+fn sockopt(s: &TcpStream, level: i32, opt: i32) -> i32 {
+    use std::os::fd::AsRawFd as _;
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket and an int-sized buffer.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            level,
+            opt,
+            std::ptr::from_mut(&mut v).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "getsockopt: {}", std::io::Error::last_os_error());
+    v
+}
+
+/// `idle` mode: the options the kernel (or its BPF programs) set on the
+/// connection, then a blocking read with no timeout of our own: only the
+/// connection failing (or the backend closing it) ends it.
+fn idle(addr: SocketAddr) {
+    use std::io::BufRead as _;
+    let s = TcpStream::connect(addr).expect("connect");
+    let mut r = std::io::BufReader::new(&s);
+    let mut line = String::new();
+    r.read_line(&mut line).expect("greeting");
+    let opts = serde_json::json!({
+        "backend": line.trim(),
+        "keepalive": sockopt(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        "idle": sockopt(&s, libc::SOL_TCP, libc::TCP_KEEPIDLE),
+        "interval": sockopt(&s, libc::SOL_TCP, libc::TCP_KEEPINTVL),
+        "probes": sockopt(&s, libc::SOL_TCP, libc::TCP_KEEPCNT),
+        "user_timeout": sockopt(&s, libc::SOL_TCP, libc::TCP_USER_TIMEOUT),
+    });
+    println!("{opts}");
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let errno = match r.read_to_end(&mut rest) {
+        Ok(_) => None,
+        Err(e) => e.raw_os_error(),
+    };
+    println!(
+        "{}",
+        serde_json::json!({"errno": errno, "after_ms": t.elapsed().as_millis() as u64})
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let [_, mode, addr] = &args[..]
+        && mode == "idle"
+    {
+        idle(addr.parse().expect("ADDR"));
+        return;
+    }
     if let [_, mode, addr, count, name] = &args[..]
         && mode == "hold"
     {

@@ -1,0 +1,529 @@
+//! `discovery-agent status`: one table per service, joining what the agent
+//! last knew (names, weights, states, health; a JSON snapshot it writes to
+//! `--status-file`) with what the kernel routes and counted (the pinned
+//! maps, read directly, so it works while the agent is down).
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use discovery_common::{SVC_F_CONSISTENT, SVC_F_LEAST_CONN, ServiceKey};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    maps::{BpfMaps, KernelView},
+    model::proto_name,
+    reconcile::Addr,
+};
+
+/// What the agent knew when it last applied etcd to the maps.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub node: String,
+    pub pid: u32,
+    pub version: String,
+    /// etcd revision applied to the maps.
+    pub revision: i64,
+    /// Unix seconds of that apply.
+    pub applied_unix: u64,
+    pub services: Vec<SnapService>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapService {
+    pub name: String,
+    pub frontend: String,
+    pub protocol: String,
+    pub policy: String,
+    /// False when an older service holds the same frontend.
+    pub routed: bool,
+    pub backends: Vec<SnapBackend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapBackend {
+    pub instance: String,
+    pub addr: String,
+    pub weight: u32,
+    /// `active`, `draining` (weight 0) or `maintenance`.
+    pub state: String,
+    /// This node's verdict: `ok`, `check failing` or `ejected`.
+    pub health: String,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Writes the snapshot atomically (temp file, then rename), so a reader
+/// never sees half of it.
+pub fn write_snapshot(path: &Path, snap: &Snapshot) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(snap)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+fn read_snapshot(path: &Path) -> anyhow::Result<Option<Snapshot>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b).with_context(|| format!("parsing {}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+pub fn addr_str((a, port): Addr) -> String {
+    if a[..12] == discovery_common::v4_mapped([0; 4])[..12] {
+        SocketAddrV4::new(Ipv4Addr::new(a[12], a[13], a[14], a[15]), port).to_string()
+    } else {
+        format!("{}:{port}", std::net::Ipv6Addr::from(a))
+    }
+}
+
+fn frontend_str(k: &ServiceKey) -> String {
+    addr_str((k.addr, k.port))
+}
+
+pub fn policy_name(flags: u32) -> &'static str {
+    if flags & SVC_F_CONSISTENT != 0 {
+        "consistent"
+    } else if flags & SVC_F_LEAST_CONN != 0 {
+        "least_conn"
+    } else {
+        "random"
+    }
+}
+
+/// The joined view `status` prints.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// None when the status file is missing (agent never ran here).
+    pub agent: Option<AgentInfo>,
+    pub services: Vec<ServiceRow>,
+    pub counters: BTreeMap<String, u64>,
+    pub maps: Vec<MapUsage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentInfo {
+    pub node: String,
+    pub pid: u32,
+    pub version: String,
+    pub revision: i64,
+    pub applied_unix: u64,
+    pub applied_at: String,
+    pub age_seconds: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MapUsage {
+    pub map: String,
+    pub entries: usize,
+    pub capacity: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    /// `?` when the maps hold a frontend the status file does not name.
+    pub name: String,
+    pub frontend: String,
+    pub protocol: String,
+    pub policy: String,
+    pub connects: u64,
+    pub datagrams: u64,
+    pub no_backend: u64,
+    pub connect_failed: u64,
+    pub backends: Vec<BackendRow>,
+    /// Workloads (cgroups) on this node calling this frontend, busiest
+    /// first.
+    pub consumers: Vec<crate::consumers::Workload>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub addr: String,
+    pub instance: String,
+    pub weight: Option<u32>,
+    pub state: String,
+    pub health: String,
+    /// In the kernel's live set for this service: new connects can go here.
+    pub routed: bool,
+    pub connects: u64,
+    pub datagrams: u64,
+    /// Failed connects (all services using the address).
+    pub failures: u64,
+    /// Open redirected TCP connections.
+    pub live: u32,
+}
+
+pub fn report(snap: Option<Snapshot>, k: &KernelView, paths: &HashMap<u64, String>) -> Report {
+    let mut by_frontend: HashMap<(String, String), &SnapService> = HashMap::new();
+    if let Some(s) = &snap {
+        for svc in s.services.iter().filter(|s| s.routed) {
+            for proto in match svc.protocol.as_str() {
+                "both" => &["tcp", "udp"][..],
+                "udp" => &["udp"],
+                _ => &["tcp"],
+            } {
+                by_frontend.insert((svc.frontend.clone(), (*proto).to_owned()), svc);
+            }
+        }
+    }
+    let by_addr: HashMap<String, _> = k.backends.iter().map(|(a, v)| (addr_str(*a), *v)).collect();
+    let mut services = Vec::new();
+    for sv in &k.services {
+        let frontend = frontend_str(&sv.key);
+        let protocol = proto_name(sv.key.proto).to_owned();
+        let snap_svc = by_frontend.get(&(frontend.clone(), protocol.clone()));
+        let routed: Vec<String> = sv.routed.iter().map(|a| addr_str(*a)).collect();
+        let mut rows = Vec::new();
+        let row = |addr: &str, instance: &str, weight, state: &str, health: &str| {
+            let v = by_addr.get(addr).copied().unwrap_or_default();
+            BackendRow {
+                addr: addr.to_owned(),
+                instance: instance.to_owned(),
+                weight,
+                state: state.to_owned(),
+                health: health.to_owned(),
+                routed: routed.iter().any(|r| r == addr),
+                connects: v.stats.connects,
+                datagrams: v.stats.datagrams,
+                failures: v.health.failures,
+                live: v.health.live,
+            }
+        };
+        if let Some(s) = snap_svc {
+            for b in &s.backends {
+                rows.push(row(
+                    &b.addr,
+                    &b.instance,
+                    Some(b.weight),
+                    &b.state,
+                    &b.health,
+                ));
+            }
+        }
+        for r in &routed {
+            if !rows.iter().any(|x| &x.addr == r) {
+                rows.push(row(r, "?", None, "?", "?"));
+            }
+        }
+        let mut consumers: Vec<crate::consumers::Workload> = k
+            .consumers
+            .iter()
+            .filter(|(c, _)| c.service == sv.key)
+            .map(|(c, n)| crate::consumers::Workload {
+                cgroup: paths
+                    .get(&c.cgroup_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("(gone: cgroup id {})", c.cgroup_id)),
+                calls: *n,
+            })
+            .collect();
+        consumers.sort_by(|a, b| b.calls.cmp(&a.calls).then(a.cgroup.cmp(&b.cgroup)));
+        services.push(ServiceRow {
+            consumers,
+            name: snap_svc.map_or("?".to_owned(), |s| s.name.clone()),
+            frontend,
+            protocol,
+            policy: policy_name(sv.service.flags).to_owned(),
+            connects: sv.stats.connects,
+            datagrams: sv.stats.datagrams,
+            no_backend: sv.stats.no_backend,
+            connect_failed: sv.stats.connect_failed,
+            backends: rows,
+        });
+    }
+    services.sort_by(|a, b| (&a.name, &a.frontend).cmp(&(&b.name, &b.frontend)));
+    let now = unix_now();
+    Report {
+        agent: snap.map(|s| AgentInfo {
+            applied_at: humantime::format_rfc3339_seconds(
+                UNIX_EPOCH + Duration::from_secs(s.applied_unix),
+            )
+            .to_string(),
+            age_seconds: now.saturating_sub(s.applied_unix),
+            node: s.node,
+            pid: s.pid,
+            version: s.version,
+            revision: s.revision,
+            applied_unix: s.applied_unix,
+        }),
+        services,
+        counters: k
+            .counters
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), *v))
+            .collect(),
+        maps: k
+            .usage
+            .iter()
+            .map(|(m, e, c)| MapUsage {
+                map: (*m).to_owned(),
+                entries: *e,
+                capacity: *c,
+            })
+            .collect(),
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(out: &mut String, indent: &str, rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let mut line = indent.to_owned();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+}
+
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    match &r.agent {
+        Some(a) => {
+            let _ = writeln!(
+                out,
+                "node {}  agent pid {} ({})  etcd revision {} applied {} ({}s ago)",
+                a.node, a.pid, a.version, a.revision, a.applied_at, a.age_seconds
+            );
+        }
+        None => out.push_str(
+            "no agent status file: names, weights and health unknown (kernel view only)\n",
+        ),
+    }
+    if r.services.is_empty() {
+        out.push_str("\nno services in the maps\n");
+    }
+    for s in &r.services {
+        out.push('\n');
+        table(
+            &mut out,
+            "",
+            &[
+                vec![
+                    "SERVICE".into(),
+                    "FRONTEND".into(),
+                    "PROTO".into(),
+                    "POLICY".into(),
+                    "CONNECTS".into(),
+                    "DATAGRAMS".into(),
+                    "NO_BACKEND".into(),
+                    "CONNECT_FAILED".into(),
+                ],
+                vec![
+                    s.name.clone(),
+                    s.frontend.clone(),
+                    s.protocol.clone(),
+                    s.policy.clone(),
+                    s.connects.to_string(),
+                    s.datagrams.to_string(),
+                    s.no_backend.to_string(),
+                    s.connect_failed.to_string(),
+                ],
+            ],
+        );
+        let mut rows = vec![
+            [
+                "BACKEND",
+                "INSTANCE",
+                "WEIGHT",
+                "STATE",
+                "HEALTH",
+                "ROUTED",
+                "CONNECTS",
+                "DATAGRAMS",
+                "FAILURES",
+                "LIVE",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        for b in &s.backends {
+            rows.push(vec![
+                b.addr.clone(),
+                b.instance.clone(),
+                b.weight.map_or("?".into(), |w| w.to_string()),
+                b.state.clone(),
+                b.health.clone(),
+                if b.routed { "yes" } else { "no" }.into(),
+                b.connects.to_string(),
+                b.datagrams.to_string(),
+                b.failures.to_string(),
+                b.live.to_string(),
+            ]);
+        }
+        if s.backends.is_empty() {
+            out.push_str("  (no backends: connects are refused)\n");
+        } else {
+            table(&mut out, "  ", &rows);
+        }
+        if !s.consumers.is_empty() {
+            let list: Vec<String> = s
+                .consumers
+                .iter()
+                .take(5)
+                .map(|w| format!("{} ({})", w.cgroup, w.calls))
+                .collect();
+            let more = s.consumers.len().saturating_sub(5);
+            let _ = write!(out, "  used by: {}", list.join(", "));
+            if more > 0 {
+                let _ = write!(out, " and {more} more");
+            }
+            out.push('\n');
+        }
+    }
+    out.push('\n');
+    let usage: Vec<String> = r
+        .maps
+        .iter()
+        .map(|m| format!("{} {}/{}", m.map, m.entries, m.capacity))
+        .collect();
+    let _ = writeln!(out, "maps: {}", usage.join(", "));
+    out
+}
+
+/// One status read: the snapshot (if any) joined with the maps.
+pub fn collect(pin_dir: &Path, status_file: &Path) -> anyhow::Result<Report> {
+    let maps = BpfMaps::open(pin_dir).with_context(|| {
+        format!(
+            "no pinned maps under {} (is the agent installed with this --pin-dir?)",
+            pin_dir.display()
+        )
+    })?;
+    let view = maps.view()?;
+    let paths = crate::loader::cgroup2_root()
+        .map(|root| crate::consumers::cgroup_paths(&root))
+        .unwrap_or_default();
+    Ok(report(read_snapshot(status_file)?, &view, &paths))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::{BackendView, ServiceView};
+    use discovery_common::{
+        BackendHealth, BackendStats, IPPROTO_TCP, Service, ServiceStats, TcpOpts, v4_mapped,
+    };
+
+    #[test]
+    fn joins_names_from_the_snapshot_with_kernel_counts() {
+        let b1 = (v4_mapped([127, 0, 0, 2]), 80);
+        let b2 = (v4_mapped([127, 0, 0, 3]), 80);
+        let key = ServiceKey {
+            addr: v4_mapped([127, 0, 0, 1]),
+            port: 8080,
+            proto: IPPROTO_TCP,
+            pad: 0,
+        };
+        let k = KernelView {
+            services: vec![ServiceView {
+                key,
+                service: Service {
+                    set_id: 1,
+                    count: 1,
+                    flags: SVC_F_LEAST_CONN,
+                    pad: 0,
+                    tcp: TcpOpts::default(),
+                },
+                routed: vec![b1, b2],
+                stats: ServiceStats {
+                    connects: 7,
+                    ..Default::default()
+                },
+            }],
+            backends: [(
+                b1,
+                BackendView {
+                    stats: BackendStats {
+                        connects: 5,
+                        datagrams: 0,
+                    },
+                    health: BackendHealth {
+                        live: 2,
+                        failures: 1,
+                        ..Default::default()
+                    },
+                },
+            )]
+            .into(),
+            consumers: vec![],
+            counters: vec![("connect_redirected", 7)],
+            usage: vec![("disc_services", 1, 16)],
+        };
+        let snap = Snapshot {
+            node: "n1".into(),
+            revision: 42,
+            services: vec![SnapService {
+                name: "web".into(),
+                frontend: "127.0.0.1:8080".into(),
+                protocol: "tcp".into(),
+                policy: "least_conn".into(),
+                routed: true,
+                backends: vec![SnapBackend {
+                    instance: "a".into(),
+                    addr: "127.0.0.2:80".into(),
+                    weight: 3,
+                    state: "active".into(),
+                    health: "ok".into(),
+                }],
+            }],
+            ..Default::default()
+        };
+        let r = report(Some(snap), &k, &HashMap::new());
+        let s = &r.services[0];
+        assert_eq!(
+            (s.name.as_str(), s.policy.as_str(), s.connects),
+            ("web", "least_conn", 7)
+        );
+        let a = &s.backends[0];
+        assert_eq!(
+            (
+                a.instance.as_str(),
+                a.weight,
+                a.routed,
+                a.connects,
+                a.live,
+                a.failures
+            ),
+            ("a", Some(3), true, 5, 2, 1)
+        );
+        // Routed by the kernel but unknown to the snapshot: still shown.
+        assert_eq!(s.backends[1].addr, "127.0.0.3:80");
+        assert_eq!(s.backends[1].instance, "?");
+        let text = render(&r);
+        assert!(text.contains("etcd revision 42"), "{text}");
+        assert!(text.contains("127.0.0.2:80"), "{text}");
+        // Without the snapshot the kernel view still prints.
+        let r = report(None, &k, &HashMap::new());
+        assert_eq!(r.services[0].name, "?");
+        assert!(render(&r).contains("kernel view only"));
+    }
+}

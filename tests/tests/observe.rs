@@ -1,0 +1,219 @@
+//! Seeing what the data plane does: `status` (also with the agent down),
+//! the Prometheus endpoint, consumers published to etcd, logs and version.
+use std::{process::Command, time::Duration};
+
+use discovery_tests::{Backend, World, agent_bin, wait_until};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_discovery-probe");
+
+fn addr(s: &str) -> std::net::SocketAddr {
+    s.parse().unwrap()
+}
+
+/// The service row named `name` in `status --json`.
+fn service<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no service {name} in {status:#}"))
+}
+
+fn backend<'a>(svc: &'a serde_json::Value, addr: &str) -> &'a serde_json::Value {
+    svc["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["addr"] == addr)
+        .unwrap_or_else(|| panic!("no backend {addr} in {svc:#}"))
+}
+
+#[test]
+fn status_metrics_and_consumers_show_what_the_kernel_does() {
+    let mut w = World::start(
+        PROBE,
+        "observe",
+        &["--consumers-interval", "1s", "--node", "node-a"],
+    );
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    let (a_addr, b_addr) = (a.addr().to_string(), b.addr().to_string());
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":"127.0.0.1:8080","policy":"least_conn"}"#,
+    );
+    w.etcd.put(
+        "/discovery/backends/web/a",
+        &format!(r#"{{"addr":"{a_addr}","weight":2}}"#),
+    );
+    w.backend("web", "b", &b_addr);
+    w.etcd
+        .put("/discovery/maintenance/web/b", r#"{"reason":"test"}"#);
+    let u = Backend::udp("u", addr("127.0.0.4:0"));
+    w.service("dns", "127.0.0.1:5353", "udp");
+    w.backend("dns", "u", &u.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8080", 5, |t| {
+        t.len() == 1 && t.contains_key("a")
+    });
+    w.converge("udp", "127.0.0.1:5353", 2, |t| t.contains_key("u"));
+
+    // The status file is written within a second of the apply.
+    let before = wait_until(Duration::from_secs(10), || {
+        let s = w.agent.status();
+        let names_known = s["services"]
+            .as_array()?
+            .iter()
+            .any(|x| x["name"] == "web" && x["backends"].to_string().contains("maintenance"));
+        names_known.then_some(s)
+    })
+    .unwrap_or_else(|| panic!("status never showed the maintenance:\n{}", w.agent.log()));
+    let n = 20;
+    for o in w.probe("tcp", "127.0.0.1:8080", n) {
+        assert_eq!(o.backend.as_deref(), Some("a"), "{o:?}");
+    }
+    for o in w.probe("udp", "127.0.0.1:5353", 5) {
+        assert_eq!(o.backend.as_deref(), Some("u"), "{o:?}");
+    }
+    let after = w.agent.status();
+    let agent = &after["agent"];
+    assert_eq!(agent["node"], "node-a", "{after:#}");
+    assert!(agent["revision"].as_i64() > Some(0), "{after:#}");
+    let (web0, web) = (service(&before, "web"), service(&after, "web"));
+    assert_eq!(web["policy"], "least_conn");
+    assert_eq!(web["frontend"], "127.0.0.1:8080");
+    let delta = |a: &serde_json::Value, b: &serde_json::Value, k: &str| {
+        b[k].as_u64().unwrap() - a[k].as_u64().unwrap()
+    };
+    assert_eq!(delta(web0, web, "connects"), n as u64, "{web:#}");
+    let (ba0, ba) = (backend(web0, &a_addr), backend(web, &a_addr));
+    assert_eq!(delta(ba0, ba, "connects"), n as u64, "{ba:#}");
+    assert_eq!(
+        (&ba["weight"], &ba["state"], &ba["health"], &ba["routed"]),
+        (&2.into(), &"active".into(), &"ok".into(), &true.into())
+    );
+    let bb = backend(web, &b_addr);
+    assert_eq!(
+        (&bb["state"], &bb["routed"]),
+        (&"maintenance".into(), &false.into())
+    );
+    let dns = service(&after, "dns");
+    assert_eq!(
+        delta(service(&before, "dns"), dns, "datagrams"),
+        5,
+        "{dns:#}"
+    );
+    // The probes ran in the test cgroup: that workload uses web.
+    let cgroup = format!("/{}", w.cg.path.file_name().unwrap().to_string_lossy());
+    assert!(
+        web["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["cgroup"] == cgroup.as_str()),
+        "{web:#}"
+    );
+
+    // Prometheus: the same numbers, with service names.
+    let (_, text) = w.agent.scrape("/metrics");
+    let sample = |s: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(s)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {s} in:\n{text}"))
+    };
+    let connects =
+        sample(r#"discovery_service_connects_total{service="web",frontend="127.0.0.1:8080/tcp"}"#);
+    assert!(connects >= n as f64, "{connects}");
+    assert_eq!(
+        sample(&format!(
+            r#"discovery_backend_connects_total{{backend="{a_addr}"}}"#
+        )),
+        ba["connects"].as_f64().unwrap()
+    );
+    assert_eq!(sample("discovery_etcd_connected"), 1.0);
+    assert_eq!(sample(r#"discovery_map_entries{map="disc_services"}"#), 2.0);
+    assert!(sample("discovery_reconcile_duration_seconds_count") >= 1.0);
+    assert!(sample("discovery_last_reconcile_timestamp_seconds") > 1.7e9);
+    assert_eq!(sample("discovery_etcd_watch_lag_revisions"), 0.0);
+    assert!(
+        text.contains("# TYPE discovery_kernel_events counter"),
+        "{text}"
+    );
+
+    // Who talks to whom, across nodes: the summary lands in etcd.
+    let key = "/discovery/consumers/web/node-a";
+    let summary = wait_until(Duration::from_secs(10), || {
+        let v: serde_json::Value = serde_json::from_str(&w.etcd.get(key)?).ok()?;
+        v["workloads"]
+            .as_array()?
+            .iter()
+            .any(|c| c["cgroup"] == cgroup.as_str())
+            .then_some(v)
+    })
+    .unwrap_or_else(|| panic!("{key} never named {cgroup}:\n{}", w.agent.log()));
+    assert_eq!(summary["node"], "node-a");
+    // A malformed entry from elsewhere is skipped with a (JSON) log line.
+    w.etcd
+        .put("/discovery/consumers/web/broken-node", "not json");
+    let out = Command::new(agent_bin())
+        .args([
+            "--log-format",
+            "json",
+            "status",
+            "--consumers",
+            "web",
+            "--json",
+        ])
+        .args(["--etcd", &w.etcd.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown.as_array().map(Vec::len), Some(1), "{shown:#}");
+    assert_eq!(shown[0]["node"], "node-a");
+    let warn: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .next()
+            .expect("a log line"),
+    )
+    .expect("--log-format json logs JSON");
+    assert_eq!(warn["level"], "WARN", "{warn}");
+    assert_eq!(
+        warn["key"], "/discovery/consumers/web/broken-node",
+        "{warn}"
+    );
+
+    // With the agent gone, status still reads the maps and the last file.
+    w.agent.kill();
+    let down = w.agent.status();
+    let web = service(&down, "web");
+    assert!(web["connects"].as_u64() >= Some(n as u64), "{web:#}");
+    let table = Command::new(agent_bin())
+        .args(["status", "--pin-dir"])
+        .arg(&w.agent.pin_dir)
+        .arg("--status-file")
+        .arg(&w.agent.status_file)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("SERVICE") && table.contains(&a_addr),
+        "{table}"
+    );
+    assert!(table.contains("maintenance"), "{table}");
+}
+
+#[test]
+fn version_names_the_build_and_its_programs() {
+    let out = Command::new(agent_bin()).arg("--version").output().unwrap();
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let id = v
+        .split("programs ")
+        .nth(1)
+        .and_then(|s| s.strip_suffix(")\n"))
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(id.len(), 16, "{v}");
+    assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{v}");
+}
