@@ -135,8 +135,9 @@ pub fn load_and_attach(
         .map_max_entries(names::SLOTS, sizes.slots())
         // Id 0 is reserved, so one more entry than backends.
         .map_max_entries(names::BACKENDS, sizes.max_backends.saturating_add(1))
-        .map_max_entries(names::SVC_STATS, sizes.max_services)
-        .map_max_entries(names::BACKEND_STATS, sizes.max_backends);
+        // Indexed by ids from 1, like the backends array.
+        .map_max_entries(names::SVC_STATS, sizes.max_services.saturating_add(1))
+        .map_max_entries(names::BACKEND_STATS, sizes.max_backends.saturating_add(1));
     let hz = kernel_hz();
     if hz == 0 {
         warn!(
@@ -283,11 +284,11 @@ fn install(
 /// it; a different size only means other limits, so say so.
 fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow::Result<()> {
     use discovery_common::{
-        Backend, BackendKey, BackendStats, ConsumerKey, Service, ServiceKey, ServiceStats, Slot,
+        Backend, BackendStats, ConsumerCache, ConsumerKey, Service, ServiceKey, ServiceStats, Slot,
         SlotKey,
     };
     use std::mem::size_of;
-    let expect: [(&str, usize, usize, Option<u32>); 7] = [
+    let expect: [(&str, usize, usize, Option<u32>); 8] = [
         (
             names::SERVICES,
             size_of::<ServiceKey>(),
@@ -309,17 +310,18 @@ fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow:
         (names::COUNTERS, 4, 8, None),
         (
             names::SVC_STATS,
-            size_of::<ServiceKey>(),
+            4,
             size_of::<ServiceStats>(),
-            Some(sizes.max_services),
+            Some(sizes.max_services.saturating_add(1)),
         ),
         (
             names::BACKEND_STATS,
-            size_of::<BackendKey>(),
+            4,
             size_of::<BackendStats>(),
-            Some(sizes.max_backends),
+            Some(sizes.max_backends.saturating_add(1)),
         ),
         (names::CONSUMERS, size_of::<ConsumerKey>(), 8, None),
+        (names::CONSUMER_CACHE, 4, size_of::<ConsumerCache>(), None),
     ];
     for (name, key, value, entries) in expect {
         let map = ebpf

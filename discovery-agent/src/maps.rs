@@ -4,23 +4,21 @@ use std::{io, net::SocketAddrV4, path::Path};
 use anyhow::Context as _;
 use aya::maps::{
     Array, HashMap, IterableMap as _, Map, MapData, MapError as AyaMapError, PerCpuArray,
-    PerCpuHashMap, PerCpuValues,
+    PerCpuValues,
 };
 use discovery_common::{
-    BACKEND_F_VALID, Backend, BackendHealth, BackendKey, BackendStats, ConsumerKey, Counter,
-    Service, ServiceKey, ServiceStats, Slot, SlotKey, names, v4_mapped,
+    BACKEND_F_VALID, Backend, BackendHealth, BackendKey, BackendStats, ConsumerCache, ConsumerKey,
+    Counter, Service, ServiceKey, ServiceStats, Slot, SlotKey, names, v4_mapped,
 };
 use tracing::warn;
 
-use crate::reconcile::{Addr, Dataplane, Dump, MapError, StatsOp};
-
-/// `BPF_NOEXIST`: create only; an existing entry (and its counts) stays.
-const BPF_NOEXIST: u64 = 1;
+use crate::reconcile::{Addr, Dataplane, Dump, MapError, StatsSlot};
 
 pub struct BpfMaps {
     bhealth: HashMap<MapData, BackendKey, BackendHealth>,
-    svc_stats: PerCpuHashMap<MapData, ServiceKey, ServiceStats>,
-    backend_stats: PerCpuHashMap<MapData, BackendKey, BackendStats>,
+    svc_stats: PerCpuArray<MapData, ServiceStats>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    consumer_cache: PerCpuArray<MapData, ConsumerCache>,
     consumers: HashMap<MapData, ConsumerKey, u64>,
     nr_cpus: usize,
     services: HashMap<MapData, ServiceKey, Service>,
@@ -62,6 +60,7 @@ impl BpfMaps {
             svc_stats: open(pin_dir, names::SVC_STATS)?.try_into()?,
             backend_stats: open(pin_dir, names::BACKEND_STATS)?.try_into()?,
             consumers: open(pin_dir, names::CONSUMERS)?.try_into()?,
+            consumer_cache: open(pin_dir, names::CONSUMER_CACHE)?.try_into()?,
             nr_cpus: aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?,
             services: open(pin_dir, names::SERVICES)?.try_into()?,
             slots: open(pin_dir, names::SLOTS)?.try_into()?,
@@ -109,11 +108,6 @@ impl BpfMaps {
             .iter()
             .collect::<Result<_, _>>()
             .with_context(|| ctx(names::SLOTS))?;
-        let mut stats: std::collections::HashMap<ServiceKey, ServiceStats> = Default::default();
-        for r in self.svc_stats.iter() {
-            let (k, per_cpu) = r.with_context(|| ctx(names::SVC_STATS))?;
-            stats.insert(k, sum_services(per_cpu.iter()));
-        }
         let mut backend_cache: std::collections::HashMap<u32, Option<Addr>> = Default::default();
         let mut services = Vec::new();
         for r in self.services.iter() {
@@ -142,23 +136,35 @@ impl BpfMaps {
                 }
             }
             routed.sort();
+            let stats = match svc.stats_id {
+                0 => ServiceStats::default(),
+                id => self
+                    .svc_stats
+                    .get(&id, 0)
+                    .map(|v| sum_services(v.iter()))
+                    .with_context(|| ctx(names::SVC_STATS))?,
+            };
             services.push(ServiceView {
                 key,
                 service: svc,
                 routed,
-                stats: stats.get(&key).copied().unwrap_or_default(),
+                stats,
             });
         }
         services.sort_by_key(|s| s.key);
         let mut backends: std::collections::BTreeMap<Addr, BackendView> = Default::default();
-        for r in self.backend_stats.iter() {
-            let (k, per_cpu) = r.with_context(|| ctx(names::BACKEND_STATS))?;
+        for (id, addr) in &backend_cache {
+            let Some(addr) = addr else { continue };
+            let per_cpu = self
+                .backend_stats
+                .get(id, 0)
+                .with_context(|| ctx(names::BACKEND_STATS))?;
             let mut t = BackendStats::default();
             for v in per_cpu.iter() {
                 t.connects += v.connects;
                 t.datagrams += v.datagrams;
             }
-            backends.entry((k.addr, k.port)).or_default().stats = t;
+            backends.entry(*addr).or_default().stats = t;
         }
         for r in self.bhealth.iter() {
             let (k, h) = r.with_context(|| ctx(names::BHEALTH))?;
@@ -196,12 +202,22 @@ impl BpfMaps {
         map_capacity(self.consumers.map())
     }
 
-    /// Calls per (frontend, client cgroup).
+    /// Calls per (frontend, client cgroup): the LRU map plus what each
+    /// CPU's cache holds back.
     pub fn consumers(&self) -> anyhow::Result<Vec<(ConsumerKey, u64)>> {
-        self.consumers
+        let mut all: std::collections::HashMap<ConsumerKey, u64> = self
+            .consumers
             .iter()
             .collect::<Result<_, _>>()
-            .with_context(|| format!("reading map {}", names::CONSUMERS))
+            .with_context(|| format!("reading map {}", names::CONSUMERS))?;
+        let cached = self
+            .consumer_cache
+            .get(&0, 0)
+            .with_context(|| format!("reading map {}", names::CONSUMER_CACHE))?;
+        for c in cached.iter().filter(|c| c.pending > 0) {
+            *all.entry(c.key).or_default() += c.pending;
+        }
+        Ok(all.into_iter().collect())
     }
 
     /// Global counters summed over CPUs, by name.
@@ -219,54 +235,35 @@ impl BpfMaps {
     }
 }
 
-fn backend_key((addr, port): Addr) -> BackendKey {
-    BackendKey { addr, port, pad: 0 }
-}
-
-/// Inserts zeroed per-CPU values unless the key exists.
-fn create<K: aya::Pod, V: aya::Pod + Default>(
-    map: &mut PerCpuHashMap<MapData, K, V>,
+/// Zeroes one index of a per-CPU counters array.
+fn zero<V: aya::Pod + Default>(
+    map: &mut PerCpuArray<MapData, V>,
     nr_cpus: usize,
-    key: K,
+    index: u32,
 ) -> io::Result<()> {
     let zero = PerCpuValues::try_from(vec![V::default(); nr_cpus])?;
-    match map.insert(key, zero, BPF_NOEXIST).map_err(to_io) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        r => r,
-    }
-}
-
-/// A delete that treats "already gone" as done.
-fn delete<K: aya::Pod, V: aya::Pod>(
-    map: &mut PerCpuHashMap<MapData, K, V>,
-    key: &K,
-) -> io::Result<()> {
-    match map.remove(key) {
-        Ok(()) | Err(AyaMapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(to_io(e)),
-    }
+    map.set(index, zero, 0).map_err(to_io)
 }
 
 impl Dataplane for BpfMaps {
-    fn stats(&mut self, op: StatsOp) {
-        let (map, r) = match op {
-            StatsOp::AddService(k) => (
+    fn reset_stats(&mut self, slot: StatsSlot) {
+        let (map, r) = match slot {
+            StatsSlot::Service(id) => (
                 names::SVC_STATS,
-                create(&mut self.svc_stats, self.nr_cpus, k),
+                zero(&mut self.svc_stats, self.nr_cpus, id),
             ),
-            StatsOp::RemoveService(k) => (names::SVC_STATS, delete(&mut self.svc_stats, &k)),
-            StatsOp::AddBackend(a) => (
+            StatsSlot::Backend(id) => (
                 names::BACKEND_STATS,
-                create(&mut self.backend_stats, self.nr_cpus, backend_key(a)),
-            ),
-            StatsOp::RemoveBackend(a) => (
-                names::BACKEND_STATS,
-                delete(&mut self.backend_stats, &backend_key(a)),
+                zero(&mut self.backend_stats, self.nr_cpus, id),
             ),
         };
         if let Err(error) = r {
-            warn!(map, ?op, %error, "counters not updated");
+            warn!(map, ?slot, %error, "counters not zeroed");
         }
+    }
+
+    fn service_stats_capacity(&self) -> u32 {
+        self.svc_stats.len()
     }
 
     fn set_backend(&mut self, id: u32, b: Backend) -> Result<(), MapError> {

@@ -42,25 +42,23 @@ pub trait Dataplane {
     fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError>;
     fn set_service(&mut self, key: ServiceKey, svc: Service) -> Result<(), MapError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
-    /// Creates or deletes the traffic counters of a service or backend.
-    /// Best effort: counters never hold up routing, so implementations
-    /// log failures instead of returning them. Creating keeps existing
-    /// counts (an adopting agent must not zero them).
-    fn stats(&mut self, op: StatsOp);
+    /// Zeroes the counters at an id about to be given to a service or a
+    /// backend address. Best effort: counters never hold up routing, so
+    /// implementations log failures instead of returning them.
+    fn reset_stats(&mut self, slot: StatsSlot);
+    /// Service counter slots (ids are 1..capacity).
+    fn service_stats_capacity(&self) -> u32;
     /// Capacity of the backends array (ids are 1..capacity).
     fn backend_capacity(&self) -> u32;
     /// Everything currently in the maps.
     fn dump(&self) -> Result<Dump, MapError>;
 }
 
-/// Lifetime of the per-service and per-backend counters, which follow
-/// what is installed.
+/// A counters slot: a service's `stats_id` or a backend id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum StatsOp {
-    AddService(ServiceKey),
-    RemoveService(ServiceKey),
-    AddBackend(Addr),
-    RemoveBackend(Addr),
+pub enum StatsSlot {
+    Service(u32),
+    Backend(u32),
 }
 
 #[derive(Debug, Default, Clone)]
@@ -79,6 +77,8 @@ struct Installed {
     /// `Service::flags` (the policy).
     flags: u32,
     tcp: TcpOpts,
+    /// `Service::stats_id`; kept for the service's lifetime.
+    stats_id: u32,
     slots: Vec<ResolvedSlot>,
     /// Distinct backend ids the set references.
     ids: Vec<u32>,
@@ -293,6 +293,9 @@ pub struct Reconciler<D: Dataplane> {
     free_ids: VecDeque<u32>,
     next_id: u32,
     next_set: u32,
+    /// Service counter ids not in use, and the next never-used one.
+    free_stats: Vec<u32>,
+    next_stats: u32,
 }
 
 impl<D: Dataplane> Reconciler<D> {
@@ -313,6 +316,8 @@ impl<D: Dataplane> Reconciler<D> {
             free_ids: VecDeque::new(),
             next_id: 1,
             next_set: 1,
+            free_stats: Vec::new(),
+            next_stats: 1,
         };
         let mut live_slots = HashSet::new();
         let mut max_set = 0;
@@ -347,13 +352,10 @@ impl<D: Dataplane> Reconciler<D> {
                 // Cannot happen with our write order; rewrite it from etcd.
                 resolved.clear();
             }
-            r.dp.stats(StatsOp::AddService(key));
             for &id in &ids {
                 *r.refs.entry(id).or_default() += 1;
                 let b = backends[&id];
-                if r.backend_ids.insert((b.addr, b.port), id).is_none() {
-                    r.dp.stats(StatsOp::AddBackend((b.addr, b.port)));
-                }
+                r.backend_ids.insert((b.addr, b.port), id);
                 r.addrs.insert(id, (b.addr, b.port));
             }
             r.installed.insert(
@@ -363,11 +365,25 @@ impl<D: Dataplane> Reconciler<D> {
                     set_id: svc.set_id,
                     flags: svc.flags,
                     tcp: svc.tcp,
+                    stats_id: svc.stats_id,
                     slots: resolved,
                     ids,
                 },
             );
         }
+        // Counter ids: each adopted one once; a missing or shared one (maps
+        // of an older agent) is 0 here, and the next apply assigns one.
+        let cap = r.dp.service_stats_capacity();
+        let mut seen = HashSet::new();
+        for i in r.installed.values_mut() {
+            if i.stats_id >= cap || !seen.insert(i.stats_id) {
+                i.stats_id = 0;
+            }
+        }
+        seen.remove(&0);
+        let max_stats = seen.iter().copied().max().unwrap_or(0);
+        r.free_stats = (1..max_stats).filter(|id| !seen.contains(id)).collect();
+        r.next_stats = max_stats + 1;
         for (sk, _) in &dump.slots {
             max_set = max_set.max(sk.set_id);
             if !live_slots.contains(sk) {
@@ -445,6 +461,21 @@ impl<D: Dataplane> Reconciler<D> {
         None
     }
 
+    /// A zeroed counters slot for a new service; 0 (no counters) if all
+    /// are taken, which the services map being full already reports.
+    fn alloc_stats(&mut self) -> u32 {
+        let id = match self.free_stats.pop() {
+            Some(id) => id,
+            None if self.next_stats < self.dp.service_stats_capacity() => {
+                self.next_stats += 1;
+                self.next_stats - 1
+            }
+            None => return 0,
+        };
+        self.dp.reset_stats(StatsSlot::Service(id));
+        id
+    }
+
     fn alloc_set(&mut self) -> u32 {
         let in_use: HashSet<u32> = self.installed.values().map(|i| i.set_id).collect();
         loop {
@@ -465,7 +496,6 @@ impl<D: Dataplane> Reconciler<D> {
                 self.refs.remove(&id);
                 if let Some(addr) = self.addrs.remove(&id) {
                     self.backend_ids.remove(&addr);
-                    self.dp.stats(StatsOp::RemoveBackend(addr));
                 }
                 self.dp.clear_backend(id)?;
                 self.free_ids.push_back(id);
@@ -480,7 +510,9 @@ impl<D: Dataplane> Reconciler<D> {
         };
         self.dp.delete_service(key)?;
         self.installed.remove(&key);
-        self.dp.stats(StatsOp::RemoveService(key));
+        if old.stats_id != 0 {
+            self.free_stats.push(old.stats_id);
+        }
         for i in 0..old.slots.len() as u32 {
             self.dp.delete_slot(SlotKey {
                 set_id: old.set_id,
@@ -501,6 +533,7 @@ impl<D: Dataplane> Reconciler<D> {
             && cur.slots == want
             && cur.flags == flags
             && cur.tcp == svc.tcp
+            && cur.stats_id != 0
         {
             return Ok(None);
         }
@@ -533,9 +566,8 @@ impl<D: Dataplane> Reconciler<D> {
                             pad: 0,
                         };
                         // Counters first, so the first connect is counted.
-                        self.dp.stats(StatsOp::AddBackend(addr));
+                        self.dp.reset_stats(StatsSlot::Backend(id));
                         if let Err(e) = self.dp.set_backend(id, entry) {
-                            self.dp.stats(StatsOp::RemoveBackend(addr));
                             self.free_ids.push_front(id);
                             result = Err(e);
                             break;
@@ -581,11 +613,13 @@ impl<D: Dataplane> Reconciler<D> {
                 written += 1;
             }
         }
-        // 3. Flip; a new service's counters exist before its first connect.
-        let new_service = !self.installed.contains_key(&key);
-        if result.is_ok() && new_service {
-            self.dp.stats(StatsOp::AddService(key));
-        }
+        // 3. Flip; a new service's counters are zeroed before its first
+        // connect.
+        let kept_stats = self.installed.get(&key).map_or(0, |i| i.stats_id);
+        let stats_id = match kept_stats {
+            0 if result.is_ok() => self.alloc_stats(),
+            id => id,
+        };
         if result.is_ok() {
             result = self.dp.set_service(
                 key,
@@ -593,7 +627,7 @@ impl<D: Dataplane> Reconciler<D> {
                     set_id,
                     count: want.len() as u32,
                     flags,
-                    pad: 0,
+                    stats_id,
                     tcp: svc.tcp,
                 },
             );
@@ -604,8 +638,8 @@ impl<D: Dataplane> Reconciler<D> {
             }
             // Fresh ids drop to zero references and are cleared here.
             let _ = self.release(&ids);
-            if new_service {
-                self.dp.stats(StatsOp::RemoveService(key));
+            if kept_stats == 0 && stats_id != 0 {
+                self.free_stats.push(stats_id);
             }
             return Err(e);
         }
@@ -617,6 +651,7 @@ impl<D: Dataplane> Reconciler<D> {
                 set_id,
                 flags,
                 tcp: svc.tcp,
+                stats_id,
                 slots: want.clone(),
                 ids,
             },
@@ -657,8 +692,7 @@ pub(crate) mod tests {
         pub cap: u32,
         pub slot_cap: usize,
         pub writes: usize,
-        pub svc_stats: HashSet<ServiceKey>,
-        pub backend_stats: HashSet<Addr>,
+        pub resets: Vec<StatsSlot>,
     }
 
     impl FakeMaps {
@@ -671,8 +705,10 @@ pub(crate) mod tests {
         }
 
         fn check(&self) {
+            let mut stats = HashSet::new();
             for (k, s) in &self.services {
-                assert!(self.svc_stats.contains(k), "{k:?} has no counters");
+                assert!(s.stats_id != 0, "{k:?} has no counters");
+                assert!(stats.insert(s.stats_id), "{k:?} shares counters");
                 for i in 0..s.count {
                     let slot = self
                         .slots
@@ -682,12 +718,9 @@ pub(crate) mod tests {
                         })
                         .unwrap_or_else(|| panic!("{k:?} points at missing slot {i}"));
                     for id in [slot.backend, slot.alias] {
-                        let b = self.backends.get(&id).unwrap_or_else(|| {
-                            panic!("{k:?} slot {i} points at missing backend {id}")
-                        });
                         assert!(
-                            self.backend_stats.contains(&(b.addr, b.port)),
-                            "backend {b:?} has no counters"
+                            self.backends.contains_key(&id),
+                            "{k:?} slot {i} points at missing backend {id}"
                         );
                     }
                 }
@@ -761,13 +794,11 @@ pub(crate) mod tests {
             self.check();
             Ok(())
         }
-        fn stats(&mut self, op: StatsOp) {
-            match op {
-                StatsOp::AddService(k) => self.svc_stats.insert(k),
-                StatsOp::RemoveService(k) => self.svc_stats.remove(&k),
-                StatsOp::AddBackend(a) => self.backend_stats.insert(a),
-                StatsOp::RemoveBackend(a) => self.backend_stats.remove(&a),
-            };
+        fn reset_stats(&mut self, slot: StatsSlot) {
+            self.resets.push(slot);
+        }
+        fn service_stats_capacity(&self) -> u32 {
+            self.cap
         }
         fn backend_capacity(&self) -> u32 {
             self.cap
@@ -944,13 +975,9 @@ pub(crate) mod tests {
             r.dataplane().reachable(&web()),
             vec![(a("127.0.0.3:80"), 1.0)]
         );
-        // Old sets and backends are gone, and so are their counters.
+        // Old sets and backends are gone.
         assert_eq!(r.dataplane().slots.len(), 1);
         assert_eq!(r.dataplane().backends.len(), 1);
-        assert_eq!(
-            r.dataplane().backend_stats,
-            HashSet::from([a("127.0.0.3:80")])
-        );
         // Service delete removes everything.
         m.delete("/d/services/web");
         let (changes, _) = r.reconcile(&m.desired());
@@ -964,7 +991,33 @@ pub(crate) mod tests {
         assert_eq!(frontend_of(&web()), "127.0.0.1:80/tcp");
         let dp = r.dataplane();
         assert!(dp.services.is_empty() && dp.slots.is_empty() && dp.backends.is_empty());
-        assert!(dp.svc_stats.is_empty() && dp.backend_stats.is_empty());
+    }
+
+    #[test]
+    fn counters_are_zeroed_before_an_id_is_given_out_and_reused() {
+        let mut m = model();
+        m.put("/d/backends/web/a", b"127.0.0.2:80", 2);
+        let mut r = Reconciler::new(FakeMaps::new(100, 100)).unwrap();
+        r.reconcile(&m.desired());
+        let id = r.dataplane().services[&web()].stats_id;
+        let backend = r.dataplane().backends.keys().copied().next().unwrap();
+        assert_eq!(
+            r.dataplane().resets,
+            vec![StatsSlot::Backend(backend), StatsSlot::Service(id)]
+        );
+        // A change keeps the service's counters.
+        m.put("/d/backends/web/b", b"127.0.0.3:80", 3);
+        r.reconcile(&m.desired());
+        assert_eq!(r.dataplane().services[&web()].stats_id, id);
+        // Removed and another service added: the id is reused, zeroed first.
+        m.delete("/d/services/web");
+        r.reconcile(&m.desired());
+        m.put("/d/services/other", br#"{"frontend":"127.0.0.1:81"}"#, 9);
+        r.dp.resets.clear();
+        r.reconcile(&m.desired());
+        let other = service_key("127.0.0.1:81".parse().unwrap(), IPPROTO_TCP);
+        assert_eq!(r.dataplane().services[&other].stats_id, id);
+        assert_eq!(r.dataplane().resets, vec![StatsSlot::Service(id)]);
     }
 
     #[test]
@@ -1009,18 +1062,19 @@ pub(crate) mod tests {
                 pad: 0,
             },
         );
-        // Maps pinned by an agent from before the counters existed.
-        maps.svc_stats.clear();
-        maps.backend_stats.clear();
+        let id = maps.services[&web()].stats_id;
         let mut r = Reconciler::new(maps).unwrap();
-        assert_eq!(r.dataplane().svc_stats, HashSet::from([web()]));
-        assert_eq!(r.dataplane().backend_stats.len(), 2);
         assert!(!r.dataplane().slots.keys().any(|k| k.set_id == 999));
         assert!(!r.dataplane().backends.contains_key(&50));
         let before = r.dataplane().writes;
         let (changes, _) = r.reconcile(&m.desired());
         assert!(changes.is_empty(), "adopted state is already right");
         assert_eq!(r.dataplane().writes, before);
+        assert_eq!(
+            r.dataplane().services[&web()].stats_id,
+            id,
+            "counters adopted"
+        );
         // And changes after the restart still work.
         m.delete("/d/backends/web/a");
         r.reconcile(&m.desired());

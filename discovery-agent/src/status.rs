@@ -450,7 +450,7 @@ mod tests {
                     set_id: 1,
                     count: 1,
                     flags: SVC_F_LEAST_CONN,
-                    pad: 0,
+                    stats_id: 1,
                     tcp: TcpOpts::default(),
                 },
                 routed: vec![b1, b2],

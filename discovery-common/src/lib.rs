@@ -33,16 +33,20 @@ pub mod names {
     /// [`crate::BackendKey`] → [`crate::BackendHealth`]: connect outcomes
     /// of redirected TCP sockets, for passive checks.
     pub const BHEALTH: &str = "disc_bhealth";
-    /// Per-CPU hash [`crate::ServiceKey`] → [`crate::ServiceStats`].
+    /// Per-CPU array indexed by `Service::stats_id` →
+    /// [`crate::ServiceStats`].
     pub const SVC_STATS: &str = "disc_svc_stats";
-    /// Per-CPU hash [`crate::BackendKey`] → [`crate::BackendStats`].
+    /// Per-CPU array indexed by backend id → [`crate::BackendStats`].
     pub const BACKEND_STATS: &str = "disc_backend_stats";
     /// LRU hash [`crate::ConsumerKey`] → `u64` calls: which workloads use
     /// which frontends.
     pub const CONSUMERS: &str = "disc_consumers";
+    /// Per-CPU array of one [`crate::ConsumerCache`]: the last (frontend,
+    /// cgroup) pair seen on the CPU and its calls not yet in CONSUMERS.
+    pub const CONSUMER_CACHE: &str = "disc_consumer_cache";
 
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL_MAPS: [&str; 9] = [
+    pub const ALL_MAPS: [&str; 10] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -52,6 +56,7 @@ pub mod names {
         SVC_STATS,
         BACKEND_STATS,
         CONSUMERS,
+        CONSUMER_CACHE,
     ];
 
     /// The cgroup/sock_addr programs: (program name, pinned link name).
@@ -133,7 +138,10 @@ pub struct Service {
     /// Policy: [`SVC_F_CONSISTENT`], [`SVC_F_LEAST_CONN`] or 0 (weighted
     /// random).
     pub flags: u32,
-    pub pad: u32,
+    /// Index of the service's counters in [`names::SVC_STATS`] (0: none).
+    /// Counters are arrays indexed by id, not hashes keyed by address: an
+    /// array lookup is a few instructions on the connect() path.
+    pub stats_id: u32,
     /// Copied into each redirected TCP socket for the sock_ops program.
     pub tcp: TcpOpts,
 }
@@ -206,7 +214,8 @@ pub struct SockRevNat {
     pub entries: [RevNatEntry; REVNAT_ENTRIES],
     /// Next entry to overwrite when all are taken.
     pub next: u32,
-    pub pad: u32,
+    /// `Service::stats_id` of the service this (TCP) socket connected to.
+    pub stats_id: u32,
     /// The service's socket options, for the sock_ops program (TCP).
     pub tcp: TcpOpts,
 }
@@ -233,9 +242,8 @@ pub struct BackendHealth {
     pub established: u64,
 }
 
-/// Traffic of one frontend, per CPU. The agent creates the entry when it
-/// installs the service (the programs only add to existing entries) and
-/// deletes it with the service.
+/// Traffic of one frontend, per CPU, at `Service::stats_id`. The agent
+/// zeroes the entry when it gives the id to a service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceStats {
@@ -249,8 +257,9 @@ pub struct ServiceStats {
     pub connect_failed: u64,
 }
 
-/// Traffic to one backend address, per CPU, summed over the services that
-/// use it. Created and deleted by the agent like [`ServiceStats`].
+/// Traffic to one backend address, per CPU, at its backend id, summed over
+/// the services that use it. Zeroed by the agent when it gives the id to
+/// an address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct BackendStats {
@@ -274,6 +283,17 @@ pub struct ConsumerKey {
 
 /// Entries of [`names::CONSUMERS`].
 pub const MAX_CONSUMERS: u32 = 65_536;
+
+/// The last consumer pair seen on one CPU and its calls not yet added to
+/// [`names::CONSUMERS`]: a workload calling one service over and over
+/// costs an array lookup, not a hash update, per call. Readers add
+/// `pending` of every CPU to the map's counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsumerCache {
+    pub key: ConsumerKey,
+    pub pending: u64,
+}
 
 /// Indexes into the per-CPU counters map.
 #[repr(u32)]
@@ -350,6 +370,7 @@ mod user {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ConsumerKey {}
+    unsafe impl aya::Pod for ConsumerCache {}
 }
 
 #[cfg(test)]
@@ -372,6 +393,7 @@ mod tests {
         assert_eq!(size_of::<ServiceStats>(), 32);
         assert_eq!(size_of::<BackendStats>(), 16);
         assert_eq!(size_of::<ConsumerKey>(), 32);
+        assert_eq!(size_of::<ConsumerCache>(), 40);
     }
 
     #[test]

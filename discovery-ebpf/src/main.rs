@@ -13,7 +13,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
         bpf_setsockopt, bpf_sk_storage_get,
@@ -23,10 +23,10 @@ use aya_ebpf::{
 };
 use discovery_common::{
     BACKEND_F_VALID, BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendKey, BackendStats,
-    ConsumerKey, Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
-    IPPROTO_TCP, IPPROTO_UDP, MAX_CONSUMERS, REVNAT_ENTRIES, RevNatEntry, SVC_F_CONSISTENT,
-    SVC_F_LEAST_CONN, Service, ServiceKey, ServiceStats, Slot, SlotKey, SockRevNat, TcpOpts,
-    v4_mapped,
+    ConsumerCache, ConsumerKey, Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+    DEFAULT_MAX_SLOTS, IPPROTO_TCP, IPPROTO_UDP, MAX_CONSUMERS, REVNAT_ENTRIES, RevNatEntry,
+    SVC_F_CONSISTENT, SVC_F_LEAST_CONN, Service, ServiceKey, ServiceStats, Slot, SlotKey,
+    SockRevNat, TcpOpts, v4_mapped,
 };
 
 #[btf_map(name = "disc_services")]
@@ -51,20 +51,15 @@ static COUNTERS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::ne
 static REVNAT: SkStorage<SockRevNat> = SkStorage::new();
 
 #[btf_map(name = "disc_svc_stats")]
-static SVC_STATS: PerCpuHashMap<
-    ServiceKey,
-    ServiceStats,
-    { DEFAULT_MAX_SERVICES as usize },
-    BPF_F_NO_PREALLOC,
-> = PerCpuHashMap::new();
+static SVC_STATS: PerCpuArray<ServiceStats, { DEFAULT_MAX_SERVICES as usize + 1 }> =
+    PerCpuArray::new();
 
 #[btf_map(name = "disc_backend_stats")]
-static BACKEND_STATS: PerCpuHashMap<
-    BackendKey,
-    BackendStats,
-    { DEFAULT_MAX_BACKENDS as usize },
-    BPF_F_NO_PREALLOC,
-> = PerCpuHashMap::new();
+static BACKEND_STATS: PerCpuArray<BackendStats, { DEFAULT_MAX_BACKENDS as usize + 1 }> =
+    PerCpuArray::new();
+
+#[btf_map(name = "disc_consumer_cache")]
+static CONSUMER_CACHE: PerCpuArray<ConsumerCache, 1> = PerCpuArray::new();
 
 #[btf_map(name = "disc_consumers")]
 static CONSUMERS: LruHashMap<ConsumerKey, u64, { MAX_CONSUMERS as usize }> = LruHashMap::new();
@@ -88,17 +83,20 @@ fn bump(counter: Counter) {
     }
 }
 
-/// Adds to a service's per-CPU stats, if the agent created its entry.
+/// Adds to a service's per-CPU stats (per-CPU slot: no other writer).
 #[inline(always)]
-fn svc_stat(key: &ServiceKey, f: impl FnOnce(&mut ServiceStats)) {
-    if let Some(s) = SVC_STATS.get_ptr_mut(key) {
+fn svc_stat(stats_id: u32, f: impl FnOnce(&mut ServiceStats)) {
+    if stats_id != 0
+        && let Some(s) = SVC_STATS.get_ptr_mut(stats_id)
+    {
         f(unsafe { &mut *s });
     }
 }
 
 /// Counts a call of the current cgroup to a frontend ("who talks to
-/// whom"). Not atomic: concurrent calls may undercount; it is a usage
-/// summary, not a meter.
+/// whom"). Calls of the same pair in a row only bump this CPU's cache;
+/// the LRU map is updated when the pair changes. Not atomic across CPUs
+/// in the map: a usage summary, not a meter.
 #[inline(always)]
 fn consumed(service: &ServiceKey) {
     let key = ConsumerKey {
@@ -106,23 +104,30 @@ fn consumed(service: &ServiceKey) {
         pad: 0,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
     };
-    match CONSUMERS.get_ptr_mut(key) {
-        Some(n) => unsafe { *n += 1 },
-        None => {
-            let _ = CONSUMERS.insert(key, 1, 0);
+    let Some(c) = CONSUMER_CACHE.get_ptr_mut(0) else {
+        return;
+    };
+    let c = unsafe { &mut *c };
+    if c.pending > 0 && c.key == key {
+        c.pending += 1;
+        return;
+    }
+    if c.pending > 0 {
+        match CONSUMERS.get_ptr_mut(c.key) {
+            Some(n) => unsafe { *n += c.pending },
+            None => {
+                let _ = CONSUMERS.insert(c.key, c.pending, 0);
+            }
         }
     }
+    c.key = key;
+    c.pending = 1;
 }
 
-/// Adds to a backend's per-CPU stats, if the agent created its entry.
+/// Adds to a backend's per-CPU stats, by backend id.
 #[inline(always)]
-fn backend_stat(b: &Backend, f: impl FnOnce(&mut BackendStats)) {
-    let key = BackendKey {
-        addr: b.addr,
-        port: b.port,
-        pad: 0,
-    };
-    if let Some(s) = BACKEND_STATS.get_ptr_mut(key) {
+fn backend_stat(id: u32, f: impl FnOnce(&mut BackendStats)) {
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(id) {
         f(unsafe { &mut *s });
     }
 }
@@ -150,10 +155,19 @@ fn set_ctx_addr(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) {
 enum Pick {
     /// Not a frontend: leave the call alone.
     NotFrontend,
-    /// A frontend with no backend: fail the call at once.
-    NoBackend,
-    /// The backend, the service's TCP options and its flags.
-    Backend(Backend, TcpOpts, u32),
+    /// A frontend with no backend: fail the call at once (its stats id).
+    NoBackend(u32),
+    Backend(Picked),
+}
+
+/// A backend and what the caller needs of its service.
+#[derive(Clone, Copy)]
+struct Picked {
+    backend: Backend,
+    backend_id: u32,
+    tcp: TcpOpts,
+    flags: u32,
+    stats_id: u32,
 }
 
 /// One service lookup, then a weighted choice: `draw` (given the service's
@@ -167,8 +181,9 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
     let Some(svc) = (unsafe { SERVICES.get(key) }) else {
         return Pick::NotFrontend;
     };
+    let stats_id = svc.stats_id;
     if svc.count == 0 {
-        return Pick::NoBackend;
+        return Pick::NoBackend(stats_id);
     }
     let flags = svc.flags;
     let (r1, r2) = draw(flags);
@@ -187,17 +202,23 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
             if let Some(b) = BACKENDS.get(id)
                 && b.flags & BACKEND_F_VALID != 0
             {
-                return Pick::Backend(*b, tcp, flags);
+                return Pick::Backend(Picked {
+                    backend: *b,
+                    backend_id: id,
+                    tcp,
+                    flags,
+                    stats_id,
+                });
             }
         }
         bump(Counter::StaleRetry);
         match unsafe { SERVICES.get(key) } {
             Some(s) if s.count > 0 => (set_id, count) = (s.set_id, s.count),
-            Some(_) => return Pick::NoBackend,
+            Some(_) => return Pick::NoBackend(stats_id),
             None => return Pick::NotFrontend,
         }
     }
-    Pick::NoBackend
+    Pick::NoBackend(stats_id)
 }
 
 #[inline(always)]
@@ -207,7 +228,13 @@ fn proto_of(ctx: &SockAddrContext) -> u8 {
 
 /// Remember that this socket talks to `backend` on behalf of `frontend`.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, frontend: &ServiceKey, backend: &Backend, tcp: &TcpOpts) {
+fn remember(
+    ctx: &SockAddrContext,
+    frontend: &ServiceKey,
+    backend: &Backend,
+    tcp: &TcpOpts,
+    stats_id: u32,
+) {
     let st = unsafe { REVNAT.get_or_insert_ptr_mut(ctx, None) };
     if st.is_null() {
         bump(Counter::RevNatAllocFailed);
@@ -215,6 +242,7 @@ fn remember(ctx: &SockAddrContext, frontend: &ServiceKey, backend: &Backend, tcp
     }
     let st = unsafe { &mut *st };
     st.tcp = *tcp;
+    st.stats_id = stats_id;
     let mut i = 0;
     while i < REVNAT_ENTRIES {
         let e = &mut st.entries[i];
@@ -267,9 +295,9 @@ fn restore_frontend(ctx: &SockAddrContext) -> bool {
 
 /// Fail the call with ECONNREFUSED right away instead of letting it hang.
 #[inline(always)]
-fn refuse(key: &ServiceKey) -> i32 {
+fn refuse(stats_id: u32) -> i32 {
     bump(Counter::NoBackend);
-    svc_stat(key, |s| s.no_backend += 1);
+    svc_stat(stats_id, |s| s.no_backend += 1);
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     REJECT
 }
@@ -325,26 +353,26 @@ pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
         }
     }) {
         Pick::NotFrontend => return ALLOW,
-        Pick::NoBackend => return refuse(&key),
-        Pick::Backend(b, t, f) => (b, t, f),
+        Pick::NoBackend(stats_id) => return refuse(stats_id),
+        Pick::Backend(p) => p,
     };
-    let (mut backend, tcp, flags) = backend;
-    if flags & SVC_F_LEAST_CONN != 0 {
+    let mut p = backend;
+    if p.flags & SVC_F_LEAST_CONN != 0 {
         // Power of two choices: a second weighted draw, and the one with
         // fewer live connections wins.
-        if let Pick::Backend(other, _, _) = pick(&key, |_| unsafe {
+        if let Pick::Backend(other) = pick(&key, |_| unsafe {
             (bpf_get_prandom_u32(), bpf_get_prandom_u32())
-        }) && live(&other) < live(&backend)
+        }) && live(&other.backend) < live(&p.backend)
         {
-            backend = other;
+            p = other;
         }
     }
-    set_ctx_addr(&ctx, &backend.addr, backend.port);
-    remember(&ctx, &key, &backend, &tcp);
+    set_ctx_addr(&ctx, &p.backend.addr, p.backend.port);
+    remember(&ctx, &key, &p.backend, &p.tcp, p.stats_id);
     bump(Counter::ConnectRedirected);
-    svc_stat(&key, |s| s.connects += 1);
+    svc_stat(p.stats_id, |s| s.connects += 1);
+    backend_stat(p.backend_id, |s| s.connects += 1);
     consumed(&key);
-    backend_stat(&backend, |s| s.connects += 1);
     ALLOW
 }
 
@@ -373,15 +401,21 @@ pub fn disc_sendmsg4(ctx: SockAddrContext) -> i32 {
         ((h >> 32) as u32, h as u32)
     }) {
         Pick::NotFrontend => return ALLOW,
-        Pick::NoBackend => return refuse(&key),
-        Pick::Backend(b, _, _) => b,
+        Pick::NoBackend(stats_id) => return refuse(stats_id),
+        Pick::Backend(p) => p,
     };
-    set_ctx_addr(&ctx, &backend.addr, backend.port);
-    remember(&ctx, &key, &backend, &TcpOpts::default());
+    set_ctx_addr(&ctx, &backend.backend.addr, backend.backend.port);
+    remember(
+        &ctx,
+        &key,
+        &backend.backend,
+        &TcpOpts::default(),
+        backend.stats_id,
+    );
     bump(Counter::SendmsgRedirected);
-    svc_stat(&key, |s| s.datagrams += 1);
+    svc_stat(backend.stats_id, |s| s.datagrams += 1);
+    backend_stat(backend.backend_id, |s| s.datagrams += 1);
     consumed(&key);
-    backend_stat(&backend, |s| s.datagrams += 1);
     ALLOW
 }
 
@@ -478,17 +512,6 @@ fn setsockopt(ctx: &SockOpsContext, level: i32, opt: i32, value: u32) {
 /// retransmitted (twice) before the timeout instead of once at 1 s.
 const SHORT_CONNECT_TIMEOUT_MS: u32 = 3_000;
 
-/// The service of a redirected TCP socket: its first reverse-NAT entry.
-#[inline(always)]
-fn frontend_of(st: &SockRevNat) -> ServiceKey {
-    ServiceKey {
-        addr: st.entries[0].frontend_addr,
-        port: st.entries[0].frontend_port,
-        proto: IPPROTO_TCP,
-        pad: 0,
-    }
-}
-
 /// TCP sockets that connect4 redirected: applies the service's connect
 /// timeout while connecting (the kernel clamps SYN retransmits to
 /// TCP_USER_TIMEOUT), then its keepalive and user timeout once
@@ -552,7 +575,7 @@ pub fn disc_sockops(ctx: SockOpsContext) -> u32 {
             if old == BPF_TCP_SYN_SENT && new == BPF_TCP_CLOSE {
                 bump(Counter::ConnectFailed);
                 if let Some(st) = redirected(&ctx) {
-                    svc_stat(&frontend_of(st), |s| s.connect_failed += 1);
+                    svc_stat(st.stats_id, |s| s.connect_failed += 1);
                 }
                 update_health(&peer(&ctx), |h| {
                     h.consecutive_failures += 1;
