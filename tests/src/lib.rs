@@ -994,6 +994,11 @@ impl Proc {
             .is_some_and(|c| c.try_wait().map(|s| s.is_none()).unwrap_or(false))
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends `sig` to the process (ours, by PID).
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {

@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask bootstrap|build|run|demo|test`.
+//! Project tasks: `cargo xtask bootstrap|build|run|demo|test|bench`.
+mod bench;
 mod bootstrap;
 mod demo;
 
@@ -37,6 +38,16 @@ enum Task {
     /// A private etcd, the agent on a child cgroup, backends on 127.0.0.x and
     /// a client being redirected and rebalanced. Cleans up on exit or Ctrl-C.
     Demo,
+    /// Benchmarks against direct, nftables DNAT and HAProxy, and the
+    /// classic etcd → confd → HAProxy reload pipeline; writes BENCHMARKS.md
+    /// and benchmarks.png (as root; not part of the tests).
+    Bench {
+        /// A short smoke run (one round, fewer changes, smaller sizes).
+        #[arg(long)]
+        quick: bool,
+        /// Only these parts: datapath, control, failover, checks.
+        parts: Vec<String>,
+    },
     /// Bootstrap, lint, then run unit and integration tests (as root).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
@@ -163,6 +174,26 @@ fn main() -> anyhow::Result<()> {
             bootstrap::bootstrap()?;
             let dir = build(false)?;
             demo::demo(&dir)
+        }
+        Task::Bench { quick, parts } => {
+            if !is_root() {
+                bail!("the benchmarks attach BPF programs to a child cgroup: run them as root");
+            }
+            bootstrap::bootstrap()?;
+            let dir = build(true)?;
+            bench::run(
+                bench::Bins {
+                    agent: dir.join("discovery-agent"),
+                    probe: dir.join("discovery-probe"),
+                    load: dir.join("discovery-load"),
+                },
+                if quick {
+                    bench::Plan::quick()
+                } else {
+                    bench::Plan::full()
+                },
+                &parts,
+            )
         }
         Task::Test { args } => {
             if !is_root() {

@@ -1,0 +1,290 @@
+//! `cargo xtask bench`: the data path against direct, nftables DNAT and
+//! HAProxy; the control plane against the classic etcd → confd → HAProxy
+//! reload pipeline; scale and failover. Loopback only, clients in a child
+//! cgroup of our own, every process we start ended by PID, every nft table
+//! and pin dir removed, also on failure.
+mod control;
+mod datapath;
+mod report;
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, TcpListener, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{HashMap as BpfHash, Map, MapData};
+use discovery_common::{Service, ServiceKey, names, v4_mapped};
+use etcd_client::{Client, Txn, TxnOp};
+
+pub use report::Results;
+
+/// How long and how often; `--quick` for a smoke run.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub rounds: usize,
+    pub changes: usize,
+    pub pipeline_samples: usize,
+    pub sizes: &'static [usize],
+    pub classic_sizes: &'static [usize],
+    pub micro_connects: u64,
+}
+
+impl Plan {
+    pub fn full() -> Self {
+        Self {
+            rounds: 5,
+            changes: 1000,
+            pipeline_samples: 10,
+            sizes: &[10, 1_000, 100_000],
+            classic_sizes: &[1, 1_000, 10_000],
+            micro_connects: 2_000_000,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Self {
+            rounds: 1,
+            changes: 50,
+            pipeline_samples: 3,
+            sizes: &[10, 1_000],
+            classic_sizes: &[1, 1_000],
+            micro_connects: 200_000,
+        }
+    }
+}
+
+/// Binaries the bench runs.
+pub struct Bins {
+    pub agent: PathBuf,
+    pub probe: PathBuf,
+    pub load: PathBuf,
+}
+
+pub fn run(bins: Bins, plan: Plan, parts: &[String]) -> anyhow::Result<()> {
+    install_tools()?;
+    // The harness finds the agent here.
+    // SAFETY: still single-threaded; nothing reads the environment yet.
+    unsafe { std::env::set_var("DISCOVERY_AGENT_BIN", &bins.agent) };
+    let want = |p: &str| parts.is_empty() || parts.iter().any(|x| x == p);
+    let mut results = Results::new(&bins)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    if want("datapath") {
+        datapath::run(&bins, &plan, &mut results)?;
+    }
+    if want("control") {
+        rt.block_on(control::convergence(&bins, &plan, &mut results))?;
+        rt.block_on(control::pipeline(&bins, &plan, &mut results))?;
+    }
+    if want("failover") {
+        rt.block_on(control::failover(&bins, &mut results))?;
+    }
+    if want("checks") {
+        rt.block_on(control::active_checks(&bins, &plan, &mut results))?;
+    }
+    results.write(&crate::root())
+}
+
+/// redis-server, redis-benchmark, HAProxy and a font for the plot.
+fn install_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = [
+        ("redis-server", "redis-server"),
+        ("redis-benchmark", "redis-tools"),
+        ("haproxy", "haproxy"),
+    ]
+    .iter()
+    .filter(|(bin, _)| which(bin).is_none())
+    .map(|(_, pkg)| *pkg)
+    .chain((!Path::new(report::FONT).exists()).then_some("fonts-dejavu-core"))
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("bench: installing {}", missing.join(" "));
+    crate::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+pub fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(bin))
+        .find(|p| p.exists())
+}
+
+pub fn free_tcp_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free tcp port")
+}
+
+pub fn free_udp_port(ip: &str) -> u16 {
+    UdpSocket::bind((ip, 0))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free udp port")
+}
+
+/// A process we started, ended by PID on drop.
+pub struct Owned(pub Child);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn wait_tcp(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("{what} did not listen on {addr} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Read access to the agent's pinned services map: what the kernel routes.
+pub struct KernelMaps {
+    services: BpfHash<MapData, ServiceKey, Service>,
+}
+
+impl KernelMaps {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        let path = pin_dir.join(names::SERVICES);
+        let data = MapData::from_pin(&path).with_context(|| format!("{}", path.display()))?;
+        Ok(Self {
+            services: Map::from_map_data(data)?.try_into()?,
+        })
+    }
+
+    pub fn service(&self, key: &ServiceKey) -> Option<Service> {
+        self.services.get(key, 0).ok()
+    }
+
+    pub fn count(&self) -> usize {
+        self.services.keys().filter(Result::is_ok).count()
+    }
+}
+
+pub fn tcp_key(addr: SocketAddr) -> ServiceKey {
+    let SocketAddr::V4(a) = addr else {
+        panic!("IPv4 only")
+    };
+    ServiceKey {
+        addr: v4_mapped(a.ip().octets()),
+        port: a.port(),
+        proto: discovery_common::IPPROTO_TCP,
+        pad: 0,
+    }
+}
+
+pub async fn etcd(url: &str) -> anyhow::Result<Client> {
+    Ok(Client::connect([url], None).await?)
+}
+
+/// Puts many keys, 128 per transaction (etcd's default limit).
+pub async fn bulk_put(c: &mut Client, kvs: &[(String, String)]) -> anyhow::Result<()> {
+    for chunk in kvs.chunks(128) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|(k, v)| TxnOp::put(k.as_str(), v.as_str(), None))
+            .collect();
+        c.txn(Txn::new().and_then(ops)).await?;
+    }
+    Ok(())
+}
+
+/// `n` filler backend addresses that nothing listens on (never chosen:
+/// weight 0), distinct from every real one.
+pub fn filler(i: usize) -> String {
+    format!(
+        "127.{}.{}.{}:9",
+        100 + i / 62_500,
+        (i / 250) % 250,
+        i % 250 + 1
+    )
+}
+
+/// Percentiles of a sample, in its unit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Summary {
+    pub n: usize,
+    pub p50: f64,
+    pub p99: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+pub fn summarise(xs: &[f64]) -> Summary {
+    if xs.is_empty() {
+        return Summary::default();
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    Summary {
+        n: v.len(),
+        p50: at(0.5),
+        p99: at(0.99),
+        min: v[0],
+        max: v[v.len() - 1],
+    }
+}
+
+/// Kilobytes of resident memory of a process.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// utime + stime of a process, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may contain spaces) start at ")".
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // state is field 3 overall, f[0] here; utime is 14, stime 15.
+    n(11) + n(12)
+}
+
+/// Memory the kernel charges for the pinned maps (bpftool's
+/// bytes_memlock), by map name.
+pub fn map_memory(pin_dir: &Path) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for name in names::ALL_MAPS {
+        let Ok(o) = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(pin_dir.join(name))
+            .output()
+        else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if let Some(b) = v["bytes_memlock"].as_u64() {
+            out.insert(name.to_owned(), b);
+        }
+    }
+    out
+}

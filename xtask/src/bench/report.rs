@@ -1,0 +1,479 @@
+//! Results: a table on stdout, BENCHMARKS.md and a PNG plot.
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command};
+
+use plotters::prelude::*;
+
+use super::{Bins, Summary, datapath::PATHS, summarise};
+
+/// The plot's font (Debian's fonts-dejavu-core, installed by the bench).
+pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+#[derive(Debug, Clone)]
+pub struct PathSample {
+    pub workload: String,
+    pub path: String,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Micro {
+    pub services: String,
+    pub case: String,
+    pub ns: Vec<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Convergence {
+    pub backends: usize,
+    pub services: usize,
+    /// From the start of the etcd write to the kernel map changing.
+    pub total_ms: Summary,
+    /// From etcd acknowledging the write to the kernel map changing.
+    pub after_write_ms: Summary,
+    pub initial_sync_s: f64,
+    pub rss_kib: u64,
+    pub map_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub servers: usize,
+    pub discovery_ms: Summary,
+    pub classic_ms: Summary,
+}
+
+#[derive(Debug, Clone)]
+pub struct Failover {
+    pub label: String,
+    pub ms: f64,
+    pub failed_connects: usize,
+    pub connects: usize,
+}
+
+pub struct Results {
+    pub machine: Vec<(String, String)>,
+    pub tcp: Vec<PathSample>,
+    pub udp: Vec<PathSample>,
+    pub micro: Vec<Micro>,
+    pub convergence: Vec<Convergence>,
+    pub pipeline: Vec<Pipeline>,
+    pub failover: Vec<Failover>,
+    pub checks: BTreeMap<String, String>,
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let s = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&s)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_else(|_| "not found".into())
+}
+
+impl Results {
+    pub fn new(bins: &Bins) -> anyhow::Result<Self> {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+            .unwrap_or_default();
+        let agent = bins.agent.display().to_string();
+        let machine = vec![
+            (
+                "date".into(),
+                first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            ),
+            ("kernel".into(), first_line("uname", &["-r"])),
+            (
+                "cpu".into(),
+                format!(
+                    "{cpu}, {} cores",
+                    std::thread::available_parallelism().map_or(0, |n| n.get())
+                ),
+            ),
+            (
+                "memory".into(),
+                first_line("sh", &["-c", "free -g | awk '/Mem:/ {print $2 \" GiB\"}'"]),
+            ),
+            ("discovery".into(), first_line(&agent, &["--version"])),
+            ("redis".into(), first_line("redis-server", &["--version"])),
+            ("HAProxy".into(), first_line("haproxy", &["-v"])),
+            ("etcd".into(), first_line("etcd", &["--version"])),
+            ("nftables".into(), first_line("nft", &["--version"])),
+        ];
+        Ok(Self {
+            machine,
+            tcp: vec![],
+            udp: vec![],
+            micro: vec![],
+            convergence: vec![],
+            pipeline: vec![],
+            failover: vec![],
+            checks: BTreeMap::new(),
+        })
+    }
+
+    pub fn write(&self, root: &Path) -> anyhow::Result<()> {
+        let md = self.markdown();
+        println!("{md}");
+        std::fs::write(root.join("BENCHMARKS.md"), &md)?;
+        self.plot(&root.join("benchmarks.png"))?;
+        eprintln!("bench: wrote BENCHMARKS.md and benchmarks.png");
+        Ok(())
+    }
+
+    /// (workload, path) → summary of the rounds, in first-seen order.
+    fn by_path(samples: &[PathSample]) -> Vec<(String, Vec<(String, Summary)>)> {
+        let mut order: Vec<String> = Vec::new();
+        let mut m: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+        for s in samples {
+            if !order.contains(&s.workload) {
+                order.push(s.workload.clone());
+            }
+            m.entry((s.workload.clone(), s.path.clone()))
+                .or_default()
+                .push(s.value);
+        }
+        order
+            .into_iter()
+            .map(|w| {
+                let rows = PATHS
+                    .iter()
+                    .filter_map(|p| {
+                        m.get(&(w.clone(), (*p).to_owned()))
+                            .map(|v| ((*p).to_owned(), summarise(v)))
+                    })
+                    .collect();
+                (w, rows)
+            })
+            .collect()
+    }
+
+    fn markdown(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "# Benchmarks\n");
+        let _ = writeln!(
+            o,
+            "Produced by `cargo xtask bench` (see README.md). Every figure comes from the run \
+             below; nothing is edited by hand. Loopback only; clients of the discovery path run \
+             in a child cgroup with the programs attached, the others run without them.\n"
+        );
+        for (k, v) in &self.machine {
+            let _ = writeln!(o, "- **{k}**: {v}");
+        }
+        let _ = writeln!(o, "\n![throughput and convergence](benchmarks.png)\n");
+        for (title, samples, unit) in [
+            (
+                "TCP: redis-benchmark GET, one redis-server",
+                &self.tcp,
+                "requests/s",
+            ),
+            (
+                "UDP: 64-byte datagrams from one socket for 2 s",
+                &self.udp,
+                "datagrams/s delivered",
+            ),
+        ] {
+            if samples.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                o,
+                "## {title}\n\nMedian of the interleaved rounds, {unit}; the spread is min–max \
+                 over rounds; the ratio is the median against direct.\n"
+            );
+            let _ = writeln!(o, "| workload | path | median | spread | ratio to direct |");
+            let _ = writeln!(o, "|---|---|---:|---:|---:|");
+            for (w, rows) in Self::by_path(samples) {
+                let direct = rows.iter().find(|(p, _)| p == "direct").map(|(_, s)| s.p50);
+                for (p, s) in rows {
+                    let ratio = direct.map_or("".into(), |d| format!("{:.2}x", s.p50 / d));
+                    let _ = writeln!(
+                        o,
+                        "| {w} | {p} | {:.0} | {:.0}–{:.0} (n={}) | {ratio} |",
+                        s.p50, s.min, s.max, s.n
+                    );
+                }
+            }
+            o.push('\n');
+        }
+        if !self.micro.is_empty() {
+            let _ = writeln!(
+                o,
+                "## Cost of the hook per connect()\n\nOne UDP socket re-connected in a loop (no \
+                 packet sent), median of 3 runs, nanoseconds per connect(). The hook's cost is \
+                 the difference to \"no programs, direct\".\n"
+            );
+            let _ = writeln!(
+                o,
+                "| services in the maps | case | ns per connect() | spread | hook cost |"
+            );
+            let _ = writeln!(o, "|---|---|---:|---:|---:|");
+            for m in &self.micro {
+                let s = summarise(&m.ns);
+                let base = self
+                    .micro
+                    .iter()
+                    .find(|x| x.services == m.services && x.case.starts_with("no programs"))
+                    .map(|x| summarise(&x.ns).p50)
+                    .unwrap_or(s.p50);
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {:.1} | {:.1}–{:.1} | {:+.1} ns |",
+                    m.services,
+                    m.case,
+                    s.p50,
+                    s.min,
+                    s.max,
+                    s.p50 - base
+                );
+            }
+            o.push('\n');
+        }
+        if !self.convergence.is_empty() {
+            let _ = writeln!(
+                o,
+                "## Control plane: etcd write to kernel map\n\nEach change puts or deletes one \
+                 backend of one service (10 backends per service); timed from the start of the \
+                 etcd write (etcd fsyncs it) to the service's entry changing in the pinned map, \
+                 polled every 50 µs. \"after ack\" starts when etcd acknowledged the write. The \
+                 initial sync is a cold agent start against the full etcd.\n"
+            );
+            let _ = writeln!(
+                o,
+                "| backends (services) | changes | p50 | p99 | max | p50 after ack | p99 after ack | initial sync | agent RSS | map memory |"
+            );
+            let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for c in &self.convergence {
+                let _ = writeln!(
+                    o,
+                    "| {} ({}) | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} s | {:.1} MiB | {:.1} MiB |",
+                    c.backends,
+                    c.services,
+                    c.total_ms.n,
+                    c.total_ms.p50,
+                    c.total_ms.p99,
+                    c.total_ms.max,
+                    c.after_write_ms.p50,
+                    c.after_write_ms.p99,
+                    c.initial_sync_s,
+                    c.rss_kib as f64 / 1024.0,
+                    c.map_bytes as f64 / 1048576.0
+                );
+            }
+            o.push('\n');
+        }
+        if !self.pipeline.is_empty() {
+            let _ = writeln!(
+                o,
+                "## etcd write to the first connection on the new backend\n\nThe one live \
+                 backend is swapped in one etcd write; the other servers have weight 0. Classic: \
+                 a watch re-renders haproxy.cfg, `haproxy -c` checks it, SIGUSR2 reloads the \
+                 master-worker. A client connecting back to back records when it first reaches \
+                 the new backend.\n"
+            );
+            let _ = writeln!(o, "| servers | system | p50 | p99 | max | samples |");
+            let _ = writeln!(o, "|---:|---|---:|---:|---:|---:|");
+            for p in &self.pipeline {
+                for (name, s) in [
+                    ("discovery", p.discovery_ms),
+                    ("etcd → confd → HAProxy reload", p.classic_ms),
+                ] {
+                    let _ = writeln!(
+                        o,
+                        "| {} | {name} | {:.1} ms | {:.1} ms | {:.1} ms | {} |",
+                        p.servers, s.p50, s.p99, s.max, s.n
+                    );
+                }
+            }
+            o.push('\n');
+        }
+        if !self.failover.is_empty() {
+            let _ = writeln!(
+                o,
+                "## Failover\n\nTwo announced backends under a client opening connections back \
+                 to back; one backend's listener closes. Time from then to the last connection \
+                 that still went to it (and was refused).\n"
+            );
+            let _ = writeln!(
+                o,
+                "| setup | time | failed connects | connects after the kill |"
+            );
+            let _ = writeln!(o, "|---|---:|---:|---:|");
+            for f in &self.failover {
+                let _ = writeln!(
+                    o,
+                    "| {} | {:.0} ms | {} | {} |",
+                    f.label, f.ms, f.failed_connects, f.connects
+                );
+            }
+            o.push('\n');
+        }
+        if !self.checks.is_empty() {
+            let _ = writeln!(
+                o,
+                "## Active checks\n\nA service with a tcp check every second on every backend; \
+                 nothing listens on them, so every probe is refused. Agent CPU over 10 s.\n"
+            );
+            for (k, v) in &self.checks {
+                let _ = writeln!(o, "- {k}: {v}");
+            }
+            o.push('\n');
+        }
+        o
+    }
+
+    fn plot(&self, path: &Path) -> anyhow::Result<()> {
+        let font = std::fs::read(FONT)?;
+        // The font lives for the process; plotters keeps a reference.
+        let font: &'static [u8] = Box::leak(font.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+            .map_err(|_| anyhow::anyhow!("registering {FONT}"))?;
+        let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (left, right) = root.split_horizontally(700);
+        let colors = [
+            RGBColor(90, 90, 90),
+            RGBColor(31, 119, 180),
+            RGBColor(255, 127, 14),
+            RGBColor(214, 39, 40),
+        ];
+
+        // Left: throughput per path, relative to direct, per workload.
+        let mut groups = Self::by_path(&self.tcp);
+        groups.extend(Self::by_path(&self.udp));
+        let mut chart = ChartBuilder::on(&left)
+            .caption("Throughput relative to direct (median)", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(60)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..groups.len().max(1) as f64, 0f64..1.6f64)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_desc("ratio to direct")
+            .draw()?;
+        // Workload names above their bars (the x axis has no room).
+        chart.draw_series(groups.iter().enumerate().map(|(g, (w, _))| {
+            let short = w.split(" (").next().unwrap_or(w).replace("UDP ", "UDP\n");
+            Text::new(
+                short.lines().next().unwrap_or("").to_owned(),
+                (g as f64 + 0.12, 1.22),
+                ("sans-serif", 14),
+            )
+        }))?;
+        chart.draw_series(groups.iter().enumerate().filter_map(|(g, (w, _))| {
+            w.strip_prefix("UDP ")
+                .map(|rest| Text::new(rest.to_owned(), (g as f64 + 0.12, 1.16), ("sans-serif", 14)))
+        }))?;
+        for (p, path_name) in PATHS.iter().enumerate() {
+            let bars: Vec<Rectangle<(f64, f64)>> = groups
+                .iter()
+                .enumerate()
+                .filter_map(|(g, (_, rows))| {
+                    let direct = rows.iter().find(|(n, _)| n == "direct")?.1.p50;
+                    let s = rows.iter().find(|(n, _)| n == path_name)?.1;
+                    let x0 = g as f64 + 0.1 + p as f64 * 0.2;
+                    Some(Rectangle::new(
+                        [(x0, 0.0), (x0 + 0.18, s.p50 / direct)],
+                        colors[p].filled(),
+                    ))
+                })
+                .collect();
+            chart
+                .draw_series(bars)?
+                .label(*path_name)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], colors[p].filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+
+        // Right: etcd write → change, against size (log-log).
+        let mut pts: Vec<(String, Vec<(f64, f64)>)> = vec![
+            (
+                "discovery p99: etcd write to map".into(),
+                self.convergence
+                    .iter()
+                    .map(|c| (c.backends as f64, c.total_ms.p99))
+                    .collect(),
+            ),
+            (
+                "discovery p50: etcd write to map".into(),
+                self.convergence
+                    .iter()
+                    .map(|c| (c.backends as f64, c.total_ms.p50))
+                    .collect(),
+            ),
+            (
+                "discovery p50: write to first connection".into(),
+                self.pipeline
+                    .iter()
+                    .map(|p| (p.servers as f64, p.discovery_ms.p50))
+                    .collect(),
+            ),
+            (
+                "HAProxy reload p50: write to first connection".into(),
+                self.pipeline
+                    .iter()
+                    .map(|p| (p.servers as f64, p.classic_ms.p50))
+                    .collect(),
+            ),
+        ];
+        pts.retain(|(_, v)| !v.is_empty());
+        let ymax = pts
+            .iter()
+            .flat_map(|(_, v)| v.iter().map(|p| p.1))
+            .fold(1.0f64, f64::max)
+            * 2.0;
+        let mut chart = ChartBuilder::on(&right)
+            .caption("Change latency against size", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(50)
+            .y_label_area_size(60)
+            .build_cartesian_2d((1f64..200_000f64).log_scale(), (0.1f64..ymax).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("backends / servers")
+            .y_desc("milliseconds")
+            .draw()?;
+        for (i, (label, v)) in pts.into_iter().enumerate() {
+            let c = colors[(i + 1) % colors.len()];
+            chart
+                .draw_series(LineSeries::new(v.clone(), c.stroke_width(2)))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2))
+                });
+            chart.draw_series(v.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    }
+}
