@@ -397,6 +397,19 @@ mod tests {
     }
 
     #[test]
+    fn addresses_are_word_aligned() {
+        // The programs compare addresses in 4-byte words.
+        use core::mem::{align_of, offset_of};
+        assert!(align_of::<Backend>() >= 4 && offset_of!(Backend, addr) % 4 == 0);
+        assert!(align_of::<RevNatEntry>() >= 4);
+        assert_eq!(offset_of!(RevNatEntry, backend_addr) % 4, 0);
+        assert_eq!(offset_of!(RevNatEntry, frontend_addr) % 4, 0);
+        assert_eq!(offset_of!(SockRevNat, entries) % 4, 0);
+        assert!(align_of::<ConsumerKey>() >= 4 && offset_of!(ConsumerKey, service) % 4 == 0);
+        assert_eq!(offset_of!(ServiceKey, addr), 0);
+    }
+
+    #[test]
     fn v4_mapped_layout() {
         let a = v4_mapped([127, 0, 0, 1]);
         assert_eq!(&a[10..], &[0xff, 0xff, 127, 0, 0, 1]);

@@ -108,7 +108,7 @@ fn consumed(service: &ServiceKey) {
         return;
     };
     let c = unsafe { &mut *c };
-    if c.pending > 0 && c.key == key {
+    if c.pending > 0 && same_consumer(&c.key, &key) {
         c.pending += 1;
         return;
     }
@@ -246,7 +246,7 @@ fn remember(
     let mut i = 0;
     while i < REVNAT_ENTRIES {
         let e = &mut st.entries[i];
-        if e.backend_port == backend.port && e.backend_addr == backend.addr {
+        if e.backend_port == backend.port && addr_eq(&e.backend_addr, &backend.addr) {
             e.frontend_addr = frontend.addr;
             e.frontend_port = frontend.port;
             return;
@@ -281,10 +281,12 @@ fn restore_frontend(ctx: &SockAddrContext) -> bool {
     }
     let st = unsafe { &*st };
     let (addr, port) = ctx_addr(ctx);
+    // Word-aligned for addr_eq.
+    let addr = Aligned(addr);
     let mut i = 0;
     while i < REVNAT_ENTRIES {
         let e = &st.entries[i];
-        if e.backend_port == port && e.backend_addr == addr {
+        if e.backend_port == port && addr_eq(&e.backend_addr, &addr.0) {
             set_ctx_addr(ctx, &e.frontend_addr, e.frontend_port);
             return true;
         }
@@ -300,6 +302,41 @@ fn refuse(stats_id: u32) -> i32 {
     svc_stat(stats_id, |s| s.no_backend += 1);
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     REJECT
+}
+
+/// Two u32s for a weighted draw from one helper call: the kernel's
+/// random source costs tens of nanoseconds a call, and splitmix spreads
+/// 32 random bits well enough over both halves.
+#[inline(always)]
+fn random_draw() -> (u32, u32) {
+    let h = mix(u64::from(unsafe { bpf_get_prandom_u32() }));
+    ((h >> 32) as u32, h as u32)
+}
+
+#[repr(C, align(4))]
+struct Aligned([u8; 16]);
+
+/// Address equality in 4-byte words. `[u8; 16]` has alignment 1, so a
+/// plain `==` compiles to sixteen byte loads per side. Callers pass
+/// addresses that are 4-aligned: fields of the map structs (checked in
+/// discovery-common's layout test) or an `Aligned`.
+#[inline(always)]
+fn addr_eq(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let (a, b) = unsafe {
+        (
+            &*a.as_ptr().cast::<[u32; 4]>(),
+            &*b.as_ptr().cast::<[u32; 4]>(),
+        )
+    };
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
+
+#[inline(always)]
+fn same_consumer(a: &ConsumerKey, b: &ConsumerKey) -> bool {
+    a.cgroup_id == b.cgroup_id
+        && a.service.port == b.service.port
+        && a.service.proto == b.service.proto
+        && addr_eq(&a.service.addr, &b.service.addr)
 }
 
 /// splitmix64 finaliser: spreads a socket cookie over both halves.
@@ -349,7 +386,7 @@ pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
         if flags & SVC_F_CONSISTENT != 0 {
             workload_draw()
         } else {
-            unsafe { (bpf_get_prandom_u32(), bpf_get_prandom_u32()) }
+            random_draw()
         }
     }) {
         Pick::NotFrontend => return ALLOW,
@@ -360,9 +397,8 @@ pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
     if p.flags & SVC_F_LEAST_CONN != 0 {
         // Power of two choices: a second weighted draw, and the one with
         // fewer live connections wins.
-        if let Pick::Backend(other) = pick(&key, |_| unsafe {
-            (bpf_get_prandom_u32(), bpf_get_prandom_u32())
-        }) && live(&other.backend) < live(&p.backend)
+        if let Pick::Backend(other) = pick(&key, |_| random_draw())
+            && live(&other.backend) < live(&p.backend)
         {
             p = other;
         }
