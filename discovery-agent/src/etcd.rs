@@ -116,6 +116,25 @@ pub struct Source {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
+/// Keys per page of the initial list.
+const LIST_PAGE: i64 = 1000;
+/// Largest etcd response accepted (a page of big values, a large watch
+/// batch); etcd-client's default is 4 MiB.
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: to the end of the keyspace.
+    vec![0]
+}
+
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -157,7 +176,7 @@ impl Source {
                     match e {
                         Lost::List(e) => {
                             warn!(endpoints = ?self.etcd.endpoints, prefix = %self.prefix,
-                            error = %e, retry_in = ?wait, "etcd unreachable; retrying")
+                            error = %e, retry_in = ?wait, "listing the etcd prefix failed; retrying")
                         }
                         Lost::Watch(e) => {
                             warn!(endpoints = ?self.etcd.endpoints, prefix = %self.prefix,
@@ -184,23 +203,40 @@ impl Source {
         tx: &mpsc::Sender<Update>,
         backoff: &mut Backoff,
     ) -> Result<(), Lost> {
-        let resp = client
-            .get(
-                self.prefix.as_bytes(),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await
-            .map_err(|e| Lost::List(e.into()))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-        let kvs: Vec<Kv> = resp
-            .kvs()
-            .iter()
-            .map(|kv| Kv {
+        // In pages at one revision: a single response is capped (4 MiB by
+        // default, about 60k keys), and a big tree must still list.
+        let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let end = prefix_end(self.prefix.as_bytes());
+        let mut from = self.prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut kvs: Vec<Kv> = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = kv
+                .get(from.clone(), Some(opts))
+                .await
+                .map_err(|e| Lost::List(e.into()))?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            kvs.extend(resp.kvs().iter().map(|kv| Kv {
                 key: key_string(kv.key()),
                 value: kv.value().to_vec(),
                 create_revision: kv.create_revision(),
-            })
-            .collect();
+            }));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
         info!(prefix = %self.prefix, revision, keys = kvs.len(), "listed etcd prefix");
         self.metrics.etcd_connected.set(1);
         self.metrics.etcd_watch_revision.set(revision);
@@ -220,6 +256,8 @@ impl Source {
         revision: i64,
     ) -> anyhow::Result<()> {
         let mut stream = client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE)
             .watch(
                 self.prefix.as_bytes(),
                 Some(
@@ -275,5 +313,17 @@ impl Source {
             }
         }
         anyhow::bail!("watch stream closed by etcd")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_first_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/discovery/"), b"/discovery0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 }

@@ -414,3 +414,49 @@ fn three_member_cluster_losing_its_leader_then_a_follower_keeps_changes_flowing(
     // another member, every change arrived.
     check_load(&load.finish(), &["a", "b", "c"]);
 }
+
+#[test]
+fn a_tree_larger_than_one_etcd_response_is_listed_in_pages() {
+    use discovery_tests::{Agent, Etcd, TestCgroup, tally};
+    let etcd = Etcd::start();
+    // 2500 backends (weight 0) and 4.5 MiB of other keys under the prefix:
+    // more keys than a page and more bytes than etcd-client's 4 MiB default.
+    etcd.put(
+        "/discovery/services/web",
+        &format!(r#"{{"frontend":"{FE}"}}"#),
+    );
+    let fillers: Vec<(String, String)> = (0..2500)
+        .map(|i| {
+            (
+                format!("/discovery/backends/web/f{i:04}"),
+                format!(
+                    r#"{{"addr":"127.{}.{}.{}:9","weight":0}}"#,
+                    100 + i / 62500,
+                    (i / 250) % 250,
+                    i % 250 + 1
+                ),
+            )
+        })
+        .collect();
+    etcd.put_many(&fillers);
+    let blob = "x".repeat(100 * 1024);
+    for i in 0..45 {
+        etcd.put(&format!("/discovery/reserved/blob{i}"), &blob);
+    }
+    // Sorts after every filler: only a complete list finds it.
+    let live = Backend::tcp("live", addr("127.0.0.2:0"));
+    etcd.put("/discovery/backends/web/zz-live", &live.addr().to_string());
+
+    let cg = TestCgroup::new("pages");
+    let agent = Agent::start(
+        &etcd.url,
+        &cg,
+        &["--max-services", "256", "--max-backends", "4096"],
+    );
+    let ok = wait_until(Duration::from_secs(20), || {
+        let t = tally(&cg.probe(PROBE, "tcp", FE, 5));
+        (t.len() == 1 && t.contains_key("live")).then_some(())
+    });
+    assert!(ok.is_some(), "agent log:\n{}", agent.log());
+    assert!(!agent.log().contains("failed"), "{}", agent.log());
+}
