@@ -293,6 +293,7 @@ pub struct Reconciler<D: Dataplane> {
     free_ids: VecDeque<u32>,
     next_id: u32,
     next_set: u32,
+    set_ids_wrapped: bool,
     /// Service counter ids not in use, and the next never-used one.
     free_stats: Vec<u32>,
     next_stats: u32,
@@ -316,6 +317,7 @@ impl<D: Dataplane> Reconciler<D> {
             free_ids: VecDeque::new(),
             next_id: 1,
             next_set: 1,
+            set_ids_wrapped: false,
             free_stats: Vec::new(),
             next_stats: 1,
         };
@@ -399,6 +401,7 @@ impl<D: Dataplane> Reconciler<D> {
         r.next_id = max_id + 1;
         r.free_ids = (1..max_id).filter(|id| !r.refs.contains_key(id)).collect();
         r.next_set = max_set.wrapping_add(1).max(1);
+        r.set_ids_wrapped = max_set == u32::MAX;
         Ok(r)
     }
 
@@ -476,11 +479,23 @@ impl<D: Dataplane> Reconciler<D> {
         id
     }
 
+    /// Set ids count up from above every adopted one, so none below
+    /// `next_set` is handed out twice until the counter wraps (after 2^32
+    /// changes); only then are live sets looked up, which is O(services)
+    /// per call and would make a full sync quadratic.
     fn alloc_set(&mut self) -> u32 {
-        let in_use: HashSet<u32> = self.installed.values().map(|i| i.set_id).collect();
+        let in_use: HashSet<u32> = if self.set_ids_wrapped {
+            self.installed.values().map(|i| i.set_id).collect()
+        } else {
+            HashSet::new()
+        };
         loop {
             let s = self.next_set;
-            self.next_set = self.next_set.wrapping_add(1).max(1);
+            self.next_set = self.next_set.wrapping_add(1);
+            if self.next_set == 0 {
+                self.next_set = 1;
+                self.set_ids_wrapped = true;
+            }
             if !in_use.contains(&s) {
                 return s;
             }
@@ -991,6 +1006,28 @@ pub(crate) mod tests {
         assert_eq!(frontend_of(&web()), "127.0.0.1:80/tcp");
         let dp = r.dataplane();
         assert!(dp.services.is_empty() && dp.slots.is_empty() && dp.backends.is_empty());
+    }
+
+    #[test]
+    fn set_ids_skip_live_sets_after_the_counter_wraps() {
+        let mut m = model();
+        m.put("/d/services/other", br#"{"frontend":"127.0.0.1:81"}"#, 9);
+        m.put("/d/backends/other/a", b"127.0.0.9:80", 10);
+        m.put("/d/backends/web/a", b"127.0.0.2:80", 2);
+        let mut r = Reconciler::new(FakeMaps::new(100, 100)).unwrap();
+        r.reconcile(&m.desired());
+        let other = service_key("127.0.0.1:81".parse().unwrap(), IPPROTO_TCP);
+        let other_set = r.dataplane().services[&other].set_id;
+        r.next_set = u32::MAX;
+        for i in 0..4u8 {
+            let v = format!("127.0.0.{}:80", 3 + i);
+            m.put("/d/backends/web/b", v.as_bytes(), 3);
+            r.reconcile(&m.desired());
+            let web_set = r.dataplane().services[&web()].set_id;
+            assert_ne!(web_set, other_set, "change {i} reused a live set");
+            assert_eq!(r.dataplane().services[&other].set_id, other_set);
+        }
+        assert!(r.set_ids_wrapped);
     }
 
     #[test]

@@ -39,7 +39,12 @@ fn frontend(i: usize) -> SocketAddr {
 /// service). Each size also measures the agent's initial sync from a cold
 /// start, its RSS and the maps' memory.
 pub async fn convergence(_bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
-    for &size in plan.sizes {
+    // DISCOVERY_BENCH_SIZES=100000 runs only the sizes given.
+    let sizes: Vec<usize> = match std::env::var("DISCOVERY_BENCH_SIZES") {
+        Ok(v) => v.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+        Err(_) => plan.sizes.to_vec(),
+    };
+    for size in sizes {
         eprintln!("bench: convergence at {size} backends");
         let etcd_srv = Etcd::start();
         let cg = TestCgroup::new("bench-conv");
