@@ -11,6 +11,8 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+use discovery_common::ServiceKey;
+
 use crate::{
     checks::ActiveChecks,
     config::{MetricsAddr, RunArgs},
@@ -22,6 +24,9 @@ use crate::{
     reconcile::{ApplyError, Change, Reconciler, frontend_of},
     status::{self, SnapBackend, SnapService, Snapshot},
 };
+
+/// Above this many services changed in one batch, recompute everything.
+const PARTIAL_LIMIT: usize = 1_000;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     loader::ensure_root()?;
@@ -87,6 +92,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut status_tick = tokio::time::interval(std::time::Duration::from_secs(1));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status_dirty = false;
+    let mut status_next = std::time::Instant::now();
     let mut applied_unix = 0;
 
     let (health_tx, mut health_rx) = mpsc::channel(256);
@@ -95,13 +101,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut conflicts = BTreeSet::new();
-    let mut failing: BTreeMap<NotApplied, String> = BTreeMap::new();
+    let mut failing: BTreeMap<NotApplied, (String, ServiceKey)> = BTreeMap::new();
     let mut revision = 0;
-    let mut desired_last = Desired::default();
+    // The routing table before this node's health verdicts, kept between
+    // batches so a batch recomputes only the frontends it touches.
+    let mut raw = Desired::default();
+    let mut names_dirty = false;
     // Passive checks read the kernel's connect outcomes at this pace.
     let mut passive_tick = tokio::time::interval(std::time::Duration::from_millis(200));
     passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Health verdicts can change any service: recompute everything.
+        let mut full = false;
         tokio::select! {
             u = rx.recv() => {
                 let Some(u) = u else { anyhow::bail!("etcd source stopped") };
@@ -115,6 +126,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if !checks.observe(addr, &check, up) {
                     continue;
                 }
+                full = true;
             }
             _ = passive_tick.tick(), if args.passive_failures > 0 => {
                 let failing = reconciler.dataplane().failing_backends(args.passive_failures);
@@ -127,26 +139,87 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if !changed {
                     continue;
                 }
+                full = true;
             }
-            _ = status_tick.tick(), if status_dirty => {
-                let snap = snapshot(&node, revision, applied_unix, &model, &desired_last, &checks);
+            _ = status_tick.tick(), if status_dirty && std::time::Instant::now() >= status_next => {
+                let began = std::time::Instant::now();
+                if std::mem::take(&mut names_dirty) {
+                    names_tx.send_if_modified(|names| {
+                        let now: HashMap<_, _> = raw
+                            .services
+                            .iter()
+                            .map(|(k, s)| (*k, s.service.clone()))
+                            .collect();
+                        let changed = *names != now;
+                        *names = now;
+                        changed
+                    });
+                }
+                let snap = snapshot(&node, revision, applied_unix, &model, &raw, &checks);
                 if let Err(e) = status::write_snapshot(&args.status.status_file, &snap) {
                     warn!(path = %args.status.status_file.display(), error = %format!("{e:#}"),
                           "could not write the status file");
                 }
                 status_dirty = false;
+                // A big table takes a while to write: keep it under 5% of
+                // the agent's time.
+                status_next = began + began.elapsed() * 20;
                 continue;
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break }
         }
-        let mut desired = model.desired();
-        report_conflicts(&mut conflicts, &desired.conflicts);
-        // Active checks: this node's view of backend health.
-        checks.sync(&desired);
-        checks.apply(&mut desired);
         let started = std::time::Instant::now();
-        let (changes, errors) = reconciler.reconcile(&desired);
+        // The frontends to recompute: those of services whose keys changed
+        // (where they were and where they are now) and those that failed
+        // to apply before; or all of them.
+        let scope = match model.take_touched() {
+            Some(names) if !full && names.len() <= PARTIAL_LIMIT => {
+                let mut keys: BTreeSet<ServiceKey> = raw
+                    .services
+                    .iter()
+                    .filter(|(_, s)| names.contains(&s.service))
+                    .map(|(k, _)| *k)
+                    .collect();
+                keys.extend(names.iter().flat_map(|n| model.frontend_keys(n)));
+                keys.extend(failing.values().map(|(_, k)| *k));
+                let part = model.desired_where(|k| keys.contains(k));
+                for k in &keys {
+                    raw.services.remove(k);
+                }
+                let fronts: BTreeSet<String> = keys.iter().map(frontend_of).collect();
+                raw.conflicts.retain(|c| {
+                    !names.contains(&c.winner)
+                        && !names.contains(&c.loser)
+                        && !fronts.contains(&c.frontend)
+                });
+                raw.conflicts.extend(part.conflicts);
+                raw.services.extend(part.services);
+                Some(keys)
+            }
+            _ => {
+                raw = model.desired();
+                None
+            }
+        };
+        report_conflicts(&mut conflicts, &raw.conflicts);
+        // Active checks: this node's view of backend health.
+        checks.sync(&raw);
+        let mut desired = Desired {
+            services: match &scope {
+                Some(keys) => keys
+                    .iter()
+                    .filter_map(|k| raw.services.get(k).map(|s| (*k, s.clone())))
+                    .collect(),
+                None => raw.services.clone(),
+            },
+            conflicts: BTreeSet::new(),
+        };
+        checks.apply(&mut desired);
+        let (changes, errors) = match &scope {
+            Some(keys) => reconciler.reconcile_keys(&desired, keys),
+            None => reconciler.reconcile(&desired),
+        };
         metrics
             .reconcile_duration
             .observe(started.elapsed().as_secs_f64());
@@ -176,19 +249,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ),
             }
         }
-        report_failures(&mut failing, errors, &metrics);
-        names_tx.send_if_modified(|names| {
-            let now: HashMap<_, _> = desired
-                .services
-                .iter()
-                .map(|(k, s)| (*k, s.service.clone()))
-                .collect();
-            let changed = *names != now;
-            *names = now;
-            changed
-        });
+        report_failures(&mut failing, errors, scope.as_ref(), &metrics);
         applied_unix = status::unix_now();
-        desired_last = desired;
+        names_dirty = true;
         status_dirty = true;
         metrics.services.set(reconciler.services_installed() as i64);
         metrics.invalid_keys.set(model.invalid_keys().len() as i64);
@@ -251,11 +314,12 @@ fn apply(model: &mut Model, u: Update) -> i64 {
 /// Logs each service that could not be applied once when it starts
 /// failing and once when it recovers, and mirrors the set in the metrics.
 fn report_failures(
-    failing: &mut BTreeMap<NotApplied, String>,
+    failing: &mut BTreeMap<NotApplied, (String, ServiceKey)>,
     errors: Vec<ApplyError>,
+    scope: Option<&BTreeSet<ServiceKey>>,
     metrics: &Metrics,
 ) {
-    let now: BTreeMap<NotApplied, String> = errors
+    let mut now: BTreeMap<NotApplied, (String, ServiceKey)> = errors
         .into_iter()
         .map(|e| {
             (
@@ -264,11 +328,19 @@ fn report_failures(
                     frontend: e.frontend,
                     map: e.source.map.to_owned(),
                 },
-                e.source.to_string(),
+                (e.source.to_string(), e.key),
             )
         })
         .collect();
-    for (k, err) in &now {
+    // Failures of frontends this reconcile did not look at still stand.
+    if let Some(scope) = scope {
+        for (k, v) in failing.iter() {
+            if !scope.contains(&v.1) {
+                now.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+    }
+    for (k, (err, _)) in &now {
         if !failing.contains_key(k) {
             error!(service = k.service, frontend = k.frontend, map = k.map, error = %err,
                    "could not apply service; it keeps its previous state");
@@ -311,6 +383,11 @@ fn snapshot(
     desired: &Desired,
     checks: &ActiveChecks,
 ) -> Snapshot {
+    let routed: std::collections::HashSet<&str> = desired
+        .services
+        .values()
+        .map(|d| d.service.as_str())
+        .collect();
     let services = model
         .view()
         .into_iter()
@@ -319,7 +396,7 @@ fn snapshot(
             frontend: def.frontend.to_string(),
             protocol: serde_name(&def.protocol),
             policy: serde_name(&def.policy),
-            routed: desired.services.values().any(|d| d.service == name),
+            routed: routed.contains(name),
             backends: backends
                 .into_iter()
                 .map(|(instance, b, maintenance)| SnapBackend {

@@ -105,7 +105,7 @@ pub enum Change {
 /// Where the loop broke: before a consistent list (etcd unreachable) or
 /// after (the watch was lost and a re-list will reconcile).
 enum Lost {
-    List(anyhow::Error),
+    List(etcd_client::Error),
     Watch(anyhow::Error),
 }
 
@@ -114,6 +114,17 @@ pub struct Source {
     pub prefix: String,
     /// `etcd_connected` and `etcd_watch_revision` are kept here.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+/// Whether a failed request never reached a working etcd (as opposed to
+/// etcd refusing it), so the log says which.
+fn unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        // gRPC codes Unknown (2), DeadlineExceeded (4), Unavailable (14).
+        etcd_client::Error::GRpcStatus(s) => matches!(s.code() as i32, 2 | 4 | 14),
+        _ => false,
+    }
 }
 
 /// Keys per page of the initial list.
@@ -174,6 +185,10 @@ impl Source {
                     self.metrics.etcd_connected.set(0);
                     let wait = backoff.next();
                     match e {
+                        Lost::List(e) if unreachable(&e) => {
+                            warn!(endpoints = ?self.etcd.endpoints, prefix = %self.prefix,
+                            error = %e, retry_in = ?wait, "etcd unreachable; retrying")
+                        }
                         Lost::List(e) => {
                             warn!(endpoints = ?self.etcd.endpoints, prefix = %self.prefix,
                             error = %e, retry_in = ?wait, "listing the etcd prefix failed; retrying")
@@ -217,10 +232,7 @@ impl Source {
             if revision > 0 {
                 opts = opts.with_revision(revision);
             }
-            let resp = kv
-                .get(from.clone(), Some(opts))
-                .await
-                .map_err(|e| Lost::List(e.into()))?;
+            let resp = kv.get(from.clone(), Some(opts)).await.map_err(Lost::List)?;
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or_default();
             }

@@ -597,6 +597,10 @@ pub struct Model {
     /// (service, instance) pairs an operator took out.
     maintenance: BTreeSet<(String, String)>,
     invalid: BTreeMap<String, Invalid>,
+    /// Names of services whose definition, backends or maintenance keys
+    /// changed since `take_touched`.
+    touched: BTreeSet<String>,
+    all_touched: bool,
 }
 
 impl Model {
@@ -608,6 +612,8 @@ impl Model {
             backends: BTreeMap::new(),
             maintenance: BTreeSet::new(),
             invalid: BTreeMap::new(),
+            touched: BTreeSet::new(),
+            all_touched: true,
         }
     }
 
@@ -616,6 +622,7 @@ impl Model {
         self.backends.clear();
         self.maintenance.clear();
         self.invalid.clear();
+        self.all_touched = true;
     }
 
     pub fn invalid_keys(&self) -> &BTreeMap<String, Invalid> {
@@ -661,7 +668,16 @@ impl Model {
 
     pub fn delete(&mut self, key: &str) -> Applied {
         let was_invalid = self.invalid.remove(key).is_some();
-        let removed = match parse_key(&self.prefix, key) {
+        let parsed = parse_key(&self.prefix, key);
+        if let Ok(Some(
+            KeyRef::Service(name)
+            | KeyRef::Backend { service: name, .. }
+            | KeyRef::Maintenance { service: name, .. },
+        )) = &parsed
+        {
+            self.touched.insert(name.clone());
+        }
+        let removed = match parsed {
             Ok(Some(KeyRef::Service(name))) => self.services.remove(&name).is_some(),
             Ok(Some(KeyRef::Backend { service, instance })) => {
                 let set = self.backends.get_mut(&service);
@@ -709,16 +725,48 @@ impl Model {
             .collect()
     }
 
+    /// The frontends (per protocol) a service's definition claims now.
+    pub fn frontend_keys(&self, name: &str) -> Vec<ServiceKey> {
+        self.services
+            .get(name)
+            .map(|d| {
+                d.protocol
+                    .ip_protos()
+                    .iter()
+                    .map(|&p| service_key(d.frontend, p))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Services whose keys changed since the last call (`None`: all of
+    /// them, after a snapshot replaced the model).
+    pub fn take_touched(&mut self) -> Option<BTreeSet<String>> {
+        let all = std::mem::take(&mut self.all_touched);
+        let t = std::mem::take(&mut self.touched);
+        (!all).then_some(t)
+    }
+
     /// The routing table: for each frontend+protocol, the winning service
     /// (oldest create revision, then name) and its backends.
     pub fn desired(&self) -> Desired {
+        self.desired_where(|_| true)
+    }
+
+    /// The routing table for the frontends `want` selects only: a change to
+    /// a few services costs a scan of the service definitions, not a
+    /// rebuild of every service's backend list.
+    pub fn desired_where(&self, want: impl Fn(&ServiceKey) -> bool) -> Desired {
         let mut claims: BTreeMap<ServiceKey, Vec<(i64, &str)>> = BTreeMap::new();
         for (name, def) in &self.services {
             for &proto in def.protocol.ip_protos() {
-                claims
-                    .entry(service_key(def.frontend, proto))
-                    .or_default()
-                    .push((def.create_revision, name));
+                let key = service_key(def.frontend, proto);
+                if want(&key) {
+                    claims
+                        .entry(key)
+                        .or_default()
+                        .push((def.create_revision, name));
+                }
             }
         }
         let mut out = Desired::default();

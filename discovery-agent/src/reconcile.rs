@@ -9,7 +9,7 @@
 //!
 //! A failed write (map full, memory) is undone and leaves the service on its
 //! previous set; other services are not affected.
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use discovery_common::{
     BACKEND_F_VALID, Backend, SVC_F_CONSISTENT, SVC_F_LEAST_CONN, Service, ServiceKey, Slot,
@@ -276,6 +276,7 @@ pub enum Change {
 #[derive(Debug, thiserror::Error)]
 #[error("service {service} ({frontend}): {source}")]
 pub struct ApplyError {
+    pub key: ServiceKey,
     pub service: String,
     pub frontend: String,
     #[source]
@@ -420,32 +421,55 @@ impl<D: Dataplane> Reconciler<D> {
     /// Brings the maps to `desired`, returning what changed and what failed.
     /// Removals go first so their room is free for additions.
     pub fn reconcile(&mut self, desired: &Desired) -> (Vec<Change>, Vec<ApplyError>) {
+        self.reconcile_scoped(desired, None)
+    }
+
+    /// Like `reconcile`, for the frontends in `scope` only: `desired` holds
+    /// (at least) their wanted state, and a frontend in scope that it does
+    /// not hold is removed. Everything else is left as it is.
+    pub fn reconcile_keys(
+        &mut self,
+        desired: &Desired,
+        scope: &BTreeSet<ServiceKey>,
+    ) -> (Vec<Change>, Vec<ApplyError>) {
+        self.reconcile_scoped(desired, Some(scope))
+    }
+
+    fn reconcile_scoped(
+        &mut self,
+        desired: &Desired,
+        scope: Option<&BTreeSet<ServiceKey>>,
+    ) -> (Vec<Change>, Vec<ApplyError>) {
         let mut changes = Vec::new();
         let mut errors = Vec::new();
-        let stale: Vec<ServiceKey> = self
-            .installed
-            .keys()
-            .filter(|k| !desired.services.contains_key(k))
-            .copied()
-            .collect();
+        let in_scope = |k: &ServiceKey| scope.is_none_or(|s| s.contains(k));
+        let stale: Vec<ServiceKey> = match scope {
+            None => self.installed.keys().copied().collect::<Vec<_>>(),
+            Some(s) => s.iter().copied().collect::<Vec<_>>(),
+        }
+        .into_iter()
+        .filter(|k| self.installed.contains_key(k) && !desired.services.contains_key(k))
+        .collect();
         for key in stale {
             let service = self.installed.get(&key).and_then(|i| i.service.clone());
             match self.remove(key) {
                 Ok(()) => changes.push(Change::Removed { key, service }),
                 Err(source) => errors.push(ApplyError {
+                    key,
                     service: service.unwrap_or_else(|| "(adopted)".into()),
                     frontend: frontend_of(&key),
                     source,
                 }),
             }
         }
-        for (key, svc) in &desired.services {
+        for (key, svc) in desired.services.iter().filter(|(k, _)| in_scope(k)) {
             match self.apply(*key, svc) {
                 Ok(Some(c)) => changes.push(c),
                 Ok(None) => {}
                 Err(source) => errors.push(ApplyError {
+                    key: *key,
                     service: svc.service.clone(),
-                    frontend: svc.frontend.to_string(),
+                    frontend: frontend_of(key),
                     source,
                 }),
             }
@@ -1009,6 +1033,37 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_scoped_reconcile_touches_only_its_frontends() {
+        let mut m = model();
+        m.put("/d/backends/web/a", b"127.0.0.2:80", 2);
+        m.put("/d/services/other", br#"{"frontend":"127.0.0.1:81"}"#, 9);
+        m.put("/d/backends/other/a", b"127.0.0.9:80", 10);
+        let mut r = Reconciler::new(FakeMaps::new(100, 100)).unwrap();
+        r.reconcile(&m.desired());
+        let other = service_key("127.0.0.1:81".parse().unwrap(), IPPROTO_TCP);
+        let other_entry = r.dataplane().services[&other];
+        // Both change in etcd; only web is in scope.
+        m.put("/d/backends/web/b", b"127.0.0.3:80", 3);
+        m.put("/d/backends/other/b", b"127.0.0.10:80", 11);
+        let scope = BTreeSet::from([web()]);
+        let part = m.desired_where(|k| scope.contains(k));
+        let (changes, errors) = r.reconcile_keys(&part, &scope);
+        assert!(errors.is_empty());
+        assert_eq!(changes.len(), 1);
+        assert_eq!(r.dataplane().reachable(&web()).len(), 2);
+        assert_eq!(r.dataplane().services[&other], other_entry, "out of scope");
+        // A frontend in scope that is no longer desired is removed.
+        m.delete("/d/services/web");
+        let part = m.desired_where(|k| scope.contains(k));
+        r.reconcile_keys(&part, &scope);
+        assert!(!r.dataplane().services.contains_key(&web()));
+        assert!(r.dataplane().services.contains_key(&other));
+        // A full reconcile afterwards finds only other's pending change.
+        let (changes, _) = r.reconcile(&m.desired());
+        assert_eq!(changes.len(), 1);
+    }
+
+    #[test]
     fn set_ids_skip_live_sets_after_the_counter_wraps() {
         let mut m = model();
         m.put("/d/services/other", br#"{"frontend":"127.0.0.1:81"}"#, 9);
@@ -1138,7 +1193,11 @@ pub(crate) mod tests {
         let (changes, errors) = r.reconcile(&m.desired());
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].service, "big");
-        assert!(errors[0].to_string().contains("service big (127.0.0.1:81)"));
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("service big (127.0.0.1:81/tcp)")
+        );
         assert_eq!(changes.len(), 1);
         assert_eq!(
             r.dataplane().reachable(&web()),

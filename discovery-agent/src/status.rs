@@ -69,7 +69,7 @@ pub fn write_snapshot(path: &Path, snap: &Snapshot) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(snap)?)
+    std::fs::write(&tmp, serde_json::to_vec(snap)?)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }

@@ -398,7 +398,7 @@ fn full_map_reports_the_service_and_keeps_the_rest() {
         "{log}"
     );
     assert_eq!(tally(&w.probe("tcp", "127.0.0.1:7001", 10)), all("a", 10));
-    let sample = r#"discovery_service_not_applied{service="second",frontend="127.0.0.1:7002",map="disc_services"}"#;
+    let sample = r#"discovery_service_not_applied{service="second",frontend="127.0.0.1:7002/tcp",map="disc_services"}"#;
     assert_eq!(
         w.agent.metric(sample),
         Some(1.0),
