@@ -47,7 +47,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let MetricsAddr(Some(addr)) = args.metrics_addr {
         metrics::serve(addr, metrics.clone()).await?;
     }
-    loader::load_and_attach(
+    let fresh = loader::load_and_attach(
         &cgroup,
         &pin_dir,
         &loader::Sizes {
@@ -56,7 +56,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         args.replace_programs,
     )?;
-    let maps = BpfMaps::open(&pin_dir)?;
+    let maps = BpfMaps::open(&pin_dir)?.with_fresh(fresh);
     let mut reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
     info!(cgroup = %cgroup.display(), pin_dir = %pin_dir.display(), prefix = %args.etcd.prefix,
           services = reconciler.services_installed(), "agent started; waiting for etcd");

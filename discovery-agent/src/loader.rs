@@ -101,12 +101,13 @@ impl Sizes {
 /// unless links are already pinned there, and pins the links.
 /// `replace`: swap attached programs for this build's even when identical
 /// (upgrade drills); otherwise only programs whose code differs are swapped.
+/// Returns whether the maps were created now (nothing pinned before).
 pub fn load_and_attach(
     cgroup: &Path,
     pin_dir: &Path,
     sizes: &Sizes,
     replace: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     ensure_root()?;
     match statfs(cgroup) {
         Ok(s) if s.filesystem_type() == CGROUP2_SUPER_MAGIC => {}
@@ -122,6 +123,8 @@ pub fn load_and_attach(
     fs::set_permissions(pin_dir, fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting pin dir {}", pin_dir.display()))?;
 
+    // Every map is pinned together, so one tells whether they existed.
+    let had_pins = pin_dir.join(names::SERVICES).exists();
     let paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
         .iter()
         .map(|n| (*n, pin_dir.join(n)))
@@ -151,6 +154,7 @@ pub fn load_and_attach(
          BTF and socket storage: Linux 5.10 or newer)",
     )?;
     check_pinned_maps(&ebpf, sizes, pin_dir)?;
+    let fresh = !had_pins;
 
     let cgroup_file =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
@@ -180,7 +184,7 @@ pub fn load_and_attach(
             replace,
         )?;
     }
-    Ok(())
+    Ok(fresh)
 }
 
 /// What `install` needs of a program attached to a cgroup: the sock_addr

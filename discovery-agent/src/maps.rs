@@ -21,6 +21,8 @@ pub struct BpfMaps {
     consumer_cache: PerCpuArray<MapData, ConsumerCache>,
     consumers: HashMap<MapData, ConsumerKey, u64>,
     nr_cpus: usize,
+    /// Created empty by this agent's load (see `Dataplane::fresh`).
+    fresh: bool,
     services: HashMap<MapData, ServiceKey, Service>,
     slots: HashMap<MapData, SlotKey, Slot>,
     backends: Array<MapData, Backend>,
@@ -62,11 +64,20 @@ impl BpfMaps {
             consumers: open(pin_dir, names::CONSUMERS)?.try_into()?,
             consumer_cache: open(pin_dir, names::CONSUMER_CACHE)?.try_into()?,
             nr_cpus: aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?,
+            fresh: false,
             services: open(pin_dir, names::SERVICES)?.try_into()?,
             slots: open(pin_dir, names::SLOTS)?.try_into()?,
             backends: open(pin_dir, names::BACKENDS)?.try_into()?,
             counters: open(pin_dir, names::COUNTERS)?.try_into()?,
         })
+    }
+
+    /// Marks the maps as created empty by this agent: the reconciler then
+    /// skips scanning the backends array for leftovers and zeroing
+    /// counters no one has used.
+    pub fn with_fresh(mut self, fresh: bool) -> Self {
+        self.fresh = fresh;
+        self
     }
 
     /// Backends whose connects failed `min` times in a row or more.
@@ -266,6 +277,10 @@ impl Dataplane for BpfMaps {
         self.svc_stats.len()
     }
 
+    fn fresh(&self) -> bool {
+        self.fresh
+    }
+
     fn set_backend(&mut self, id: u32, b: Backend) -> Result<(), MapError> {
         self.backends
             .set(id, b, 0)
@@ -326,7 +341,9 @@ impl Dataplane for BpfMaps {
             .collect::<Result<_, _>>()
             .map_err(|e| err(names::SLOTS, "dump", e))?;
         let mut backends = Vec::new();
-        for (id, b) in self.backends.iter().enumerate() {
+        // A new array holds nothing: skip reading every entry of it.
+        let scan = if self.fresh { 0 } else { usize::MAX };
+        for (id, b) in self.backends.iter().enumerate().take(scan) {
             let b = b.map_err(|e| err(names::BACKENDS, "dump", e))?;
             if b.flags & BACKEND_F_VALID != 0 {
                 backends.push((id as u32, b));

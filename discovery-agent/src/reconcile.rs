@@ -48,6 +48,11 @@ pub trait Dataplane {
     fn reset_stats(&mut self, slot: StatsSlot);
     /// Service counter slots (ids are 1..capacity).
     fn service_stats_capacity(&self) -> u32;
+    /// The maps were created empty by this agent: no id was ever handed
+    /// out, so counters at never-used ids need no zeroing.
+    fn fresh(&self) -> bool {
+        false
+    }
     /// Capacity of the backends array (ids are 1..capacity).
     fn backend_capacity(&self) -> u32;
     /// Everything currently in the maps.
@@ -298,6 +303,10 @@ pub struct Reconciler<D: Dataplane> {
     /// Service counter ids not in use, and the next never-used one.
     free_stats: Vec<u32>,
     next_stats: u32,
+    /// Ids from here up were never handed out in the maps' life, so their
+    /// counters are still zero (u32::MAX: unknown, zero every time).
+    fresh_backend_from: u32,
+    fresh_stats_from: u32,
 }
 
 impl<D: Dataplane> Reconciler<D> {
@@ -321,7 +330,12 @@ impl<D: Dataplane> Reconciler<D> {
             set_ids_wrapped: false,
             free_stats: Vec::new(),
             next_stats: 1,
+            fresh_backend_from: u32::MAX,
+            fresh_stats_from: u32::MAX,
         };
+        if r.dp.fresh() {
+            (r.fresh_backend_from, r.fresh_stats_from) = (1, 1);
+        }
         let mut live_slots = HashSet::new();
         let mut max_set = 0;
         for (key, svc) in dump.services {
@@ -499,7 +513,10 @@ impl<D: Dataplane> Reconciler<D> {
             }
             None => return 0,
         };
-        self.dp.reset_stats(StatsSlot::Service(id));
+        if id < self.fresh_stats_from {
+            self.dp.reset_stats(StatsSlot::Service(id));
+        }
+        self.fresh_stats_from = self.fresh_stats_from.max(id + 1);
         id
     }
 
@@ -605,7 +622,10 @@ impl<D: Dataplane> Reconciler<D> {
                             pad: 0,
                         };
                         // Counters first, so the first connect is counted.
-                        self.dp.reset_stats(StatsSlot::Backend(id));
+                        if id < self.fresh_backend_from {
+                            self.dp.reset_stats(StatsSlot::Backend(id));
+                        }
+                        self.fresh_backend_from = self.fresh_backend_from.max(id + 1);
                         if let Err(e) = self.dp.set_backend(id, entry) {
                             self.free_ids.push_front(id);
                             result = Err(e);
@@ -732,6 +752,7 @@ pub(crate) mod tests {
         pub slot_cap: usize,
         pub writes: usize,
         pub resets: Vec<StatsSlot>,
+        pub fresh: bool,
     }
 
     impl FakeMaps {
@@ -838,6 +859,9 @@ pub(crate) mod tests {
         }
         fn service_stats_capacity(&self) -> u32 {
             self.cap
+        }
+        fn fresh(&self) -> bool {
+            self.fresh
         }
         fn backend_capacity(&self) -> u32 {
             self.cap
@@ -1061,6 +1085,24 @@ pub(crate) mod tests {
         // A full reconcile afterwards finds only other's pending change.
         let (changes, _) = r.reconcile(&m.desired());
         assert_eq!(changes.len(), 1);
+    }
+
+    #[test]
+    fn fresh_maps_zero_counters_only_when_an_id_comes_back() {
+        let mut m = model();
+        m.put("/d/backends/web/a", b"127.0.0.2:80", 2);
+        let mut maps = FakeMaps::new(100, 100);
+        maps.fresh = true;
+        let mut r = Reconciler::new(maps).unwrap();
+        r.reconcile(&m.desired());
+        assert!(r.dataplane().resets.is_empty(), "new maps hold zeros");
+        // a's id is freed, then handed to c: zeroed first.
+        m.delete("/d/backends/web/a");
+        m.put("/d/backends/web/b", b"127.0.0.3:80", 3);
+        r.reconcile(&m.desired());
+        m.put("/d/backends/web/c", b"127.0.0.4:80", 4);
+        r.reconcile(&m.desired());
+        assert_eq!(r.dataplane().resets.len(), 1, "{:?}", r.dataplane().resets);
     }
 
     #[test]
