@@ -9,7 +9,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use discovery_common::ServiceKey;
 
@@ -224,31 +224,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .reconcile_duration
             .observe(started.elapsed().as_secs_f64());
         metrics.last_reconcile.set(status::unix_now() as i64);
-        for c in changes {
-            match c {
-                Change::Updated {
-                    key,
-                    service,
-                    frontend,
-                    backends,
-                    slots,
-                } => info!(
-                    service,
-                    frontend,
-                    proto = proto_name(key.proto),
-                    backends,
-                    slots,
-                    revision,
-                    "service applied"
-                ),
-                Change::Removed { key, service } => info!(
-                    service = service.as_deref().unwrap_or("(adopted)"),
-                    frontend = frontend_of(&key),
-                    revision,
-                    "service removed"
-                ),
-            }
-        }
+        log_changes(&changes, revision, started.elapsed());
         report_failures(&mut failing, errors, scope.as_ref(), &metrics);
         applied_unix = status::unix_now();
         names_dirty = true;
@@ -432,4 +408,67 @@ fn serde_name<T: serde::Serialize>(v: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
+}
+
+/// Above this many changes in one reconcile (a cold start, a re-list),
+/// one summary line at info; each service at debug.
+const CHANGES_LOGGED_ONE_BY_ONE: usize = 50;
+
+fn log_changes(changes: &[Change], revision: i64, took: std::time::Duration) {
+    let one_by_one = changes.len() <= CHANGES_LOGGED_ONE_BY_ONE;
+    for c in changes {
+        match c {
+            Change::Updated {
+                key,
+                service,
+                frontend,
+                backends,
+                slots,
+            } => {
+                if one_by_one {
+                    info!(
+                        service,
+                        frontend,
+                        proto = proto_name(key.proto),
+                        backends,
+                        slots,
+                        revision,
+                        "service applied"
+                    );
+                } else {
+                    debug!(
+                        service,
+                        frontend,
+                        proto = proto_name(key.proto),
+                        backends,
+                        slots,
+                        revision,
+                        "service applied"
+                    );
+                }
+            }
+            Change::Removed { key, service } => {
+                let service = service.as_deref().unwrap_or("(adopted)");
+                let frontend = frontend_of(key);
+                if one_by_one {
+                    info!(service, frontend, revision, "service removed");
+                } else {
+                    debug!(service, frontend, revision, "service removed");
+                }
+            }
+        }
+    }
+    if !one_by_one {
+        let removed = changes
+            .iter()
+            .filter(|c| matches!(c, Change::Removed { .. }))
+            .count();
+        info!(
+            applied = changes.len() - removed,
+            removed,
+            revision,
+            took_ms = took.as_millis() as u64,
+            "services applied (each at debug level)"
+        );
+    }
 }

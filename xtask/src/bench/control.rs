@@ -73,12 +73,29 @@ pub async fn convergence(_bins: &Bins, plan: &Plan, results: &mut Results) -> an
             KernelMaps::open(&agent.pin_dir).ok()
         })
         .context("the agent did not pin its maps")?;
+        // Services are applied in key order, so the highest frontend is
+        // the last one: one lookup per poll, not a walk of the whole map
+        // that would compete with the agent for the CPU.
+        let last = tcp_key(frontend(services - 1));
         wait_until(Duration::from_secs(120), || {
-            (maps.count() >= services).then_some(())
+            maps.service(&last)
+                .is_some_and(|s| s.count > 0)
+                .then_some(())
         })
         .with_context(|| format!("initial sync of {services} services did not finish"))?;
         let sync = t0.elapsed();
+        anyhow::ensure!(
+            maps.count() >= services,
+            "the last service is in but not all {services}"
+        );
         eprintln!("bench: initial sync of {services} services / {size} backends: {sync:?}");
+        for l in agent.log().lines().filter(|l| {
+            ["agent started", "listed etcd prefix", "services applied"]
+                .iter()
+                .any(|m| l.contains(m))
+        }) {
+            eprintln!("bench:   agent: {l}");
+        }
 
         let mut total = Vec::new();
         let mut after_write = Vec::new();
