@@ -25,6 +25,11 @@ use crate::{
     status::{self, SnapBackend, SnapService, Snapshot},
 };
 
+/// How often changed active-check verdicts are applied: each application
+/// recomputes every service, and a service's whole backend set is
+/// rewritten when it changes.
+const HEALTH_APPLY_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Above this many services changed in one batch, recompute everything.
 const PARTIAL_LIMIT: usize = 1_000;
 
@@ -107,6 +112,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // batches so a batch recomputes only the frontends it touches.
     let mut raw = Desired::default();
     let mut names_dirty = false;
+    // Active check verdicts are applied at most this often.
+    let mut health_tick = tokio::time::interval(HEALTH_APPLY_EVERY);
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut health_pending = false;
     // Passive checks read the kernel's connect outcomes at this pace.
     let mut passive_tick = tokio::time::interval(std::time::Duration::from_millis(200));
     passive_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -123,9 +132,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
             Some((addr, check, up)) = health_rx.recv() => {
-                if !checks.observe(addr, &check, up) {
-                    continue;
+                // Verdicts come in bursts (a rack goes away): take them all,
+                // and apply them on the next health tick, not one by one.
+                let mut changed = checks.observe(addr, &check, up);
+                while let Ok((addr, check, up)) = health_rx.try_recv() {
+                    changed |= checks.observe(addr, &check, up);
                 }
+                health_pending |= changed;
+                continue;
+            }
+            _ = health_tick.tick(), if health_pending => {
+                health_pending = false;
                 full = true;
             }
             _ = passive_tick.tick(), if args.passive_failures > 0 => {

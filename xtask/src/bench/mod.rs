@@ -75,20 +75,39 @@ pub fn run(bins: Bins, plan: Plan, parts: &[String]) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // A part that fails is reported and the others still run: one broken
+    // measurement must not hide the rest.
+    let mut failed = Vec::new();
+    let mut part = |name: &str, r: anyhow::Result<()>, results: &mut Results| {
+        if let Err(e) = r {
+            eprintln!("bench: {name} FAILED: {e:#}");
+            results.notes.push(format!("**{name} failed**: {e:#}"));
+            failed.push(name.to_owned());
+        }
+    };
     if want("datapath") {
-        datapath::run(&bins, &plan, &mut results)?;
+        let r = datapath::run(&bins, &plan, &mut results);
+        part("data path", r, &mut results);
     }
     if want("control") {
-        rt.block_on(control::convergence(&bins, &plan, &mut results))?;
-        rt.block_on(control::pipeline(&bins, &plan, &mut results))?;
+        let r = rt.block_on(control::convergence(&bins, &plan, &mut results));
+        part("convergence", r, &mut results);
+        let r = rt.block_on(control::pipeline(&bins, &plan, &mut results));
+        part("etcd write to first connection", r, &mut results);
     }
     if want("failover") {
-        rt.block_on(control::failover(&bins, &mut results))?;
+        let r = rt.block_on(control::failover(&bins, &mut results));
+        part("failover", r, &mut results);
     }
     if want("checks") {
-        rt.block_on(control::active_checks(&bins, &plan, &mut results))?;
+        let r = rt.block_on(control::active_checks(&bins, &plan, &mut results));
+        part("active checks", r, &mut results);
     }
-    results.write(&crate::root())
+    results.write(&crate::root())?;
+    if !failed.is_empty() {
+        bail!("benchmark parts failed: {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 /// redis-server, redis-benchmark, HAProxy and a font for the plot.

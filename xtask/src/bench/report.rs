@@ -59,6 +59,7 @@ pub struct Results {
     pub pipeline: Vec<Pipeline>,
     pub failover: Vec<Failover>,
     pub checks: BTreeMap<String, String>,
+    pub notes: Vec<String>,
 }
 
 fn first_line(cmd: &str, args: &[&str]) -> String {
@@ -124,6 +125,7 @@ impl Results {
             pipeline: vec![],
             failover: vec![],
             checks: BTreeMap::new(),
+            notes: vec![],
         })
     }
 
@@ -176,6 +178,9 @@ impl Results {
             let _ = writeln!(o, "- **{k}**: {v}");
         }
         let _ = writeln!(o, "\n![throughput and convergence](benchmarks.png)\n");
+        for n in &self.notes {
+            let _ = writeln!(o, "> {n}\n");
+        }
         for (title, samples, unit) in [
             (
                 "TCP: redis-benchmark GET, one redis-server",
