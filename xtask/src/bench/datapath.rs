@@ -222,13 +222,16 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
         format!("127.0.0.1:{dnat_tcp}"),
         format!("127.0.0.6:{hp}"),
     ];
-    // Only the discovery client needs the cgroup; the others run as they
-    // would on a node without discovery.
+    // The discovery client runs in the cgroup with the programs; the
+    // others in a sibling cgroup without them, so every client is
+    // scheduled the same way (a client beside the bench in its cgroup
+    // would compete differently with redis-server for the two cores).
+    let plain = TestCgroup::new("bench-plain");
     let run_client = |path: usize, cmd: &mut Command| {
         if path == 1 {
             cg.output(cmd)
         } else {
-            cmd.output().expect("spawn client")
+            plain.output(cmd)
         }
     };
     for round in 0..plan.rounds {
@@ -314,7 +317,7 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
                 let out = if in_cg {
                     cg.output(&mut cmd)
                 } else {
-                    cmd.output()?
+                    plain.output(&mut cmd)
                 };
                 let ns: f64 = String::from_utf8_lossy(&out.stdout)
                     .trim()

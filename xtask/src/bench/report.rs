@@ -172,7 +172,8 @@ impl Results {
             o,
             "Produced by `cargo xtask bench` (see README.md). Every figure comes from the run \
              below; nothing is edited by hand. Loopback only; clients of the discovery path run \
-             in a child cgroup with the programs attached, the others run without them.\n"
+             in a child cgroup with the programs attached, the others in a sibling child cgroup \
+             without them.\n"
         );
         for (k, v) in &self.machine {
             let _ = writeln!(o, "- **{k}**: {v}");
