@@ -433,6 +433,12 @@ const CHANGES_LOGGED_ONE_BY_ONE: usize = 50;
 
 fn log_changes(changes: &[Change], revision: i64, took: std::time::Duration) {
     let one_by_one = changes.len() <= CHANGES_LOGGED_ONE_BY_ONE;
+    // Each change at info when there are few, at debug when many.
+    macro_rules! each {
+        ($($t:tt)*) => {
+            if one_by_one { info!($($t)*) } else { debug!($($t)*) }
+        };
+    }
     for c in changes {
         match c {
             Change::Updated {
@@ -441,38 +447,21 @@ fn log_changes(changes: &[Change], revision: i64, took: std::time::Duration) {
                 frontend,
                 backends,
                 slots,
-            } => {
-                if one_by_one {
-                    info!(
-                        service,
-                        frontend,
-                        proto = proto_name(key.proto),
-                        backends,
-                        slots,
-                        revision,
-                        "service applied"
-                    );
-                } else {
-                    debug!(
-                        service,
-                        frontend,
-                        proto = proto_name(key.proto),
-                        backends,
-                        slots,
-                        revision,
-                        "service applied"
-                    );
-                }
-            }
-            Change::Removed { key, service } => {
-                let service = service.as_deref().unwrap_or("(adopted)");
-                let frontend = frontend_of(key);
-                if one_by_one {
-                    info!(service, frontend, revision, "service removed");
-                } else {
-                    debug!(service, frontend, revision, "service removed");
-                }
-            }
+            } => each!(
+                service,
+                frontend,
+                proto = proto_name(key.proto),
+                backends,
+                slots,
+                revision,
+                "service applied"
+            ),
+            Change::Removed { key, service } => each!(
+                service = service.as_deref().unwrap_or("(adopted)"),
+                frontend = frontend_of(key),
+                revision,
+                "service removed"
+            ),
         }
     }
     if !one_by_one {
