@@ -22,7 +22,8 @@ use discovery_common::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SLOTS, names};
 use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
 use tracing::{info, warn};
 
-/// The eBPF object, built from `discovery-ebpf` by build.rs.
+/// The eBPF object, built from `discovery-ebpf` by build.rs; empty in a
+/// stub build (no eBPF toolchain at build time).
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/discovery"));
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -108,6 +109,12 @@ pub fn load_and_attach(
     sizes: &Sizes,
     replace: bool,
 ) -> anyhow::Result<bool> {
+    if PROGRAMS.is_empty() {
+        bail!(
+            "this discovery-agent was built without its eBPF programs (no eBPF toolchain at \
+             build time, or AYA_BUILD_SKIP=1): run `cargo xtask bootstrap`, then rebuild"
+        );
+    }
     ensure_root()?;
     match statfs(cgroup) {
         Ok(s) if s.filesystem_type() == CGROUP2_SUPER_MAGIC => {}

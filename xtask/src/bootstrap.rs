@@ -6,15 +6,18 @@
 //! there is none (and none can be downloaded), Debian's rustc-web with
 //! rust-web-src is linked into rustup as `discovery-bpf` and used with
 //! RUSTC_BOOTSTRAP=1 (see discovery-agent/build.rs).
+//!
+//! Every install is pinned: Debian's packages come from the machine's
+//! Debian 12 sources, and bpf-linker is installed at one exact version
+//! with its own Cargo.lock (`--locked`), so a new release of one of its
+//! dependencies cannot break a fresh machine.
 use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::run;
-
 /// Must match discovery-agent/build.rs.
 const LINKED_TOOLCHAIN: &str = "discovery-bpf";
-const BPF_LINKER_VERSION: &str = "0.13";
+const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 fn ok(cmd: &mut Command) -> bool {
@@ -33,6 +36,15 @@ fn deb_installed(pkg: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
+/// Whether apt knows a version of `pkg` it could install.
+fn deb_candidate(pkg: &str) -> bool {
+    stdout(Command::new("apt-cache").args(["policy", pkg])).is_some_and(|s| {
+        s.lines()
+            .find_map(|l| l.trim().strip_prefix("Candidate:"))
+            .is_some_and(|c| c.trim() != "(none)")
+    })
+}
+
 fn has_rust_src(toolchain: &str) -> bool {
     stdout(Command::new("rustup").args(["run", toolchain, "rustc", "--print", "sysroot"]))
         .is_some_and(|s| {
@@ -44,16 +56,31 @@ fn has_rust_src(toolchain: &str) -> bool {
 
 fn bpf_linker_ok() -> bool {
     stdout(Command::new("bpf-linker").arg("--version"))
-        .is_some_and(|v| v.contains(&format!(" {BPF_LINKER_VERSION}.")))
+        .is_some_and(|v| v.contains(&format!(" {BPF_LINKER_VERSION}")))
 }
 
-pub fn bootstrap() -> anyhow::Result<()> {
-    let nightly = has_rust_src("nightly");
-    let linker = bpf_linker_ok();
-    let mut want: Vec<(&str, &str)> = vec![
+/// Runs one install step; a failure names the step and what to do.
+fn step(name: &str, cmd: &mut Command, fix: &str) -> anyhow::Result<()> {
+    eprintln!("bootstrap: [{name}] + {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("bootstrap step '{name}': cannot start {cmd:?}. {fix}"))?;
+    if !status.success() {
+        bail!("bootstrap step '{name}' failed ({status}): {cmd:?}. {fix}");
+    }
+    Ok(())
+}
+
+/// What must be installed, and why.
+fn wanted(nightly: bool, linker: bool) -> Vec<(&'static str, &'static str)> {
+    let mut want = vec![
         (
             "protobuf-compiler",
             "protoc: etcd-client generates its gRPC code at build time",
+        ),
+        (
+            "libprotobuf-dev",
+            "protobuf's well-known types (google/protobuf/*.proto) that etcd's protos import",
         ),
         (
             "etcd-server",
@@ -67,6 +94,14 @@ pub fn bootstrap() -> anyhow::Result<()> {
         (
             "nftables",
             "tests drop SYNs to a loopback address to prove connect timeouts",
+        ),
+        (
+            "openssl",
+            "tests make a private CA and certificates for etcd TLS",
+        ),
+        (
+            "haproxy",
+            "a test moves a frontend from a live HAProxy to the agent",
         ),
     ];
     if !nightly {
@@ -84,60 +119,116 @@ pub fn bootstrap() -> anyhow::Result<()> {
             "zlib1g-dev",
             "libzstd-dev",
         ] {
-            want.push((pkg, "bpf-linker 0.13 is built against LLVM 22"));
+            want.push((pkg, "bpf-linker is built against LLVM 22"));
         }
     }
+    want
+}
+
+fn install_debs(missing: &[&(&str, &str)]) -> anyhow::Result<()> {
+    let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+    if !crate::is_root() {
+        bail!("missing Debian packages {names:?}; run `cargo xtask bootstrap` as root");
+    }
+    for (pkg, why) in missing {
+        eprintln!("bootstrap: installing {pkg}: {why}");
+    }
+    step(
+        "apt-get update",
+        Command::new("apt-get").args(["update", "-qq"]),
+        "Check that /etc/apt/sources.list(.d) names a reachable Debian 12 (bookworm) \
+         mirror with bookworm, bookworm-updates and bookworm-security, then run \
+         `cargo xtask bootstrap` again.",
+    )?;
+    let unknown: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|p| !deb_candidate(p))
+        .collect();
+    if !unknown.is_empty() {
+        bail!(
+            "bootstrap step 'apt-get install': apt has no installable version of {unknown:?}. \
+             These come from Debian 12's main archive (LLVM 22 and rustc-web from its \
+             point releases): add `bookworm` and `bookworm-updates` to the apt sources, \
+             run `apt-get update`, then `cargo xtask bootstrap` again."
+        );
+    }
+    let r = step(
+        "apt-get install",
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&names)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get's output above names the package that failed; fix that (for example \
+         `dpkg --configure -a` after an interrupted install) and run `cargo xtask bootstrap` \
+         again.",
+    );
+    let still: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|p| !deb_installed(p))
+        .collect();
+    match r {
+        Err(e) if !still.is_empty() => Err(e.context(format!("still not installed: {still:?}"))),
+        r => r,
+    }
+}
+
+pub fn bootstrap() -> anyhow::Result<()> {
+    let nightly = has_rust_src("nightly");
+    let linker = bpf_linker_ok();
+    let want = wanted(nightly, linker);
     let missing: Vec<&(&str, &str)> = want.iter().filter(|(p, _)| !deb_installed(p)).collect();
     if !missing.is_empty() {
-        if !crate::is_root() {
-            bail!(
-                "missing packages {:?}; run `cargo xtask bootstrap` as root",
-                missing.iter().map(|(p, _)| *p).collect::<Vec<_>>()
-            );
-        }
-        for (pkg, why) in &missing {
-            eprintln!("bootstrap: installing {pkg}: {why}");
-        }
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(missing.iter().map(|(p, _)| *p))
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        install_debs(&missing)?;
     }
     if !linker {
         eprintln!(
-            "bootstrap: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF object; built against LLVM 22, takes a few minutes)"
+            "bootstrap: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF object; \
+             built against LLVM 22, takes a few minutes)"
         );
-        run(Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                &format!("^{BPF_LINKER_VERSION}"),
-            ])
-            .args(["--no-default-features", "--features", "llvm-22"])
-            .env("LLVM_PREFIX", LLVM_PREFIX))?;
+        step(
+            "bpf-linker",
+            Command::new("cargo")
+                .args(["install", "--locked", "bpf-linker"])
+                .args(["--version", &format!("={BPF_LINKER_VERSION}")])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", LLVM_PREFIX),
+            "cargo's output above says why. It needs crates.io and llvm-22-dev \
+             (LLVM_PREFIX=/usr/lib/llvm-22); after fixing, run `cargo xtask bootstrap` again.",
+        )?;
     }
     if !nightly && !has_rust_src(LINKED_TOOLCHAIN) {
         if !Path::new("/usr/lib/rustlib/src/rust/library/core").is_dir() {
             bail!(
-                "rust-web-src is installed but /usr/lib/rustlib/src/rust/library/core is missing"
+                "bootstrap step 'eBPF toolchain': rust-web-src is installed but \
+                 /usr/lib/rustlib/src/rust/library/core is missing; reinstall it with \
+                 `apt-get install --reinstall rust-web-src`"
             );
         }
         eprintln!(
             "bootstrap: linking Debian's rustc-web into rustup as '{LINKED_TOOLCHAIN}' (builds the eBPF programs)"
         );
-        run(Command::new("rustup").args(["toolchain", "link", LINKED_TOOLCHAIN, "/usr"]))?;
+        step(
+            "eBPF toolchain",
+            Command::new("rustup").args(["toolchain", "link", LINKED_TOOLCHAIN, "/usr"]),
+            "rustup must be on PATH (~/.cargo/bin) and ~/.rustup writable.",
+        )?;
     }
     for (component, check) in [("rustfmt", "fmt"), ("clippy", "clippy")] {
         if !ok(Command::new("cargo").args([check, "--version"])) {
             eprintln!("bootstrap: adding rustup component {component} (lint step of the tests)");
-            run(Command::new("rustup").args(["component", "add", component]))?;
+            step(
+                component,
+                Command::new("rustup").args(["component", "add", component]),
+                "rustup could not add it: install the stable toolchain with its default \
+                 profile (rustfmt and clippy included).",
+            )?;
         }
     }
     let which = if nightly { "nightly" } else { LINKED_TOOLCHAIN };
     let v = stdout(Command::new("rustup").args(["run", which, "rustc", "--version"]))
-        .context("eBPF toolchain does not run")?;
+        .with_context(|| format!("the eBPF toolchain '{which}' does not run"))?;
     eprintln!("bootstrap: ready (eBPF toolchain: {which}, {})", v.trim());
     Ok(())
 }

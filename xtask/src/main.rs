@@ -1,7 +1,12 @@
-//! Project tasks: `cargo xtask bootstrap|build|run|demo|test|bench`.
-mod bench;
+//! Project tasks: `cargo xtask bootstrap|build|run|demo|test|bench|fresh-check`.
+//!
+//! xtask depends on nothing that needs a system tool to build (no protoc, no
+//! LLVM, no etcd): on a machine with only rustup's stable toolchain it must
+//! compile, so that `bootstrap` can install the rest. The demo and the
+//! benchmarks need etcd-client, so they are binaries of the `tests` crate,
+//! built and run after the bootstrap.
 mod bootstrap;
-mod demo;
+mod fresh;
 
 use std::{
     os::unix::process::CommandExt as _,
@@ -54,6 +59,10 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Prove the README's commands on a clean Debian 12 root: debootstrap,
+    /// rustup's stable toolchain and a clean clone of HEAD, then
+    /// `cargo xtask demo` and `bash .ci/run` inside it (as root; slow).
+    FreshCheck(fresh::Opts),
 }
 
 pub fn root() -> PathBuf {
@@ -127,6 +136,15 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+fn need_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("{what}: run it as root");
+    }
+    Ok(())
+}
+
+/// Builds the agent (with its programs) and every binary of the tests crate:
+/// clients, the demo and the benchmarks.
 pub fn build(release: bool) -> anyhow::Result<PathBuf> {
     let mut c = cargo();
     c.args([
@@ -142,6 +160,11 @@ pub fn build(release: bool) -> anyhow::Result<PathBuf> {
     }
     run(&mut c)?;
     Ok(target_dir().join(if release { "release" } else { "debug" }))
+}
+
+fn exec(mut c: Command, what: &str) -> anyhow::Result<()> {
+    eprintln!("+ {c:?}");
+    Err(c.exec()).with_context(|| format!("starting {what}"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -164,43 +187,28 @@ fn main() -> anyhow::Result<()> {
                 c
             };
             c.arg("run").args(flags);
-            eprintln!("+ {c:?}");
-            Err(c.exec()).context("starting discovery-agent")
+            exec(c, "discovery-agent")
         }
         Task::Demo => {
-            if !is_root() {
-                bail!("the demo attaches BPF programs to a child cgroup: run it as root");
-            }
+            need_root("the demo attaches BPF programs to a child cgroup")?;
             bootstrap::bootstrap()?;
             let dir = build(false)?;
-            demo::demo(&dir)
+            exec(Command::new(dir.join("discovery-demo")), "the demo")
         }
         Task::Bench { quick, parts } => {
-            if !is_root() {
-                bail!("the benchmarks attach BPF programs to a child cgroup: run them as root");
-            }
+            need_root("the benchmarks attach BPF programs to a child cgroup")?;
             bootstrap::bootstrap()?;
             let dir = build(true)?;
-            bench::run(
-                bench::Bins {
-                    agent: dir.join("discovery-agent"),
-                    probe: dir.join("discovery-probe"),
-                    load: dir.join("discovery-load"),
-                },
-                if quick {
-                    bench::Plan::quick()
-                } else {
-                    bench::Plan::full()
-                },
-                &parts,
-            )
+            let mut c = Command::new(dir.join("discovery-bench"));
+            c.current_dir(root());
+            if quick {
+                c.arg("--quick");
+            }
+            c.args(parts);
+            exec(c, "the benchmarks")
         }
         Task::Test { args } => {
-            if !is_root() {
-                bail!(
-                    "the integration tests attach BPF programs to child cgroups: run them as root"
-                );
-            }
+            need_root("the integration tests attach BPF programs to child cgroups")?;
             bootstrap::bootstrap()?;
             run(cargo().args(["fmt", "--all", "--", "--check"]))?;
             run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
@@ -219,6 +227,10 @@ fn main() -> anyhow::Result<()> {
                     .args(args)
                     .env("DISCOVERY_AGENT_BIN", dir.join("discovery-agent")),
             )
+        }
+        Task::FreshCheck(opts) => {
+            need_root("the fresh-machine check runs debootstrap, mounts and chroot")?;
+            fresh::check(&opts)
         }
     }
 }

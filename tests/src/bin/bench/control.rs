@@ -17,7 +17,7 @@ use super::{
     Bins, KernelMaps, Plan, bulk_put, cpu_ticks, etcd, filler, free_tcp_port, map_memory, rss_kib,
     summarise, tcp_key,
 };
-use crate::bench::report::{Convergence, Failover, Pipeline, Results};
+use crate::report::{Convergence, Failover, Pipeline, Results};
 
 const QUIET: [&str; 4] = ["--metrics-addr", "off", "--consumers-interval", "0s"];
 

@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: the whole flow on one machine, on loopback only.
+//! `discovery-demo`, run by `cargo xtask demo`: the whole flow on one machine, on loopback only.
 //!
 //! A private etcd, the agent attached to a dedicated child cgroup, two TCP
 //! backends and one UDP backend on 127.0.0.x, a client in that cgroup being
@@ -29,7 +29,21 @@ fn show(outcomes: &[Outcome]) -> String {
     format!("{t:?}, peer seen by the client: {peers:?}")
 }
 
-pub fn demo(bin_dir: &Path) -> anyhow::Result<()> {
+/// The agent and the probe are found beside this binary (`cargo xtask demo`
+/// builds them all).
+fn main() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the demo attaches BPF programs to a child cgroup: run it as root");
+    }
+    let exe = std::env::current_exe().context("locating discovery-demo")?;
+    let bin_dir = exe
+        .parent()
+        .context("discovery-demo has no parent directory")?;
+    demo(bin_dir)
+}
+
+fn demo(bin_dir: &Path) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     ctrlc::set_handler(move || {

@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the data path against direct, nftables DNAT and
+//! `discovery-bench`, run by `cargo xtask bench`: the data path against direct, nftables DNAT and
 //! HAProxy; the control plane against the classic etcd → confd → HAProxy
 //! reload pipeline; scale and failover. Loopback only, clients in a child
 //! cgroup of our own, every process we start ended by PID, every nft table
@@ -64,7 +64,55 @@ pub struct Bins {
     pub load: PathBuf,
 }
 
-pub fn run(bins: Bins, plan: Plan, parts: &[String]) -> anyhow::Result<()> {
+/// `discovery-bench [--quick] [PART...]`; the agent, probe and load
+/// binaries are found beside this one (`cargo xtask bench` builds them all).
+fn main() -> anyhow::Result<()> {
+    let mut quick = false;
+    let mut parts = Vec::new();
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "datapath" | "control" | "failover" | "checks" => parts.push(a),
+            other => bail!(
+                "unknown argument {other:?}: expected --quick or parts among \
+                 datapath, control, failover, checks"
+            ),
+        }
+    }
+    let dir = std::env::current_exe()
+        .context("locating discovery-bench")?
+        .parent()
+        .context("discovery-bench has no parent directory")?
+        .to_path_buf();
+    let bins = Bins {
+        agent: dir.join("discovery-agent"),
+        probe: dir.join("discovery-probe"),
+        load: dir.join("discovery-load"),
+    };
+    for b in [&bins.agent, &bins.probe, &bins.load] {
+        if !b.exists() {
+            bail!(
+                "{} is missing: run `cargo xtask bench`, which builds it",
+                b.display()
+            );
+        }
+    }
+    run(
+        bins,
+        if quick { Plan::quick() } else { Plan::full() },
+        &parts,
+    )
+}
+
+/// Where BENCHMARKS.md and benchmarks.png go: the workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn run(bins: Bins, plan: Plan, parts: &[String]) -> anyhow::Result<()> {
     install_tools()?;
     // The harness finds the agent here.
     // SAFETY: still single-threaded; nothing reads the environment yet.
@@ -103,7 +151,7 @@ pub fn run(bins: Bins, plan: Plan, parts: &[String]) -> anyhow::Result<()> {
         let r = rt.block_on(control::active_checks(&bins, &plan, &mut results));
         part("active checks", r, &mut results);
     }
-    results.write(&crate::root())?;
+    results.write(&root())?;
     if !failed.is_empty() {
         bail!("benchmark parts failed: {}", failed.join(", "));
     }
@@ -126,12 +174,20 @@ fn install_tools() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("bench: installing {}", missing.join(" "));
-    crate::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("starting apt-get")?;
+    if !status.success() {
+        bail!(
+            "apt-get install {} failed ({status}): the benchmarks need them; \
+             install them by hand and run again",
+            missing.join(" ")
+        );
+    }
+    Ok(())
 }
 
 pub fn which(bin: &str) -> Option<PathBuf> {

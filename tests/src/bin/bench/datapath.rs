@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use discovery_tests::{Agent, Etcd, TestCgroup, unique, wait_until};
 
 use super::{Bins, KernelMaps, Owned, Plan, free_tcp_port, free_udp_port, tcp_key, wait_tcp};
-use crate::bench::report::{Micro, PathSample, Results};
+use crate::report::{Micro, PathSample, Results};
 
 pub const PATHS: [&str; 4] = ["direct", "discovery", "nft DNAT", "HAProxy"];
 
