@@ -116,12 +116,18 @@ fn copy_rustup(root: &Path) -> anyhow::Result<()> {
     let rustup = fs::metadata(bin.join("rustup")).context("~/.cargo/bin/rustup")?;
     let out = root.join("root/.cargo/bin");
     fs::create_dir_all(&out)?;
-    // The proxies are hard links to rustup; anything else there (bpf-linker,
-    // cargo-installed tools) is what a fresh machine lacks.
+    // The proxies are links to rustup (symbolic or hard); anything else
+    // there (bpf-linker, cargo-installed tools) is what a fresh machine lacks.
     for e in fs::read_dir(&bin)? {
         let e = e?;
-        if e.metadata()?.ino() == rustup.ino() {
-            fs::copy(e.path(), out.join(e.file_name()))?;
+        let to = out.join(e.file_name());
+        if e.file_type()?.is_symlink() {
+            let target = fs::read_link(e.path())?;
+            if target.file_name() == Some("rustup".as_ref()) {
+                std::os::unix::fs::symlink(&target, &to)?;
+            }
+        } else if e.metadata()?.ino() == rustup.ino() {
+            fs::copy(e.path(), &to)?;
         }
     }
     Ok(())
