@@ -229,6 +229,11 @@ pub fn check(opts: &Opts) -> anyhow::Result<()> {
         sources(&mirror),
     )?;
     fs::copy("/etc/resolv.conf", dir.join("etc/resolv.conf")).ok();
+    // The machine's trust store (a workplace may add its own CAs, as this
+    // one's TLS egress does): part of the machine, not of the project.
+    let bundle = "etc/ssl/certs/ca-certificates.crt";
+    fs::copy(Path::new("/").join(bundle), dir.join(bundle))
+        .with_context(|| format!("copying the host's /{bundle} into the root"))?;
     phases.push((
         "debootstrap (Debian 12 minbase, gcc, git)".into(),
         t.elapsed(),
