@@ -23,6 +23,7 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
             keepalive_idle,
             keepalive_interval,
             keepalive_probes,
+            takeover,
             etcd,
         } => {
             check_name(&name)?;
@@ -40,6 +41,7 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
                     interval: keepalive_interval,
                     probes: keepalive_probes,
                 }),
+                takeover,
             };
             // The agents would skip an invalid definition; say so here.
             json.tcp_opts()?;

@@ -17,12 +17,14 @@ use crate::{
     checks::ActiveChecks,
     config::{MetricsAddr, RunArgs},
     etcd::{Change as EtcdChange, Source, Update},
-    loader,
+    exempt,
+    guard::NodeGuard,
+    listeners, loader,
     maps::BpfMaps,
-    metrics::{self, Metrics, NotApplied},
-    model::{Applied, Conflict, Desired, Model, proto_name},
+    metrics::{self, Metrics, NotApplied, RefusedLabels},
+    model::{Applied, Conflict, Desired, Model, Refused, proto_name},
     reconcile::{ApplyError, Change, Reconciler, frontend_of},
-    status::{self, SnapBackend, SnapService, Snapshot},
+    status::{self, SnapBackend, SnapRefused, SnapService, Snapshot},
 };
 
 /// How often changed active-check verdicts are applied: each application
@@ -32,6 +34,15 @@ const HEALTH_APPLY_EVERY: std::time::Duration = std::time::Duration::from_millis
 
 /// Above this many services changed in one batch, recompute everything.
 const PARTIAL_LIMIT: usize = 1_000;
+
+/// How often the node's listening sockets are listed (sock_diag): a
+/// listener that appears under a routed frontend is noticed, and the
+/// frontend withdrawn, within this time. Documented in README.
+pub const LISTENER_SCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Entries of processes that are gone are pruned from the exemption map
+/// every this many listener scans.
+const EXEMPT_PRUNE_EVERY: u32 = 10;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     loader::ensure_root()?;
@@ -52,6 +63,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let MetricsAddr(Some(addr)) = args.metrics_addr {
         metrics::serve(addr, metrics.clone()).await?;
     }
+    // What this node never routes: its etcd endpoints, its metrics address
+    // and, unless a service takes over, addresses where something listens.
+    let mut guard = NodeGuard::new(&args.etcd.endpoints, args.metrics_addr.0);
     let fresh = loader::load_and_attach(
         &cgroup,
         &pin_dir,
@@ -61,6 +75,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         args.replace_programs,
     )?;
+    // Our own connections (etcd, checks) are never redirected.
+    if let Err(e) = exempt::prune(&pin_dir) {
+        warn!(pin_dir = %pin_dir.display(), error = %format!("{e:#}"), "could not prune the exemption map");
+    }
+    let _own = exempt::Registration::register(&pin_dir)
+        .context("exempting the agent's own connections from redirection")?;
+    let mut scan_failing = false;
+    scan_listeners(&mut guard, &mut scan_failing);
     let maps = BpfMaps::open(&pin_dir)?.with_fresh(fresh);
     let mut reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
     info!(cgroup = %cgroup.display(), pin_dir = %pin_dir.display(), prefix = %args.etcd.prefix,
@@ -106,6 +128,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut conflicts = BTreeSet::new();
+    let mut refused_seen = BTreeMap::new();
+    let mut shadowing = BTreeSet::new();
+    let mut listener_tick = tokio::time::interval(LISTENER_SCAN_EVERY);
+    listener_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scans = 0u32;
     let mut failing: BTreeMap<NotApplied, (String, ServiceKey)> = BTreeMap::new();
     let mut revision = 0;
     // The routing table before this node's health verdicts, kept between
@@ -130,6 +157,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 while let Ok(u) = rx.try_recv() {
                     revision = apply(&mut model, u);
                 }
+                // A service put now is checked against the listeners of
+                // now, not of the last tick (a proxy that just started).
+                full |= rescan(&mut guard, &mut scan_failing, &model, &mut shadowing);
             }
             Some((addr, check, up)) = health_rx.recv() => {
                 // Verdicts come in bursts (a rack goes away): take them all,
@@ -154,6 +184,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     reconciler.dataplane_mut().reset_failures(addr);
                 }
                 if !changed {
+                    continue;
+                }
+                full = true;
+            }
+            _ = listener_tick.tick() => {
+                scans = scans.wrapping_add(1);
+                if scans.is_multiple_of(EXEMPT_PRUNE_EVERY) {
+                    match exempt::prune(&pin_dir) {
+                        Ok(0) => {}
+                        Ok(n) => debug!(pruned = n, "exemption entries of processes that are gone"),
+                        Err(e) => warn!(error = %format!("{e:#}"), "could not prune the exemption map"),
+                    }
+                }
+                if !rescan(&mut guard, &mut scan_failing, &model, &mut shadowing) {
                     continue;
                 }
                 full = true;
@@ -200,9 +244,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     .collect();
                 keys.extend(names.iter().flat_map(|n| model.frontend_keys(n)));
                 keys.extend(failing.values().map(|(_, k)| *k));
-                let part = model.desired_where(|k| keys.contains(k));
+                let part = model.desired_where(|k| keys.contains(k), &guard);
                 for k in &keys {
                     raw.services.remove(k);
+                    raw.refused.remove(k);
                 }
                 let fronts: BTreeSet<String> = keys.iter().map(frontend_of).collect();
                 raw.conflicts.retain(|c| {
@@ -212,14 +257,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 });
                 raw.conflicts.extend(part.conflicts);
                 raw.services.extend(part.services);
+                raw.refused.extend(part.refused);
                 Some(keys)
             }
             _ => {
-                raw = model.desired();
+                raw = model.desired_for(&guard);
+                shadowing = model.shadowing(&guard);
                 None
             }
         };
         report_conflicts(&mut conflicts, &raw.conflicts);
+        report_refused(&mut refused_seen, &raw.refused, &metrics);
         // Active checks: this node's view of backend health.
         checks.sync(&raw);
         let mut desired = Desired {
@@ -231,6 +279,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 None => raw.services.clone(),
             },
             conflicts: BTreeSet::new(),
+            refused: BTreeMap::new(),
         };
         checks.apply(&mut desired);
         let (changes, errors) = match &scope {
@@ -353,6 +402,82 @@ fn report_failures(
     *failing = now;
 }
 
+/// Lists the listeners again; returns whether that changed which
+/// frontends shadow one (then everything is recomputed).
+fn rescan(
+    guard: &mut NodeGuard,
+    failing: &mut bool,
+    model: &Model,
+    shadowing: &mut BTreeSet<ServiceKey>,
+) -> bool {
+    if !scan_listeners(guard, failing) {
+        return false;
+    }
+    let now = model.shadowing(guard);
+    if now == *shadowing {
+        return false;
+    }
+    *shadowing = now;
+    true
+}
+
+/// Lists the node's listeners into the guard. Returns whether the scan
+/// changed anything; a failing scan is logged once and keeps the last one.
+fn scan_listeners(guard: &mut NodeGuard, failing: &mut bool) -> bool {
+    match listeners::scan() {
+        Ok(l) => {
+            if std::mem::take(failing) {
+                info!(listeners = l.len(), "listing listening sockets works again");
+            }
+            guard.set_listeners(l)
+        }
+        Err(e) => {
+            if !std::mem::replace(failing, true) {
+                error!(error = %e,
+                       "cannot list listening sockets (sock_diag); frontends are not checked \
+                        against new listeners until it works");
+            }
+            false
+        }
+    }
+}
+
+/// Logs each frontend this node refuses once when the refusal starts and
+/// once when it ends, and mirrors them in the metrics.
+fn report_refused(
+    seen: &mut BTreeMap<ServiceKey, Refused>,
+    now: &BTreeMap<ServiceKey, Refused>,
+    metrics: &Metrics,
+) {
+    for (k, r) in now {
+        if seen.get(k) != Some(r) {
+            warn!(service = r.service, frontend = r.frontend, reason = %r.why,
+                  "frontend refused on this node; the service is not routed here");
+        }
+    }
+    for (k, r) in seen.iter() {
+        if !now.contains_key(k) {
+            info!(
+                service = r.service,
+                frontend = r.frontend,
+                "frontend no longer refused on this node"
+            );
+        }
+    }
+    metrics.refused.clear();
+    for r in now.values() {
+        metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                service: r.service.clone(),
+                frontend: r.frontend.clone(),
+                reason: r.why.reason().to_owned(),
+            })
+            .set(1);
+    }
+    *seen = now.clone();
+}
+
 /// Logs each conflict once when it appears.
 fn report_conflicts(seen: &mut BTreeSet<Conflict>, now: &BTreeSet<Conflict>) {
     for c in now.difference(seen) {
@@ -416,6 +541,16 @@ fn snapshot(
         revision,
         applied_unix,
         services,
+        refused: desired
+            .refused
+            .values()
+            .map(|r| SnapRefused {
+                service: r.service.clone(),
+                frontend: r.frontend.clone(),
+                reason: r.why.reason().to_owned(),
+                detail: r.why.to_string(),
+            })
+            .collect(),
     }
 }
 

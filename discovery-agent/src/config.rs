@@ -8,7 +8,6 @@ use crate::{
     model::{Policy, Protocol},
 };
 use discovery_common::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES};
-use ipnet::Ipv4Net;
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/discovery";
 pub const DEFAULT_PREFIX: &str = "/discovery/";
@@ -201,6 +200,10 @@ pub enum ServiceCommand {
         /// --keepalive-idle).
         #[arg(long, requires = "keepalive_idle")]
         keepalive_probes: Option<u16>,
+        /// Route the frontend even on nodes where a socket listens on it
+        /// (the step that moves clients off a local HAProxy with no gap).
+        #[arg(long)]
+        takeover: bool,
         #[command(flatten)]
         etcd: EtcdArgs,
     },
@@ -216,6 +219,11 @@ pub enum ServiceCommand {
 pub struct AnnounceArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
+
+    /// The agent's pin dir: the announcer adds itself to its exemption map
+    /// so its own connections are never redirected.
+    #[command(flatten)]
+    pub pin: PinArgs,
 
     /// TOML file listing instances and their checks (instead of --service
     /// and --addr).
@@ -383,16 +391,20 @@ pub struct RunArgs {
     #[command(flatten)]
     pub pin: PinArgs,
 
-    /// Frontend address ranges services may claim, comma separated. A
-    /// service whose frontend is outside them is rejected, so a bad etcd
-    /// write cannot hijack traffic to real hosts.
+    /// Frontends services may claim, comma separated: networks, addresses
+    /// and port ranges (`127.0.0.0/8`, `127.0.0.1:11211-11299`,
+    /// `127.0.0.0/8:10000-19999`). A service whose frontend is outside them
+    /// is rejected, so a bad etcd write cannot hijack traffic to real
+    /// hosts. Within them, this node's etcd endpoints and metrics address
+    /// are never routed, nor is an address where a socket listens (unless
+    /// the service sets "takeover").
     #[arg(
         long,
         env = "DISCOVERY_ALLOWED_FRONTENDS",
         value_delimiter = ',',
         default_value = "127.0.0.0/8"
     )]
-    pub allowed_frontends: Vec<Ipv4Net>,
+    pub allowed_frontends: Vec<crate::guard::AllowedFrontend>,
 
     /// Size of the services map (frontend+protocol entries).
     #[arg(long, env = "DISCOVERY_MAX_SERVICES", default_value_t = DEFAULT_MAX_SERVICES,

@@ -295,11 +295,11 @@ fn install(
 /// it; a different size only means other limits, so say so.
 fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow::Result<()> {
     use discovery_common::{
-        Backend, BackendStats, ConsumerCache, ConsumerKey, Service, ServiceKey, ServiceStats, Slot,
-        SlotKey,
+        Backend, BackendHealth, BackendKey, BackendStats, ConsumerCache, ConsumerKey, Exempt,
+        Service, ServiceKey, ServiceStats, Slot, SlotKey,
     };
     use std::mem::size_of;
-    let expect: [(&str, usize, usize, Option<u32>); 8] = [
+    let expect: [(&str, usize, usize, Option<u32>); 11] = [
         (
             names::SERVICES,
             size_of::<ServiceKey>(),
@@ -333,6 +333,14 @@ fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow:
         ),
         (names::CONSUMERS, size_of::<ConsumerKey>(), 8, None),
         (names::CONSUMER_CACHE, 4, size_of::<ConsumerCache>(), None),
+        (
+            names::BHEALTH,
+            size_of::<BackendKey>(),
+            size_of::<BackendHealth>(),
+            None,
+        ),
+        (names::EXEMPT, 4, size_of::<Exempt>(), None),
+        (names::EXEMPT_CALLS, 4, 8, None),
     ];
     for (name, key, value, entries) in expect {
         let map = ebpf

@@ -30,9 +30,19 @@ pub struct NotApplied {
     pub map: String,
 }
 
+/// A frontend this node refuses to route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub service: String,
+    pub frontend: String,
+    /// `reserved` (etcd endpoint, metrics address) or `listener`.
+    pub reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub not_applied: Family<NotApplied, Gauge>,
+    pub refused: Family<RefusedLabels, Gauge>,
     pub invalid_keys: Gauge,
     pub etcd_revision: Gauge,
     pub etcd_watch_revision: Gauge,
@@ -215,6 +225,13 @@ impl Metrics {
             "1 for each service frontend that could not be written to the maps, by map",
             not_applied.clone(),
         );
+        let refused = Family::<RefusedLabels, Gauge>::default();
+        registry.register(
+            "frontend_refused",
+            "1 for each frontend this node does not route although a service claims it: \
+             reserved (an etcd endpoint, the metrics address) or a socket listens there",
+            refused.clone(),
+        );
         let invalid_keys = Gauge::default();
         registry.register(
             "invalid_keys",
@@ -273,6 +290,7 @@ impl Metrics {
         Self {
             registry,
             not_applied,
+            refused,
             invalid_keys,
             etcd_revision,
             etcd_watch_revision,

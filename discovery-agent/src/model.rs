@@ -23,8 +23,8 @@ use std::{
     time::Duration,
 };
 
+use crate::guard::{AllowedFrontend, NodeGuard, Refusal};
 use discovery_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey, TcpOpts, v4_mapped};
-use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 /// Largest value accepted; anything bigger is not a hand-written definition.
@@ -59,6 +59,9 @@ pub struct ServiceDef {
     /// Connect timeout, keepalive and user timeout of redirected TCP
     /// sockets; zeros keep the kernel's defaults.
     pub tcp: TcpOpts,
+    /// Route it even over a socket listening on the frontend (see
+    /// `ServiceJson::takeover`).
+    pub takeover: bool,
     /// etcd create revision: the oldest definition wins a frontend.
     pub create_revision: i64,
 }
@@ -93,7 +96,7 @@ pub enum Invalid {
     PortZero(String),
     #[error("address {0} cannot be a backend (unspecified, broadcast or multicast)")]
     BadBackendIp(String),
-    #[error("frontend {0} is outside the allowed frontend ranges {1}")]
+    #[error("frontend {0} is outside the allowed frontends {1} (--allowed-frontends)")]
     FrontendNotAllowed(String, String),
     #[error("weight {0} is above the maximum {MAX_WEIGHT}")]
     Weight(u64),
@@ -262,6 +265,11 @@ pub struct ServiceJson {
     /// backend that vanished is noticed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<KeepaliveJson>,
+    /// Route the frontend even where a socket on the node listens on it:
+    /// the step that moves a frontend off a local proxy (HAProxy) with no
+    /// gap. Without it such a frontend is refused on that node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub takeover: bool,
 }
 
 /// `{"idle": "30s", "interval": "5s", "probes": 3}`: after `idle` without
@@ -494,13 +502,13 @@ fn default_weight() -> u64 {
 
 pub fn parse_service(
     value: &[u8],
-    allowed: &[Ipv4Net],
+    allowed: &[AllowedFrontend],
     create_revision: i64,
 ) -> Result<ServiceDef, Invalid> {
     let s = value_str(value)?;
     let j: ServiceJson = serde_json::from_str(s).map_err(|e| Invalid::Json(e.to_string()))?;
     let frontend = parse_addr(&j.frontend)?;
-    if !allowed.iter().any(|n| n.contains(frontend.ip())) {
+    if !allowed.iter().any(|n| n.contains(frontend)) {
         let ranges = allowed
             .iter()
             .map(|n| n.to_string())
@@ -516,6 +524,7 @@ pub fn parse_service(
         policy: j.policy,
         check,
         tcp,
+        takeover: j.takeover,
         create_revision,
     })
 }
@@ -564,10 +573,21 @@ pub struct Conflict {
     pub loser: String,
 }
 
+/// A frontend this node does not route although a valid service claims it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Refused {
+    pub service: String,
+    /// `addr:port/proto`.
+    pub frontend: String,
+    pub why: Refusal,
+}
+
 #[derive(Debug, Default)]
 pub struct Desired {
     pub services: BTreeMap<ServiceKey, DesiredService>,
     pub conflicts: BTreeSet<Conflict>,
+    /// Frontends the node guard refused, with the service that won them.
+    pub refused: BTreeMap<ServiceKey, Refused>,
 }
 
 pub fn service_key(frontend: SocketAddrV4, proto: u8) -> ServiceKey {
@@ -591,7 +611,7 @@ pub enum Applied {
 #[derive(Debug)]
 pub struct Model {
     prefix: String,
-    allowed: Vec<Ipv4Net>,
+    allowed: Vec<AllowedFrontend>,
     services: BTreeMap<String, ServiceDef>,
     backends: BTreeMap<String, BTreeMap<String, BackendDef>>,
     /// (service, instance) pairs an operator took out.
@@ -604,7 +624,7 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn new(prefix: String, allowed: Vec<Ipv4Net>) -> Self {
+    pub fn new(prefix: String, allowed: Vec<AllowedFrontend>) -> Self {
         Self {
             prefix,
             allowed,
@@ -749,14 +769,37 @@ impl Model {
 
     /// The routing table: for each frontend+protocol, the winning service
     /// (oldest create revision, then name) and its backends.
+    pub fn desired_for(&self, guard: &NodeGuard) -> Desired {
+        self.desired_where(|_| true, guard)
+    }
+
+    /// The routing table with no node rules (unit tests).
+    #[cfg(test)]
     pub fn desired(&self) -> Desired {
-        self.desired_where(|_| true)
+        self.desired_for(&NodeGuard::default())
+    }
+
+    /// The frontends (with protocol) of every service that would shadow a
+    /// listener on this node: what a new listener scan is compared on.
+    pub fn shadowing(&self, guard: &NodeGuard) -> BTreeSet<ServiceKey> {
+        self.services
+            .values()
+            .flat_map(|d| d.protocol.ip_protos().iter().map(move |&p| (d, p)))
+            .filter(|(d, p)| {
+                matches!(
+                    guard.refusal(d.frontend, *p, d.takeover),
+                    Some(Refusal::Shadows(_))
+                )
+            })
+            .map(|(d, p)| service_key(d.frontend, p))
+            .collect()
     }
 
     /// The routing table for the frontends `want` selects only: a change to
     /// a few services costs a scan of the service definitions, not a
-    /// rebuild of every service's backend list.
-    pub fn desired_where(&self, want: impl Fn(&ServiceKey) -> bool) -> Desired {
+    /// rebuild of every service's backend list. Frontends the node guard
+    /// refuses are left out and listed in `refused`.
+    pub fn desired_where(&self, want: impl Fn(&ServiceKey) -> bool, guard: &NodeGuard) -> Desired {
         let mut claims: BTreeMap<ServiceKey, Vec<(i64, &str)>> = BTreeMap::new();
         for (name, def) in &self.services {
             for &proto in def.protocol.ip_protos() {
@@ -780,6 +823,17 @@ impl Model {
                     winner: winner.to_owned(),
                     loser: (*loser).to_owned(),
                 });
+            }
+            if let Some(why) = guard.refusal(def.frontend, key.proto, def.takeover) {
+                out.refused.insert(
+                    key,
+                    Refused {
+                        service: winner.to_owned(),
+                        frontend: format!("{}/{}", def.frontend, proto_name(key.proto)),
+                        why,
+                    },
+                );
+                continue;
             }
             let mut backends: Vec<BackendDef> = self
                 .backends
@@ -1082,6 +1136,67 @@ mod tests {
         assert_eq!(m.delete("/discovery/maintenance/web/a"), Applied::Changed);
         assert_eq!(addrs(&m), ["127.0.0.2:80", "127.0.0.3:80"]);
         assert!(parse_key(P, "/discovery/maintenance/web").is_err());
+    }
+
+    #[test]
+    fn allowed_frontends_limit_ports_too() {
+        let allowed = ["127.0.0.1:11211-11299".parse().unwrap()];
+        assert!(parse_service(br#"{"frontend":"127.0.0.1:11212"}"#, &allowed, 1).is_ok());
+        let e = parse_service(br#"{"frontend":"127.0.0.1:22"}"#, &allowed, 1).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "frontend 127.0.0.1:22 is outside the allowed frontends 127.0.0.1:11211-11299 \
+             (--allowed-frontends)"
+        );
+    }
+
+    #[test]
+    fn this_nodes_guard_refuses_frontends_and_takeover_opts_out_of_listeners() {
+        let mut m = model();
+        m.put(
+            "/discovery/services/etcd",
+            br#"{"frontend":"127.0.0.1:2379"}"#,
+            1,
+        );
+        m.put(
+            "/discovery/services/dns",
+            br#"{"frontend":"127.0.0.53:53","protocol":"udp"}"#,
+            2,
+        );
+        m.put(
+            "/discovery/services/cache",
+            br#"{"frontend":"127.0.0.1:11211","takeover":true}"#,
+            3,
+        );
+        for s in ["etcd", "dns", "cache"] {
+            m.put(&format!("/discovery/backends/{s}/a"), b"127.0.0.9:1", 4);
+        }
+        let mut g = NodeGuard::new(&["http://127.0.0.1:2379".to_owned()], None);
+        let mut l = crate::listeners::Listeners::default();
+        l.add(IPPROTO_UDP, "127.0.0.53".parse().unwrap(), 53, false);
+        l.add(IPPROTO_TCP, "0.0.0.0".parse().unwrap(), 11211, false);
+        g.set_listeners(l);
+        let d = m.desired_for(&g);
+        let names: Vec<&str> = d.services.values().map(|s| s.service.as_str()).collect();
+        assert_eq!(names, ["cache"], "takeover routes over the listener");
+        let refused: Vec<(&str, &str, &str)> = d
+            .refused
+            .values()
+            .map(|r| (r.service.as_str(), r.frontend.as_str(), r.why.reason()))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                ("etcd", "127.0.0.1:2379/tcp", "reserved"),
+                ("dns", "127.0.0.53:53/udp", "listener"),
+            ]
+        );
+        let shadow = m.shadowing(&g);
+        assert_eq!(
+            shadow.into_iter().collect::<Vec<_>>(),
+            [service_key("127.0.0.53:53".parse().unwrap(), IPPROTO_UDP)],
+            "only services without takeover count"
+        );
     }
 
     #[test]

@@ -1070,7 +1070,7 @@ pub(crate) mod tests {
         m.put("/d/backends/web/b", b"127.0.0.3:80", 3);
         m.put("/d/backends/other/b", b"127.0.0.10:80", 11);
         let scope = BTreeSet::from([web()]);
-        let part = m.desired_where(|k| scope.contains(k));
+        let part = m.desired_where(|k| scope.contains(k), &crate::guard::NodeGuard::default());
         let (changes, errors) = r.reconcile_keys(&part, &scope);
         assert!(errors.is_empty());
         assert_eq!(changes.len(), 1);
@@ -1078,7 +1078,7 @@ pub(crate) mod tests {
         assert_eq!(r.dataplane().services[&other], other_entry, "out of scope");
         // A frontend in scope that is no longer desired is removed.
         m.delete("/d/services/web");
-        let part = m.desired_where(|k| scope.contains(k));
+        let part = m.desired_where(|k| scope.contains(k), &crate::guard::NodeGuard::default());
         r.reconcile_keys(&part, &scope);
         assert!(!r.dataplane().services.contains_key(&web()));
         assert!(r.dataplane().services.contains_key(&other));

@@ -31,6 +31,20 @@ pub struct Snapshot {
     /// Unix seconds of that apply.
     pub applied_unix: u64,
     pub services: Vec<SnapService>,
+    /// Frontends this node does not route although a service claims them.
+    #[serde(default)]
+    pub refused: Vec<SnapRefused>,
+}
+
+/// A frontend refused on this node (reserved, or a socket listens there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapRefused {
+    pub service: String,
+    /// `addr:port/proto`.
+    pub frontend: String,
+    /// `reserved` or `listener`.
+    pub reason: String,
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,6 +128,12 @@ pub struct Report {
     pub services: Vec<ServiceRow>,
     pub counters: BTreeMap<String, u64>,
     pub maps: Vec<MapUsage>,
+    /// Frontends refused on this node, from the status file.
+    pub refused: Vec<SnapRefused>,
+    /// Processes (the agent, announcers) whose calls are never redirected.
+    pub own_processes: Vec<u32>,
+    /// Their calls to a frontend, left alone.
+    pub own_calls: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -248,7 +268,11 @@ pub fn report(snap: Option<Snapshot>, k: &KernelView, paths: &HashMap<u64, Strin
     }
     services.sort_by(|a, b| (&a.name, &a.frontend).cmp(&(&b.name, &b.frontend)));
     let now = unix_now();
+    let refused = snap.as_ref().map(|s| s.refused.clone()).unwrap_or_default();
     Report {
+        refused,
+        own_processes: Vec::new(),
+        own_calls: 0,
         agent: snap.map(|s| AgentInfo {
             applied_at: humantime::format_rfc3339_seconds(
                 UNIX_EPOCH + Duration::from_secs(s.applied_unix),
@@ -318,6 +342,12 @@ pub fn render(r: &Report) -> String {
         None => out.push_str(
             "no agent status file: names, weights and health unknown (kernel view only)\n",
         ),
+    }
+    if !r.refused.is_empty() {
+        out.push_str("\nrefused on this node (not routed here):\n");
+        for f in &r.refused {
+            let _ = writeln!(out, "  {} {}: {}", f.service, f.frontend, f.detail);
+        }
     }
     if r.services.is_empty() {
         out.push_str("\nno services in the maps\n");
@@ -407,6 +437,15 @@ pub fn render(r: &Report) -> String {
         .map(|m| format!("{} {}/{}", m.map, m.entries, m.capacity))
         .collect();
     let _ = writeln!(out, "maps: {}", usage.join(", "));
+    if !r.own_processes.is_empty() {
+        let own: Vec<String> = r.own_processes.iter().map(u32::to_string).collect();
+        let _ = writeln!(
+            out,
+            "never redirected: pids {} ({} calls to a frontend left alone)",
+            own.join(", "),
+            r.own_calls
+        );
+    }
     out
 }
 
@@ -422,7 +461,13 @@ pub fn collect(pin_dir: &Path, status_file: &Path) -> anyhow::Result<Report> {
     let paths = crate::loader::cgroup2_root()
         .map(|root| crate::consumers::cgroup_paths(&root))
         .unwrap_or_default();
-    Ok(report(read_snapshot(status_file)?, &view, &paths))
+    let mut r = report(read_snapshot(status_file)?, &view, &paths);
+    if let Ok((mut pids, calls)) = crate::exempt::list(pin_dir) {
+        pids.sort_unstable();
+        r.own_processes = pids;
+        r.own_calls = calls;
+    }
+    Ok(r)
 }
 
 #[cfg(test)]

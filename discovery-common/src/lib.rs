@@ -44,9 +44,15 @@ pub mod names {
     /// Per-CPU array of one [`crate::ConsumerCache`]: the last (frontend,
     /// cgroup) pair seen on the CPU and its calls not yet in CONSUMERS.
     pub const CONSUMER_CACHE: &str = "disc_consumer_cache";
+    /// Hash of a process id (tgid) → [`crate::Exempt`]: the agent's and
+    /// the announcers' own processes, whose calls are never redirected.
+    pub const EXEMPT: &str = "disc_exempt";
+    /// Per-CPU array of one `u64`: calls to a frontend from exempt
+    /// processes, left alone.
+    pub const EXEMPT_CALLS: &str = "disc_exempt_calls";
 
     /// Every map the agent pins, in the order it creates them.
-    pub const ALL_MAPS: [&str; 10] = [
+    pub const ALL_MAPS: [&str; 12] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -57,6 +63,8 @@ pub mod names {
         BACKEND_STATS,
         CONSUMERS,
         CONSUMER_CACHE,
+        EXEMPT,
+        EXEMPT_CALLS,
     ];
 
     /// The cgroup/sock_addr programs: (program name, pinned link name).
@@ -284,6 +292,22 @@ pub struct ConsumerKey {
 /// Entries of [`names::CONSUMERS`].
 pub const MAX_CONSUMERS: u32 = 65_536;
 
+/// Room in [`names::EXEMPT`]: the agent and the announcers of one node.
+pub const MAX_EXEMPT: u32 = 256;
+
+/// A process whose calls to frontends are left alone, so that no etcd
+/// write can redirect the agent's (or an announcer's) own connections to
+/// etcd or to the backends it checks. Written by the process itself at
+/// start and removed at exit; the agent prunes entries whose process is
+/// gone (a pid reused by another process has another start time).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Exempt {
+    /// The process's start time (field 22 of /proc/PID/stat, in clock
+    /// ticks since boot).
+    pub start_time: u64,
+}
+
 /// The last consumer pair seen on one CPU and its calls not yet added to
 /// [`names::CONSUMERS`]: a workload calling one service over and over
 /// costs an array lookup, not a hash update, per call. Readers add
@@ -371,6 +395,7 @@ mod user {
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ConsumerKey {}
     unsafe impl aya::Pod for ConsumerCache {}
+    unsafe impl aya::Pod for Exempt {}
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@ use aya_ebpf::{
     },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
     helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval,
-        bpf_setsockopt, bpf_sk_storage_get,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_prandom_u32,
+        bpf_get_socket_cookie, bpf_set_retval, bpf_setsockopt, bpf_sk_storage_get,
     },
     macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
@@ -24,9 +24,9 @@ use aya_ebpf::{
 use discovery_common::{
     BACKEND_F_VALID, BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendKey, BackendStats,
     ConsumerCache, ConsumerKey, Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SLOTS, IPPROTO_TCP, IPPROTO_UDP, MAX_CONSUMERS, REVNAT_ENTRIES, RevNatEntry,
-    SVC_F_CONSISTENT, SVC_F_LEAST_CONN, Service, ServiceKey, ServiceStats, Slot, SlotKey,
-    SockRevNat, TcpOpts, v4_mapped,
+    DEFAULT_MAX_SLOTS, Exempt, IPPROTO_TCP, IPPROTO_UDP, MAX_CONSUMERS, MAX_EXEMPT, REVNAT_ENTRIES,
+    RevNatEntry, SVC_F_CONSISTENT, SVC_F_LEAST_CONN, Service, ServiceKey, ServiceStats, Slot,
+    SlotKey, SockRevNat, TcpOpts, v4_mapped,
 };
 
 #[btf_map(name = "disc_services")]
@@ -63,6 +63,12 @@ static CONSUMER_CACHE: PerCpuArray<ConsumerCache, 1> = PerCpuArray::new();
 
 #[btf_map(name = "disc_consumers")]
 static CONSUMERS: LruHashMap<ConsumerKey, u64, { MAX_CONSUMERS as usize }> = LruHashMap::new();
+
+#[btf_map(name = "disc_exempt")]
+static EXEMPT: HashMap<u32, Exempt, { MAX_EXEMPT as usize }> = HashMap::new();
+
+#[btf_map(name = "disc_exempt_calls")]
+static EXEMPT_CALLS: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 /// Kernel ticks per second (CONFIG_HZ), set by the agent at load time: the
 /// initial RTO a sock_ops program returns is in jiffies. 0: unknown, so
@@ -130,6 +136,26 @@ fn backend_stat(id: u32, f: impl FnOnce(&mut BackendStats)) {
     if let Some(s) = BACKEND_STATS.get_ptr_mut(id) {
         f(unsafe { &mut *s });
     }
+}
+
+/// Whether the caller is the agent or an announcer (they register their
+/// process id): their calls to a frontend are left alone whatever etcd
+/// says, so no etcd write can redirect their connections to etcd or to the
+/// backends they check. Only looked up for calls to a frontend.
+#[inline(always)]
+fn own_process() -> bool {
+    let tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+    // SAFETY: a map lookup with a key on our stack; the value is only
+    // tested for presence.
+    if unsafe { EXEMPT.get(tgid) }.is_none() {
+        return false;
+    }
+    if let Some(n) = EXEMPT_CALLS.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array; nothing else writes
+        // it while this program runs (no preemption in cgroup hooks).
+        unsafe { *n += 1 };
+    }
+    true
 }
 
 /// What the hook saw: the destination (or, for recvmsg/getpeername, the
@@ -390,6 +416,7 @@ pub fn disc_connect4(ctx: SockAddrContext) -> i32 {
         }
     }) {
         Pick::NotFrontend => return ALLOW,
+        _ if own_process() => return ALLOW,
         Pick::NoBackend(stats_id) => return refuse(stats_id),
         Pick::Backend(p) => p,
     };
@@ -437,6 +464,7 @@ pub fn disc_sendmsg4(ctx: SockAddrContext) -> i32 {
         ((h >> 32) as u32, h as u32)
     }) {
         Pick::NotFrontend => return ALLOW,
+        _ if own_process() => return ALLOW,
         Pick::NoBackend(stats_id) => return refuse(stats_id),
         Pick::Backend(p) => p,
     };

@@ -265,6 +265,17 @@ pub async fn run(args: AnnounceArgs) -> anyhow::Result<()> {
     if args.drain {
         return drain_once(&args, &instances, &mut sigterm, &mut sigint).await;
     }
+    // Our own connections (etcd, health checks) are never redirected, when
+    // an agent runs on this node and we may write its maps (root).
+    let _own = match crate::exempt::Registration::register(&args.pin.pin_dir) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            info!(pin_dir = %args.pin.pin_dir.display(), error = %format!("{e:#}"),
+                  "not exempt from redirection (no agent maps here, or not root); \
+                   keep this announcer's etcd endpoints among the agent's --etcd");
+            None
+        }
+    };
     let http = reqwest::Client::builder()
         .no_proxy()
         .build()
