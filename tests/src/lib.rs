@@ -743,6 +743,8 @@ pub struct Load {
     child: Child,
     /// Lines of stdout as they come, once `next_line` was called.
     lines: Option<std::sync::mpsc::Receiver<String>>,
+    /// Attempts read while stopping.
+    taken: Vec<Outcome>,
 }
 
 impl Load {
@@ -761,6 +763,25 @@ impl Load {
             self.lines = Some(rx);
         }
         self.lines.as_ref()?.recv_timeout(timeout).ok()
+    }
+
+    /// Ends the run now (by PID) and returns the lines not yet taken by
+    /// `next_line`; a last line cut off by the kill is dropped.
+    pub fn stop(mut self) -> Vec<Outcome> {
+        let _ = self.next_line(Duration::ZERO).map(|l| self.pending(l));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut out = std::mem::take(&mut self.taken);
+        if let Some(rx) = &self.lines {
+            out.extend(rx.iter().filter_map(|l| serde_json::from_str(&l).ok()));
+        }
+        out
+    }
+
+    fn pending(&mut self, l: String) {
+        if let Ok(o) = serde_json::from_str(&l) {
+            self.taken.push(o);
+        }
     }
 
     /// Waits for the end of the run and returns every attempt.
@@ -841,6 +862,7 @@ impl TestCgroup {
         Load {
             child: cmd.spawn().expect("spawn probe"),
             lines: None,
+            taken: Vec::new(),
         }
     }
 
@@ -933,16 +955,25 @@ impl Drop for PacketDrop {
 pub struct Proc {
     child: Option<Child>,
     args: Vec<String>,
+    /// A test cgroup to start (and restart) the process in.
+    cgroup: Option<PathBuf>,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Proc {
     pub fn spawn(args: Vec<String>) -> Self {
+        Self::spawn_in(args, None)
+    }
+
+    /// Starts it as a process inside the cgroup at `cgroup` (one of the
+    /// test's own), as a workload there would run.
+    pub fn spawn_in(args: Vec<String>, cgroup: Option<PathBuf>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut p = Self {
             child: None,
             args,
+            cgroup,
             log: dir.path().join("log"),
             _dir: dir,
         };
@@ -962,15 +993,26 @@ impl Proc {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(agent_bin())
-            .process_group(0)
+        let mut cmd = Command::new(agent_bin());
+        cmd.process_group(0)
             .args(&self.args)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn discovery-agent");
+            .stderr(log);
+        let procs = self.cgroup.as_ref().map(|cg| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(cg.join("cgroup.procs"))
+                .expect("open cgroup.procs")
+        });
+        if let Some(f) = &procs {
+            let fd = f.as_raw_fd();
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe { cmd.pre_exec(move || move_self(fd)) };
+        }
+        let child = cmd.spawn().expect("spawn discovery-agent");
+        drop(procs);
         self.child = Some(child);
     }
 
@@ -1110,8 +1152,21 @@ impl Agent {
         a
     }
 
+    /// Starts it as a process inside the cgroup its programs attach to (what
+    /// the default `--cgroup`, the root, amounts to on a real node), and
+    /// waits until it has listed etcd.
+    pub fn start_inside(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str]) -> Self {
+        let a = Self::spawn_with(etcd_url, cgroup, extra, true);
+        a.wait_log("listed etcd prefix", Duration::from_secs(20));
+        a
+    }
+
     /// Starts it without waiting for etcd.
     pub fn spawn(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str]) -> Self {
+        Self::spawn_with(etcd_url, cgroup, extra, false)
+    }
+
+    fn spawn_with(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str], inside: bool) -> Self {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("pins"));
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -1134,7 +1189,7 @@ impl Agent {
         args.extend(["--status-file".into(), status_file.display().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         Self {
-            proc: Proc::spawn(args),
+            proc: Proc::spawn_in(args, inside.then(|| cgroup.path.clone())),
             pin_dir,
             status_file,
         }

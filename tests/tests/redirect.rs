@@ -163,12 +163,16 @@ fn backend_add_weight_zero_and_delete_reach_new_connections() {
 #[test]
 fn service_delete_leaves_the_frontend_untouched() {
     let w = world("svcdel", &[]);
-    // Something really listens on the frontend address: after the service
-    // is deleted, clients must reach it directly.
+    // Something really listens on the frontend address (so the service
+    // must take over to be routed at all): after the service is deleted,
+    // clients must reach it directly.
     let direct = Backend::tcp("direct", addr("127.0.0.1:0"));
     let fe = direct.addr().to_string();
     let b = Backend::tcp("redirected", addr("127.0.0.2:0"));
-    w.service("web", &fe, "tcp");
+    w.etcd.put(
+        "/discovery/services/web",
+        &format!(r#"{{"frontend":"{fe}","takeover":true}}"#),
+    );
     w.backend("web", "a", &b.addr().to_string());
     w.converge("tcp", &fe, 5, only("redirected"));
     w.etcd.del("/discovery/services/web");
@@ -256,11 +260,7 @@ fn frontend_outside_allowed_ranges_is_refused() {
     w.backend("evil", "a", &b.addr().to_string());
     w.agent
         .wait_log("key=\"/discovery/services/evil\"", Duration::from_secs(5));
-    assert!(
-        w.agent
-            .log()
-            .contains("outside the allowed frontend ranges")
-    );
+    assert!(w.agent.log().contains("outside the allowed frontends"));
     let t = tally(&w.probe("tcp", &fe, 10));
     assert_eq!(t, all("direct", 10));
 }
