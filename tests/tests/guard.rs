@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use discovery_tests::{Agent, Backend, Etcd, Outcome, SMALL_MAPS, TestCgroup, tally, wait_until};
+use discovery_tests::{
+    Agent, Backend, Etcd, Outcome, Proc, SMALL_MAPS, TestCgroup, announce_args, tally, wait_until,
+};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_discovery-probe");
 const SETTLE: Duration = Duration::from_secs(10);
@@ -172,6 +174,49 @@ fn the_agents_own_checks_are_never_redirected() {
         "agent pid {pid} not exempt: {s}"
     );
     assert!(s["own_calls"].as_u64().is_some_and(|n| n > 0), "{s}");
+    drop(agent);
+}
+
+#[test]
+fn an_announcers_own_checks_are_never_redirected() {
+    let etcd = Etcd::start();
+    let cg = TestCgroup::new("ownannounce");
+    let agent = Agent::start(&etcd.url, &cg, &SMALL_MAPS);
+    let alpha = Backend::tcp("alpha", addr("127.0.0.2:0"));
+    etcd.put(
+        "/discovery/services/front",
+        r#"{"frontend":"127.0.0.1:8083"}"#,
+    );
+    etcd.put("/discovery/backends/front/a", &alpha.addr().to_string());
+    converge(&cg, "tcp", "127.0.0.1:8083", "alpha", &agent);
+    // An announcer in the redirected cgroup whose instance is that
+    // frontend, where nothing listens: its check must fail.
+    let mut args = announce_args(&etcd.url, "ghost", "g1", addr("127.0.0.1:8083"));
+    args.extend(["--pin-dir".to_owned(), agent.pin_dir.display().to_string()]);
+    let mut announcer = Proc::spawn_in(args, Some(cg.path.clone()));
+    let pid = announcer.pid().expect("announcer runs");
+    let left_alone = wait_until(SETTLE, || {
+        let s = agent.status();
+        let exempt = s["own_processes"]
+            .as_array()?
+            .iter()
+            .any(|x| x.as_u64() == Some(u64::from(pid)));
+        (exempt && s["own_calls"].as_u64()? > 0).then_some(())
+    });
+    assert!(
+        left_alone.is_some(),
+        "the announcer's check was not left alone: {}\n{}",
+        agent.status(),
+        announcer.log()
+    );
+    assert!(announcer.is_running(), "{}", announcer.log());
+    assert_eq!(
+        etcd.get("/discovery/backends/ghost/g1"),
+        None,
+        "registered through the redirect:\n{}",
+        announcer.log()
+    );
+    drop(announcer);
     drop(agent);
 }
 
