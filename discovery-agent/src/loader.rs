@@ -18,7 +18,7 @@ use aya::{
     EbpfLoader,
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use discovery_common::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SLOTS, names};
+use discovery_common::{MAPS, MapKind, MapSize, names};
 use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
 use tracing::{info, warn};
 
@@ -90,10 +90,9 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    fn slots(&self) -> u32 {
-        // Room for one extra set of the largest service while it is replaced.
-        self.max_backends
-            .saturating_add(DEFAULT_MAX_SLOTS - DEFAULT_MAX_BACKENDS)
+    /// Entries of a map whose size follows the flags.
+    fn entries(&self, size: MapSize) -> u32 {
+        size.entries(self.max_services, self.max_backends)
     }
 }
 
@@ -132,22 +131,17 @@ pub fn load_and_attach(
 
     // Every map is pinned together, so one tells whether they existed.
     let had_pins = pin_dir.join(names::SERVICES).exists();
-    let paths: Vec<(&str, PathBuf)> = names::ALL_MAPS
+    let paths: Vec<(&str, PathBuf)> = MAPS
         .iter()
-        .map(|n| (*n, pin_dir.join(n)))
+        .map(|m| (m.name, pin_dir.join(m.name)))
         .collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    loader
-        .map_max_entries(names::SERVICES, sizes.max_services)
-        .map_max_entries(names::SLOTS, sizes.slots())
-        // Id 0 is reserved, so one more entry than backends.
-        .map_max_entries(names::BACKENDS, sizes.max_backends.saturating_add(1))
-        // Indexed by ids from 1, like the backends array.
-        .map_max_entries(names::SVC_STATS, sizes.max_services.saturating_add(1))
-        .map_max_entries(names::BACKEND_STATS, sizes.max_backends.saturating_add(1));
+    for m in MAPS.iter().filter(|m| m.size.follows_flags()) {
+        loader.map_max_entries(m.name, sizes.entries(m.size));
+    }
     let hz = kernel_hz();
     if hz == 0 {
         warn!(
@@ -294,55 +288,8 @@ fn install(
 /// or value layout differs from this build's would be misread, so refuse
 /// it; a different size only means other limits, so say so.
 fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow::Result<()> {
-    use discovery_common::{
-        Backend, BackendHealth, BackendKey, BackendStats, ConsumerCache, ConsumerKey, Exempt,
-        Service, ServiceKey, ServiceStats, Slot, SlotKey,
-    };
-    use std::mem::size_of;
-    let expect: [(&str, usize, usize, Option<u32>); 11] = [
-        (
-            names::SERVICES,
-            size_of::<ServiceKey>(),
-            size_of::<Service>(),
-            Some(sizes.max_services),
-        ),
-        (
-            names::SLOTS,
-            size_of::<SlotKey>(),
-            size_of::<Slot>(),
-            Some(sizes.slots()),
-        ),
-        (
-            names::BACKENDS,
-            4,
-            size_of::<Backend>(),
-            Some(sizes.max_backends.saturating_add(1)),
-        ),
-        (names::COUNTERS, 4, 8, None),
-        (
-            names::SVC_STATS,
-            4,
-            size_of::<ServiceStats>(),
-            Some(sizes.max_services.saturating_add(1)),
-        ),
-        (
-            names::BACKEND_STATS,
-            4,
-            size_of::<BackendStats>(),
-            Some(sizes.max_backends.saturating_add(1)),
-        ),
-        (names::CONSUMERS, size_of::<ConsumerKey>(), 8, None),
-        (names::CONSUMER_CACHE, 4, size_of::<ConsumerCache>(), None),
-        (
-            names::BHEALTH,
-            size_of::<BackendKey>(),
-            size_of::<BackendHealth>(),
-            None,
-        ),
-        (names::EXEMPT, 4, size_of::<Exempt>(), None),
-        (names::EXEMPT_CALLS, 4, 8, None),
-    ];
-    for (name, key, value, entries) in expect {
+    for spec in MAPS.iter().filter(|m| m.kind != MapKind::SkStorage) {
+        let name = spec.name;
         let map = ebpf
             .map(name)
             .with_context(|| format!("map {name} missing"))?;
@@ -354,7 +301,8 @@ fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow:
             | aya::maps::Map::LruHashMap(d) => d.info()?,
             _ => bail!("map {name} has an unexpected type"),
         };
-        if (info.key_size() as usize, info.value_size() as usize) != (key, value) {
+        let (key, value) = (spec.key_size, spec.value_size);
+        if (info.key_size(), info.value_size()) != (key, value) {
             bail!(
                 "pinned map {} has key/value sizes {}/{}, this agent expects {key}/{value}: \
                  it was made by an incompatible version; run `discovery-agent detach --pin-dir {}` \
@@ -365,9 +313,8 @@ fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow:
                 pin_dir.display()
             );
         }
-        if let Some(want) = entries
-            && info.max_entries() != want
-        {
+        let want = sizes.entries(spec.size);
+        if spec.size.follows_flags() && info.max_entries() != want {
             warn!(
                 map = name,
                 pinned = info.max_entries(),
@@ -484,8 +431,8 @@ pub fn detach(pin_dir: &Path) -> anyhow::Result<()> {
     for (_, link) in names::PROGRAMS.iter().chain([&names::SOCKOPS]) {
         remove_pin(&pin_dir.join(link))?;
     }
-    for map in names::ALL_MAPS {
-        remove_pin(&pin_dir.join(map))?;
+    for map in &MAPS {
+        remove_pin(&pin_dir.join(map.name))?;
     }
     match fs::remove_dir(pin_dir) {
         Ok(()) => info!(pin_dir = %pin_dir.display(), "detached and removed pins"),
@@ -535,6 +482,35 @@ fn parse_hz(config: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_programs_maps_are_the_table_in_discovery_common() {
+        if PROGRAMS.is_empty() {
+            eprintln!("stub build without programs: nothing to compare");
+            return;
+        }
+        let obj = aya_obj::Object::parse(PROGRAMS).expect("parse the embedded object");
+        for spec in &MAPS {
+            let m = obj
+                .maps
+                .get(spec.name)
+                .unwrap_or_else(|| panic!("the programs have no map {}", spec.name));
+            assert_eq!(
+                (m.key_size(), m.value_size()),
+                (spec.key_size, spec.value_size),
+                "{}: key/value sizes",
+                spec.name
+            );
+            assert_eq!(
+                m.max_entries(),
+                spec.size.default_entries(),
+                "{}: entries",
+                spec.name
+            );
+        }
+        let ours: Vec<&String> = obj.maps.keys().filter(|n| n.starts_with("disc_")).collect();
+        assert_eq!(ours.len(), MAPS.len(), "maps not in the table: {ours:?}");
+    }
 
     #[test]
     fn finds_cgroup2_mount() {

@@ -1,4 +1,5 @@
 //! discovery-agent: watches etcd and keeps the redirect maps in sync.
+mod addr;
 mod admin;
 mod agent;
 mod announce;

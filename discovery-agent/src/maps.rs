@@ -87,11 +87,7 @@ impl BpfMaps {
             .filter_map(Result::ok)
             .filter(|(_, h)| h.consecutive_failures >= min)
             .filter_map(|(k, h)| {
-                let a = k.addr;
-                (a[..12] == v4_mapped([0; 4])[..12]).then(|| {
-                    let ip = std::net::Ipv4Addr::new(a[12], a[13], a[14], a[15]);
-                    (SocketAddrV4::new(ip, k.port), h.consecutive_failures)
-                })
+                crate::addr::to_v4((k.addr, k.port)).map(|a| (a, h.consecutive_failures))
             })
             .collect()
     }
@@ -289,7 +285,7 @@ impl Dataplane for BpfMaps {
 
     fn clear_backend(&mut self, id: u32) -> Result<(), MapError> {
         let empty = Backend {
-            addr: [0; 16],
+            addr: discovery_common::Addr16::default(),
             port: 0,
             flags: 0,
             pad: 0,

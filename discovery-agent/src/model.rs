@@ -866,13 +866,7 @@ impl Model {
     }
 }
 
-pub fn proto_name(proto: u8) -> &'static str {
-    match proto {
-        IPPROTO_TCP => "tcp",
-        IPPROTO_UDP => "udp",
-        _ => "?",
-    }
-}
+pub use crate::addr::proto_name;
 
 #[cfg(test)]
 mod tests {

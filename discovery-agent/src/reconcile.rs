@@ -13,13 +13,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use discovery_common::{
     BACKEND_F_VALID, Backend, SVC_F_CONSISTENT, SVC_F_LEAST_CONN, Service, ServiceKey, Slot,
-    SlotKey, TcpOpts, v4_mapped,
+    SlotKey, TcpOpts,
 };
 
 use crate::model::{BackendDef, Desired, DesiredService, Policy};
 
 /// A backend address as stored in the maps.
-pub type Addr = ([u8; 16], u16);
+pub use crate::addr::Addr;
 
 /// One slot resolved to addresses: (backend, alias, threshold).
 pub type ResolvedSlot = (Addr, Addr, u32);
@@ -220,7 +220,7 @@ pub fn maglev_table(backends: &[BackendDef], m: usize) -> Vec<usize> {
 }
 
 fn addr_of(b: &BackendDef) -> Addr {
-    (v4_mapped(b.addr.ip().octets()), b.addr.port())
+    crate::addr::from_v4(b.addr)
 }
 
 /// The slot table a desired service should have, resolved to addresses.
@@ -249,16 +249,7 @@ pub fn desired_slots(svc: &DesiredService) -> Vec<ResolvedSlot> {
 
 /// `ip:port/proto` of a map key, for messages.
 pub fn frontend_of(key: &ServiceKey) -> String {
-    let a = &key.addr;
-    format!(
-        "{}.{}.{}.{}:{}/{}",
-        a[12],
-        a[13],
-        a[14],
-        a[15],
-        key.port,
-        crate::model::proto_name(key.proto)
-    )
+    crate::addr::frontend(key)
 }
 
 /// One service written to the maps, for the caller to log.
@@ -883,7 +874,7 @@ pub(crate) mod tests {
 
     fn a(s: &str) -> Addr {
         let s: std::net::SocketAddrV4 = s.parse().unwrap();
-        (v4_mapped(s.ip().octets()), s.port())
+        crate::addr::from_v4(s)
     }
 
     fn web() -> ServiceKey {
@@ -1190,7 +1181,7 @@ pub(crate) mod tests {
         maps.backends.insert(
             50,
             Backend {
-                addr: [9; 16],
+                addr: discovery_common::Addr16([9; 16]),
                 port: 9,
                 flags: BACKEND_F_VALID,
                 pad: 0,

@@ -5,7 +5,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -98,12 +97,8 @@ fn read_snapshot(path: &Path) -> anyhow::Result<Option<Snapshot>> {
     }
 }
 
-pub fn addr_str((a, port): Addr) -> String {
-    if a[..12] == discovery_common::v4_mapped([0; 4])[..12] {
-        SocketAddrV4::new(Ipv4Addr::new(a[12], a[13], a[14], a[15]), port).to_string()
-    } else {
-        format!("{}:{port}", std::net::Ipv6Addr::from(a))
-    }
+pub fn addr_str(a: Addr) -> String {
+    crate::addr::show(a)
 }
 
 fn frontend_str(k: &ServiceKey) -> String {

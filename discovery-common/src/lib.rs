@@ -51,22 +51,6 @@ pub mod names {
     /// processes, left alone.
     pub const EXEMPT_CALLS: &str = "disc_exempt_calls";
 
-    /// Every map the agent pins, in the order it creates them.
-    pub const ALL_MAPS: [&str; 12] = [
-        SERVICES,
-        SLOTS,
-        BACKENDS,
-        COUNTERS,
-        REVNAT,
-        BHEALTH,
-        SVC_STATS,
-        BACKEND_STATS,
-        CONSUMERS,
-        CONSUMER_CACHE,
-        EXEMPT,
-        EXEMPT_CALLS,
-    ];
-
     /// The cgroup/sock_addr programs: (program name, pinned link name).
     pub const PROGRAMS: [(&str, &str); 4] = [
         ("disc_connect4", "link_connect4"),
@@ -78,6 +62,149 @@ pub mod names {
     /// The sock_ops program (connect timeouts, connect outcomes) and its
     /// pinned link.
     pub const SOCKOPS: (&str, &str) = ("disc_sockops", "link_sockops");
+}
+
+/// Kinds of map in [`MAPS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Hash,
+    LruHash,
+    Array,
+    PerCpuArray,
+    /// Socket-local storage (no entry count).
+    SkStorage,
+}
+
+/// How a map's entry count follows the agent's `--max-services` and
+/// `--max-backends`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapSize {
+    /// Fixed by the programs.
+    Fixed(u32),
+    /// `--max-services`.
+    Services,
+    /// `--max-services` + 1: an array indexed by ids from 1.
+    ServicesPlusOne,
+    /// `--max-backends` + 1: an array indexed by ids from 1 (0 is "none").
+    BackendsPlusOne,
+    /// `--max-backends` + room for one more full set of the largest
+    /// service while it is replaced.
+    Slots,
+    /// Not counted (socket storage).
+    Unsized,
+}
+
+impl MapSize {
+    /// Entries for the given flags (0 for `Unsized`).
+    pub const fn entries(self, max_services: u32, max_backends: u32) -> u32 {
+        match self {
+            MapSize::Fixed(n) => n,
+            MapSize::Services => max_services,
+            MapSize::ServicesPlusOne => max_services.saturating_add(1),
+            MapSize::BackendsPlusOne => max_backends.saturating_add(1),
+            MapSize::Slots => max_backends.saturating_add(DEFAULT_MAX_SLOTS - DEFAULT_MAX_BACKENDS),
+            MapSize::Unsized => 0,
+        }
+    }
+
+    /// Entries with the default flags: the size the programs declare.
+    pub const fn default_entries(self) -> u32 {
+        self.entries(DEFAULT_MAX_SERVICES, DEFAULT_MAX_BACKENDS)
+    }
+
+    /// Whether the agent sets the size at load time.
+    pub const fn follows_flags(self) -> bool {
+        !matches!(self, MapSize::Fixed(_) | MapSize::Unsized)
+    }
+}
+
+/// One map of the programs: what the loader checks pinned maps against and
+/// sizes at load, and what a unit test checks the built object against.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub size: MapSize,
+}
+
+const fn spec<K, V>(name: &'static str, kind: MapKind, size: MapSize) -> MapSpec {
+    MapSpec {
+        name,
+        kind,
+        key_size: core::mem::size_of::<K>() as u32,
+        value_size: core::mem::size_of::<V>() as u32,
+        size,
+    }
+}
+
+/// Every map the agent pins, in the order it creates them.
+pub const MAPS: [MapSpec; 12] = [
+    spec::<ServiceKey, Service>(names::SERVICES, MapKind::Hash, MapSize::Services),
+    spec::<SlotKey, Slot>(names::SLOTS, MapKind::Hash, MapSize::Slots),
+    spec::<u32, Backend>(names::BACKENDS, MapKind::Array, MapSize::BackendsPlusOne),
+    spec::<u32, u64>(
+        names::COUNTERS,
+        MapKind::PerCpuArray,
+        MapSize::Fixed(Counter::COUNT),
+    ),
+    spec::<i32, SockRevNat>(names::REVNAT, MapKind::SkStorage, MapSize::Unsized),
+    spec::<BackendKey, BackendHealth>(
+        names::BHEALTH,
+        MapKind::Hash,
+        MapSize::Fixed(DEFAULT_MAX_BACKENDS),
+    ),
+    spec::<u32, ServiceStats>(
+        names::SVC_STATS,
+        MapKind::PerCpuArray,
+        MapSize::ServicesPlusOne,
+    ),
+    spec::<u32, BackendStats>(
+        names::BACKEND_STATS,
+        MapKind::PerCpuArray,
+        MapSize::BackendsPlusOne,
+    ),
+    spec::<ConsumerKey, u64>(
+        names::CONSUMERS,
+        MapKind::LruHash,
+        MapSize::Fixed(MAX_CONSUMERS),
+    ),
+    spec::<u32, ConsumerCache>(
+        names::CONSUMER_CACHE,
+        MapKind::PerCpuArray,
+        MapSize::Fixed(1),
+    ),
+    spec::<u32, Exempt>(names::EXEMPT, MapKind::Hash, MapSize::Fixed(MAX_EXEMPT)),
+    spec::<u32, u64>(names::EXEMPT_CALLS, MapKind::PerCpuArray, MapSize::Fixed(1)),
+];
+
+/// The spec of map `name`, at compile time (the programs size their maps
+/// with it).
+pub const fn map_entries(name: &str) -> u32 {
+    let mut i = 0;
+    while i < MAPS.len() {
+        if str_eq(MAPS[i].name, name) {
+            return MAPS[i].size.default_entries();
+        }
+        i += 1;
+    }
+    panic!("no such map in MAPS")
+}
+
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// Default map sizes; the agent overrides them with `--max-services` and
@@ -99,12 +226,69 @@ pub const IPPROTO_UDP: u8 = 17;
 /// frontend address.
 pub const REVNAT_ENTRIES: usize = 4;
 
+/// A 16-byte address: IPv6, or IPv4 as `::ffff:a.b.c.d`. Word-aligned, so
+/// equality compares four 32-bit words (safe code, one load per word)
+/// instead of sixteen bytes; `bpftool` still prints the bytes.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialOrd, Ord)]
+pub struct Addr16(pub [u8; 16]);
+
+impl Addr16 {
+    /// `::ffff:a.b.c.d` from the 4 address bytes in network order.
+    #[inline(always)]
+    pub const fn v4_mapped(o: [u8; 4]) -> Self {
+        Self([
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, o[0], o[1], o[2], o[3],
+        ])
+    }
+
+    /// The IPv4 address bytes if this is a v4-mapped address.
+    #[inline(always)]
+    pub const fn as_v4(&self) -> Option<[u8; 4]> {
+        let a = &self.0;
+        let w = self.words();
+        if w[0] == 0 && w[1] == 0 && a[8] == 0 && a[9] == 0 && a[10] == 0xff && a[11] == 0xff {
+            Some([a[12], a[13], a[14], a[15]])
+        } else {
+            None
+        }
+    }
+
+    #[inline(always)]
+    const fn words(&self) -> [u32; 4] {
+        let a = &self.0;
+        [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ]
+    }
+}
+
+impl PartialEq for Addr16 {
+    #[inline(always)]
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (self.words(), other.words());
+        a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+    }
+}
+
+impl Eq for Addr16 {}
+
+// By the bytes, as equality (equal words are equal bytes).
+impl core::hash::Hash for Addr16 {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
 /// A frontend: the loopback address clients connect to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     /// IPv4-mapped or IPv6 address.
-    pub addr: [u8; 16],
+    pub addr: Addr16,
     /// Host byte order.
     pub port: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
@@ -191,7 +375,7 @@ pub struct Slot {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
-    pub addr: [u8; 16],
+    pub addr: Addr16,
     /// Host byte order.
     pub port: u16,
     /// [`BACKEND_F_VALID`] when in use.
@@ -206,8 +390,8 @@ pub const BACKEND_F_VALID: u16 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RevNatEntry {
-    pub backend_addr: [u8; 16],
-    pub frontend_addr: [u8; 16],
+    pub backend_addr: Addr16,
+    pub frontend_addr: Addr16,
     /// Host byte order; 0 marks an empty entry.
     pub backend_port: u16,
     pub frontend_port: u16,
@@ -232,7 +416,7 @@ pub struct SockRevNat {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BackendKey {
-    pub addr: [u8; 16],
+    pub addr: Addr16,
     /// Host byte order.
     pub port: u16,
     pub pad: u16,
@@ -370,10 +554,8 @@ impl Counter {
 
 /// `::ffff:a.b.c.d` from the 4 address bytes in network order.
 #[inline(always)]
-pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
-    ]
+pub const fn v4_mapped(octets: [u8; 4]) -> Addr16 {
+    Addr16::v4_mapped(octets)
 }
 
 #[cfg(feature = "user")]
@@ -396,6 +578,7 @@ mod user {
     unsafe impl aya::Pod for ConsumerKey {}
     unsafe impl aya::Pod for ConsumerCache {}
     unsafe impl aya::Pod for Exempt {}
+    unsafe impl aya::Pod for Addr16 {}
 }
 
 #[cfg(test)]
@@ -435,9 +618,32 @@ mod tests {
     }
 
     #[test]
+    fn the_map_table_names_every_pinned_map_once() {
+        for (i, a) in MAPS.iter().enumerate() {
+            assert!(
+                MAPS[..i].iter().all(|b| b.name != a.name),
+                "{} twice",
+                a.name
+            );
+            assert!(a.name.starts_with("disc_"));
+        }
+        assert_eq!(map_entries(names::SLOTS), DEFAULT_MAX_SLOTS);
+        assert_eq!(map_entries(names::BACKENDS), DEFAULT_MAX_BACKENDS + 1);
+        assert_eq!(MapSize::Slots.entries(10, 100), 100 + 65_536);
+    }
+
+    #[test]
     fn v4_mapped_layout() {
         let a = v4_mapped([127, 0, 0, 1]);
-        assert_eq!(&a[10..], &[0xff, 0xff, 127, 0, 0, 1]);
-        assert!(a[..10].iter().all(|b| *b == 0));
+        assert_eq!(&a.0[10..], &[0xff, 0xff, 127, 0, 0, 1]);
+        assert!(a.0[..10].iter().all(|b| *b == 0));
+        assert_eq!(a.as_v4(), Some([127, 0, 0, 1]));
+        assert_eq!(Addr16([0; 16]).as_v4(), None);
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        assert_eq!(Addr16(v6).as_v4(), None, "::1 is not v4-mapped");
+        assert_eq!(a, v4_mapped([127, 0, 0, 1]));
+        assert_ne!(a, v4_mapped([127, 0, 0, 2]));
+        assert_eq!(core::mem::align_of::<Addr16>(), 4);
     }
 }

@@ -348,7 +348,7 @@ pub fn cpu_ticks(pid: u32) -> u64 {
 /// bytes_memlock), by map name.
 pub fn map_memory(pin_dir: &Path) -> HashMap<String, u64> {
     let mut out = HashMap::new();
-    for name in names::ALL_MAPS {
+    for name in discovery_common::MAPS.iter().map(|m| m.name) {
         let Ok(o) = Command::new("bpftool")
             .args(["-j", "map", "show", "pinned"])
             .arg(pin_dir.join(name))

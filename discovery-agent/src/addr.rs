@@ -1,0 +1,63 @@
+//! Addresses as the maps hold them (16 bytes, IPv4 as `::ffff:a.b.c.d`,
+//! ports in host order) and as people read them. The one place that
+//! decodes v4-mapped addresses.
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
+
+use discovery_common::{Addr16, IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
+
+/// An address and port as the maps hold them.
+pub type Addr = (Addr16, u16);
+
+pub fn from_v4(a: SocketAddrV4) -> Addr {
+    (Addr16::v4_mapped(a.ip().octets()), a.port())
+}
+
+/// The IPv4 socket address, if `a` is v4-mapped.
+pub fn to_v4((a, port): Addr) -> Option<SocketAddrV4> {
+    a.as_v4()
+        .map(|o| SocketAddrV4::new(Ipv4Addr::from(o), port))
+}
+
+/// `1.2.3.4:80`, or `[::1]:80` for IPv6.
+pub fn show(a: Addr) -> String {
+    match to_v4(a) {
+        Some(v4) => v4.to_string(),
+        None => format!("[{}]:{}", Ipv6Addr::from(a.0.0), a.1),
+    }
+}
+
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_TCP => "tcp",
+        IPPROTO_UDP => "udp",
+        _ => "?",
+    }
+}
+
+/// `ip:port/proto` of a map key, for messages and labels.
+pub fn frontend(key: &ServiceKey) -> String {
+    format!("{}/{}", show((key.addr, key.port)), proto_name(key.proto))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_mapped_round_trips_and_v6_is_bracketed() {
+        let a: SocketAddrV4 = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(to_v4(from_v4(a)), Some(a));
+        assert_eq!(show(from_v4(a)), "127.0.0.1:80");
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert_eq!(to_v4((Addr16(one), 53)), None);
+        assert_eq!(show((Addr16(one), 53)), "[::1]:53");
+        let key = ServiceKey {
+            addr: Addr16::v4_mapped([127, 0, 0, 1]),
+            port: 53,
+            proto: IPPROTO_UDP,
+            pad: 0,
+        };
+        assert_eq!(frontend(&key), "127.0.0.1:53/udp");
+    }
+}

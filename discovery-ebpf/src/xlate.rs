@@ -1,0 +1,104 @@
+//! One forward translation (connect, sendmsg) and one reverse translation
+//! (recvmsg, getpeername), as Cilium's bpf_sock.c has `__sock4_xlate_fwd`
+//! and `__sock4_xlate_rev`. The hooks only read and write their context's
+//! address; everything else happens here on a 16-byte address, so IPv6
+//! hooks (with v4-mapped frontends) reuse the same path.
+use aya_ebpf::{
+    helpers::generated::{bpf_get_current_pid_tgid, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use discovery_common::{Addr16, Counter, ServiceKey, TcpOpts};
+
+use crate::{
+    lb::{self, Hook, Pick},
+    maps::{EXEMPT, EXEMPT_CALLS},
+    revnat, stats,
+};
+
+/// cgroup sock_addr verdicts.
+pub const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// Rewrites a call to a frontend into one to a backend. `set` writes the
+/// chosen backend's address into the hook's context.
+#[inline(always)]
+pub fn fwd(
+    ctx: &SockAddrContext,
+    key: &ServiceKey,
+    hook: Hook,
+    set: impl FnOnce(&Addr16, u16),
+) -> i32 {
+    let p = match lb::select(ctx.sock_addr.cast(), key, hook) {
+        Pick::NotFrontend => return ALLOW,
+        _ if own_process() => return ALLOW,
+        Pick::NoBackend(stats_id) => return refuse(stats_id),
+        Pick::Backend(p) => p,
+    };
+    set(&p.backend.addr, p.backend.port);
+    match hook {
+        Hook::Connect => {
+            revnat::remember(ctx, key, &p.backend, &p.tcp, p.stats_id);
+            stats::bump(Counter::ConnectRedirected);
+            stats::service(p.stats_id, |s| s.connects += 1);
+            stats::backend(p.backend_id, |s| s.connects += 1);
+        }
+        Hook::Sendmsg => {
+            revnat::remember(ctx, key, &p.backend, &TcpOpts::default(), p.stats_id);
+            stats::bump(Counter::SendmsgRedirected);
+            stats::service(p.stats_id, |s| s.datagrams += 1);
+            stats::backend(p.backend_id, |s| s.datagrams += 1);
+        }
+    }
+    stats::consumed(key);
+    ALLOW
+}
+
+/// Rewrites the peer a socket sees (reply source, getpeername) back to the
+/// frontend if it was redirected to it. Returns whether it did.
+#[inline(always)]
+pub fn rev(
+    ctx: &SockAddrContext,
+    peer: &Addr16,
+    port: u16,
+    set: impl FnOnce(&Addr16, u16),
+) -> bool {
+    match revnat::frontend_of(ctx, peer, port) {
+        Some((addr, port)) => {
+            set(&addr, port);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Whether the caller is the agent or an announcer (they register their
+/// process id): their calls to a frontend are left alone whatever etcd
+/// says, so no etcd write can redirect their connections to etcd or to the
+/// backends they check. Only looked up for calls to a frontend.
+#[inline(always)]
+fn own_process() -> bool {
+    // SAFETY: a helper with no arguments.
+    let tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+    // SAFETY: a lookup with a key on our stack; the value is only tested
+    // for presence.
+    if unsafe { EXEMPT.get(tgid) }.is_none() {
+        return false;
+    }
+    if let Some(n) = EXEMPT_CALLS.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array; nothing else writes
+        // it while this program runs.
+        unsafe { *n += 1 };
+    }
+    true
+}
+
+/// Fail the call with ECONNREFUSED right away instead of letting it hang.
+#[inline(always)]
+fn refuse(stats_id: u32) -> i32 {
+    stats::bump(Counter::NoBackend);
+    stats::service(stats_id, |s| s.no_backend += 1);
+    // SAFETY: allowed in cgroup sock_addr programs; sets the call's errno.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REJECT
+}
