@@ -562,23 +562,32 @@ pub const fn v4_mapped(octets: [u8; 4]) -> Addr16 {
 mod user {
     use super::*;
 
-    // SAFETY: all types are repr(C), Copy, made of integers with explicit
-    // padding fields, so every bit pattern is valid.
-    unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for Service {}
-    unsafe impl aya::Pod for SlotKey {}
-    unsafe impl aya::Pod for Slot {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for SockRevNat {}
-    unsafe impl aya::Pod for BackendKey {}
-    unsafe impl aya::Pod for BackendHealth {}
-    unsafe impl aya::Pod for TcpOpts {}
-    unsafe impl aya::Pod for ServiceStats {}
-    unsafe impl aya::Pod for BackendStats {}
-    unsafe impl aya::Pod for ConsumerKey {}
-    unsafe impl aya::Pod for ConsumerCache {}
-    unsafe impl aya::Pod for Exempt {}
-    unsafe impl aya::Pod for Addr16 {}
+    // Each type is repr(C), Copy, and made of integers (or arrays of them)
+    // with explicit padding fields, so every bit pattern is a valid value
+    // and there are no uninitialised bytes: what aya::Pod requires.
+    macro_rules! pod {
+        ($($t:ty),*) => {$(
+            // SAFETY: see above.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        ServiceKey,
+        Service,
+        SlotKey,
+        Slot,
+        Backend,
+        SockRevNat,
+        BackendKey,
+        BackendHealth,
+        TcpOpts,
+        ServiceStats,
+        BackendStats,
+        ConsumerKey,
+        ConsumerCache,
+        Exempt,
+        Addr16
+    );
 }
 
 #[cfg(test)]

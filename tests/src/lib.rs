@@ -732,6 +732,7 @@ fn move_self(fd: i32) -> io::Result<()> {
         }
     }
     let n = buf.len() - i;
+    // SAFETY: `fd` is open for the call and the slice is valid for `n` bytes.
     if unsafe { libc::write(fd, buf[i..].as_ptr().cast(), n) } != n as isize {
         return Err(io::Error::last_os_error());
     }
@@ -887,6 +888,8 @@ impl Drop for TestCgroup {
         let _ = wait_until(Duration::from_secs(5), || {
             if let Ok(procs) = fs::read_to_string(self.path.join("cgroup.procs")) {
                 for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    // SAFETY: kill has no memory preconditions; only our
+                    // clients can be in the test's own cgroup.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
             }
@@ -1044,6 +1047,7 @@ impl Proc {
     /// Sends `sig` to the process (ours, by PID).
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {
+            // SAFETY: kill has no memory preconditions; the pid is our child.
             unsafe { libc::kill(c.id() as i32, sig) };
         }
     }
@@ -1075,6 +1079,7 @@ impl Proc {
     /// SIGTERM and wait.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
+        // SAFETY: kill has no memory preconditions; the pid is our child.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         c.wait().ok()
     }
