@@ -90,10 +90,15 @@ pub struct Kv {
 
 #[derive(Debug)]
 pub enum Update {
-    /// The whole prefix at `revision`: replaces everything known.
+    /// The whole prefix at `revision`: replaces everything known. Also
+    /// says etcd is connected.
     Snapshot { kvs: Vec<Kv>, revision: i64 },
     /// Changes in revision order.
     Changes { puts: Vec<Change>, revision: i64 },
+    /// The watch is at `revision` with nothing new (progress notification).
+    Progress { revision: i64 },
+    /// The list or watch was lost; a new snapshot follows when etcd is back.
+    Disconnected,
 }
 
 #[derive(Debug)]
@@ -109,11 +114,12 @@ enum Lost {
     Watch(anyhow::Error),
 }
 
+/// Lists and watches the prefix and hands every update, and every change of
+/// connectivity, to its receiver as an [`Update`]; it keeps no state of its
+/// own beyond the connection.
 pub struct Source {
     pub etcd: EtcdConfig,
     pub prefix: String,
-    /// `etcd_connected` and `etcd_watch_revision` are kept here.
-    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Whether a failed request never reached a working etcd (as opposed to
@@ -184,7 +190,9 @@ impl Source {
             match self.list_and_watch(c, &tx, &mut backoff).await {
                 Ok(()) => return,
                 Err(e) => {
-                    self.metrics.etcd_connected.set(0);
+                    if tx.send(Update::Disconnected).await.is_err() {
+                        return;
+                    }
                     let wait = backoff.next();
                     match e {
                         Lost::List(e) if unreachable(&e) => {
@@ -252,8 +260,6 @@ impl Source {
             }
         }
         info!(prefix = %self.prefix, revision, keys = kvs.len(), "listed etcd prefix");
-        self.metrics.etcd_connected.set(1);
-        self.metrics.etcd_watch_revision.set(revision);
         if tx.send(Update::Snapshot { kvs, revision }).await.is_err() {
             return Ok(());
         }
@@ -295,9 +301,11 @@ impl Source {
                 anyhow::bail!("watch canceled by etcd: {}", resp.cancel_reason());
             }
             let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
-            self.metrics.etcd_watch_revision.set(rev);
             if resp.events().is_empty() {
                 debug!(revision = rev, "watch progress");
+                if tx.send(Update::Progress { revision: rev }).await.is_err() {
+                    return Ok(());
+                }
                 continue;
             }
             let puts = resp

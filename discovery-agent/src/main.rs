@@ -6,6 +6,7 @@ mod announce;
 mod checks;
 mod config;
 mod consumers;
+mod controller;
 mod etcd;
 mod exempt;
 mod guard;

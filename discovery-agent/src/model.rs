@@ -621,7 +621,17 @@ pub struct Model {
     /// changed since `take_touched`.
     touched: BTreeSet<String>,
     all_touched: bool,
+    /// The routing table before this node's health verdicts, derived from
+    /// the definitions above and kept between refreshes so that a change
+    /// recomputes only the frontends it touches.
+    routes: Desired,
 }
+
+/// The frontends a refresh recomputed (`None`: all of them).
+pub type Scope = Option<BTreeSet<ServiceKey>>;
+
+/// Above this many services changed at once, recompute everything.
+const PARTIAL_LIMIT: usize = 1_000;
 
 impl Model {
     pub fn new(prefix: String, allowed: Vec<AllowedFrontend>) -> Self {
@@ -634,6 +644,7 @@ impl Model {
             invalid: BTreeMap::new(),
             touched: BTreeSet::new(),
             all_touched: true,
+            routes: Desired::default(),
         }
     }
 
@@ -761,10 +772,58 @@ impl Model {
 
     /// Services whose keys changed since the last call (`None`: all of
     /// them, after a snapshot replaced the model).
-    pub fn take_touched(&mut self) -> Option<BTreeSet<String>> {
+    fn take_touched(&mut self) -> Option<BTreeSet<String>> {
         let all = std::mem::take(&mut self.all_touched);
         let t = std::mem::take(&mut self.touched);
         (!all).then_some(t)
+    }
+
+    /// The routing table as of the last refresh.
+    pub fn routes(&self) -> &Desired {
+        &self.routes
+    }
+
+    /// Brings the routing table up to date: the frontends of services whose
+    /// keys changed since the last refresh (where they were and where they
+    /// are now) and the `also` frontends (those that failed to apply), or
+    /// every frontend when `full` (the node's rules or health changed), after
+    /// a snapshot, or when too much changed. Returns what it recomputed.
+    pub fn refresh(
+        &mut self,
+        guard: &NodeGuard,
+        also: impl IntoIterator<Item = ServiceKey>,
+        full: bool,
+    ) -> Scope {
+        let names = match self.take_touched() {
+            Some(names) if !full && names.len() <= PARTIAL_LIMIT => names,
+            _ => {
+                self.routes = self.desired_for(guard);
+                return None;
+            }
+        };
+        let mut keys: BTreeSet<ServiceKey> = self
+            .routes
+            .services
+            .iter()
+            .filter(|(_, s)| names.contains(&s.service))
+            .map(|(k, _)| *k)
+            .collect();
+        keys.extend(names.iter().flat_map(|n| self.frontend_keys(n)));
+        keys.extend(also);
+        let part = self.desired_where(|k| keys.contains(k), guard);
+        let r = &mut self.routes;
+        for k in &keys {
+            r.services.remove(k);
+            r.refused.remove(k);
+        }
+        let fronts: BTreeSet<String> = keys.iter().map(crate::addr::frontend).collect();
+        r.conflicts.retain(|c| {
+            !names.contains(&c.winner) && !names.contains(&c.loser) && !fronts.contains(&c.frontend)
+        });
+        r.conflicts.extend(part.conflicts);
+        r.services.extend(part.services);
+        r.refused.extend(part.refused);
+        Some(keys)
     }
 
     /// The routing table: for each frontend+protocol, the winning service

@@ -29,6 +29,9 @@ pub struct Snapshot {
     pub revision: i64,
     /// Unix seconds of that apply.
     pub applied_unix: u64,
+    /// Where /metrics listens (the bound address, also for port 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
     pub services: Vec<SnapService>,
     /// Frontends this node does not route although a service claims them.
     #[serde(default)]
@@ -140,6 +143,8 @@ pub struct AgentInfo {
     pub applied_unix: u64,
     pub applied_at: String,
     pub age_seconds: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -279,6 +284,7 @@ pub fn report(snap: Option<Snapshot>, k: &KernelView, paths: &HashMap<u64, Strin
             version: s.version,
             revision: s.revision,
             applied_unix: s.applied_unix,
+            metrics_addr: s.metrics_addr,
         }),
         services,
         counters: k

@@ -785,8 +785,31 @@ impl Load {
         }
     }
 
+    /// Waits until the run has made `n` more attempts (kept for `finish`):
+    /// "the load has been running across this" without a fixed sleep.
+    pub fn wait_attempts(&mut self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for i in 0..n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self
+                .next_line(left)
+                .unwrap_or_else(|| panic!("the load made {i} of {n} attempts in {timeout:?}"));
+            self.pending(l);
+        }
+    }
+
     /// Waits for the end of the run and returns every attempt.
     pub fn finish(mut self) -> Vec<Outcome> {
+        if let Some(rx) = self.lines.take() {
+            // Lines already flow through `next_line`'s reader.
+            let _ = self.child.wait();
+            let mut out = std::mem::take(&mut self.taken);
+            out.extend(
+                rx.iter()
+                    .map(|l| serde_json::from_str(&l).expect("load output is JSON")),
+            );
+            return out;
+        }
         let mut out = String::new();
         self.child
             .stdout
@@ -1150,11 +1173,32 @@ impl std::ops::DerefMut for Agent {
 }
 
 impl Agent {
-    /// Starts `discovery-agent run` and waits until it has listed etcd.
+    /// Starts `discovery-agent run` and waits until it is ready.
     pub fn start(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str]) -> Self {
         let a = Self::spawn(etcd_url, cgroup, extra);
-        a.wait_log("listed etcd prefix", Duration::from_secs(20));
+        a.wait_ready(Duration::from_secs(20));
         a
+    }
+
+    /// The agent's status file, if this process of it has written one.
+    pub fn snapshot(&self) -> Option<serde_json::Value> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(&self.status_file).ok()?).ok()?;
+        (v["pid"].as_u64() == self.pid().map(u64::from)).then_some(v)
+    }
+
+    /// Waits for the readiness signal: the status file, written by this
+    /// process as soon as it has applied a full list of etcd to the maps.
+    pub fn wait_ready(&self, timeout: Duration) {
+        let ready = wait_until(timeout, || {
+            self.snapshot()
+                .filter(|v| v["revision"].as_i64().is_some_and(|r| r > 0))
+        });
+        assert!(
+            ready.is_some(),
+            "agent not ready within {timeout:?}:\n{}",
+            self.log()
+        );
     }
 
     /// Starts it as a process inside the cgroup its programs attach to (what
@@ -1162,7 +1206,7 @@ impl Agent {
     /// waits until it has listed etcd.
     pub fn start_inside(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str]) -> Self {
         let a = Self::spawn_with(etcd_url, cgroup, extra, true);
-        a.wait_log("listed etcd prefix", Duration::from_secs(20));
+        a.wait_ready(Duration::from_secs(20));
         a
     }
 
@@ -1214,18 +1258,13 @@ impl Agent {
         serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
     }
 
-    /// Scrapes `path` from the agent's metrics endpoint (address from its
-    /// log): (status line, body).
+    /// Scrapes `path` from the agent's metrics endpoint (the bound address
+    /// from its status file): (status line, body).
     pub fn scrape(&self, path: &str) -> (String, String) {
-        self.wait_log("metrics listening", Duration::from_secs(10));
-        let log = self.log();
-        let addr = log
-            .lines()
-            .find(|l| l.contains("metrics listening"))
-            .and_then(|l| l.split("addr=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-            .expect("metrics address in the log")
-            .to_owned();
+        let addr = wait_until(Duration::from_secs(10), || {
+            Some(self.snapshot()?["metrics_addr"].as_str()?.to_owned())
+        })
+        .unwrap_or_else(|| panic!("no metrics address in the status file:\n{}", self.log()));
         let mut c = TcpStream::connect(&addr).expect("connect to metrics");
         c.write_all(
             format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),

@@ -109,16 +109,16 @@ fn agent_killed_under_load_keeps_traffic_and_the_restart_adopts_and_reconciles()
     let (mut w, [_a, _b, c]) = web_with_a_and_b("kill9");
     let (maps, progs) = (map_ids(&w), prog_ids(&w));
 
-    let load = w.start_load(FE, 4000);
-    thread::sleep(Duration::from_millis(500));
+    let mut load = w.start_load(FE, 4000);
+    load.wait_attempts(100, Duration::from_secs(5));
     w.agent.kill();
     // Changed while the agent is down: b goes, c comes.
     w.etcd.del("/discovery/backends/web/b");
     w.backend("web", "c", &c.addr().to_string());
-    thread::sleep(Duration::from_millis(500));
+    // Clients keep connecting while the agent is down.
+    load.wait_attempts(100, Duration::from_secs(5));
     w.agent.respawn();
-    w.agent
-        .wait_log("listed etcd prefix", Duration::from_secs(20));
+    w.agent.wait_ready(Duration::from_secs(20));
     let converged_at = wait_until(Duration::from_secs(2), || {
         let t = discovery_tests::tally(&w.probe("tcp", FE, 20));
         (t.len() == 2 && t.contains_key("a") && t.contains_key("c")).then(now_ms)
@@ -150,8 +150,8 @@ fn programs_are_replaced_atomically_under_load() {
     w.converge("tcp", FE, 5, |t| t.contains_key("a"));
     let (maps, progs) = (map_ids(&w), prog_ids(&w));
 
-    let load = w.start_load(FE, 3000);
-    thread::sleep(Duration::from_millis(500));
+    let mut load = w.start_load(FE, 3000);
+    load.wait_attempts(100, Duration::from_secs(5));
     w.agent.stop();
     // An upgrade drill: the new agent swaps every attached program.
     let mut args = w.agent_args();

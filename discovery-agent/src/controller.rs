@@ -1,0 +1,595 @@
+//! The agent's state and every change to it, one method per event (as
+//! istio/ztunnel's `ProxyStateUpdater` owns every mutation while the
+//! transport only hands it updates): etcd batches, health verdicts and
+//! the timers. `agent::run` only waits for events and calls these.
+//!
+//! Data flows one way: etcd → model (definitions and the routing table
+//! derived from them) → this node's health verdicts → reconciler → maps.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use discovery_common::ServiceKey;
+
+use crate::{
+    checks::ActiveChecks,
+    etcd::{Change as EtcdChange, Update},
+    exempt,
+    guard::NodeGuard,
+    health::Check,
+    listeners,
+    maps::BpfMaps,
+    metrics::{Metrics, NotApplied, RefusedLabels},
+    model::{Applied, Conflict, Desired, Model, Refused, proto_name},
+    reconcile::{ApplyError, Change, Reconciler, frontend_of},
+    status::{self, SnapBackend, SnapRefused, SnapService, Snapshot},
+};
+
+/// Entries of processes that are gone are pruned from the exemption map
+/// every this many listener scans.
+const EXEMPT_PRUNE_EVERY: u32 = 10;
+
+/// Frontend → service name, for the metrics and the consumers publisher.
+pub type Names = HashMap<ServiceKey, String>;
+
+/// What the controller needs that does not change while it runs.
+pub struct Settings {
+    pub pin_dir: PathBuf,
+    pub status_file: PathBuf,
+    pub node: String,
+    /// Passive checks: consecutive failed connects that eject (0: off).
+    pub passive_failures: u32,
+    pub passive_ejection: Duration,
+    /// The bound metrics address, for the status file.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+pub struct Controller {
+    settings: Settings,
+    model: Model,
+    guard: NodeGuard,
+    checks: ActiveChecks,
+    reconciler: Reconciler<BpfMaps>,
+    metrics: Arc<Metrics>,
+    names: watch::Sender<Names>,
+    /// etcd revision applied to the maps.
+    revision: i64,
+    applied_unix: u64,
+    /// What was last logged, so each conflict, refusal and failure is
+    /// logged once when it starts and once when it ends.
+    conflicts: BTreeSet<Conflict>,
+    refused: BTreeMap<ServiceKey, Refused>,
+    failing: BTreeMap<NotApplied, (String, ServiceKey)>,
+    /// Frontends that would shadow a listener: a scan matters only when
+    /// this changes.
+    shadowing: BTreeSet<ServiceKey>,
+    scan_failing: bool,
+    scans: u32,
+    /// Active-check verdicts observed and not applied yet.
+    health_pending: bool,
+    status_dirty: bool,
+    status_next: Instant,
+    names_dirty: bool,
+    /// A snapshot was applied and the status file not written since: it is
+    /// written right after the reconcile, as the readiness signal (the
+    /// revision in it is in the maps).
+    ready_pending: bool,
+}
+
+impl Controller {
+    pub fn new(
+        settings: Settings,
+        model: Model,
+        guard: NodeGuard,
+        checks: ActiveChecks,
+        reconciler: Reconciler<BpfMaps>,
+        metrics: Arc<Metrics>,
+        names: watch::Sender<Names>,
+    ) -> Self {
+        let mut c = Self {
+            settings,
+            model,
+            guard,
+            checks,
+            reconciler,
+            metrics,
+            names,
+            revision: 0,
+            applied_unix: 0,
+            conflicts: BTreeSet::new(),
+            refused: BTreeMap::new(),
+            failing: BTreeMap::new(),
+            shadowing: BTreeSet::new(),
+            scan_failing: false,
+            scans: 0,
+            health_pending: false,
+            status_dirty: false,
+            status_next: Instant::now(),
+            names_dirty: false,
+            ready_pending: false,
+        };
+        c.scan_listeners();
+        c
+    }
+
+    pub fn services_installed(&self) -> usize {
+        self.reconciler.services_installed()
+    }
+
+    /// A burst of etcd updates, applied in one reconcile.
+    pub fn on_etcd(&mut self, batch: Vec<Update>) {
+        let mut changed = false;
+        for u in batch {
+            changed |= self.apply(u);
+        }
+        if !changed {
+            return;
+        }
+        // A service put now is checked against the listeners of now, not
+        // of the last tick (a proxy that just started).
+        let full = self.rescan();
+        self.reconcile(full);
+    }
+
+    /// Active-check verdicts: recorded now, applied on the next health
+    /// tick (verdicts come in bursts when a rack goes away).
+    pub fn on_verdicts(&mut self, verdicts: Vec<(std::net::SocketAddrV4, Check, bool)>) {
+        for (addr, check, up) in verdicts {
+            self.health_pending |= self.checks.observe(addr, &check, up);
+        }
+    }
+
+    pub fn health_pending(&self) -> bool {
+        self.health_pending
+    }
+
+    /// Applies the verdicts observed since the last tick.
+    pub fn on_health_tick(&mut self) {
+        if std::mem::take(&mut self.health_pending) {
+            self.reconcile(true);
+        }
+    }
+
+    /// Passive checks: reads the kernel's connect outcomes.
+    pub fn on_passive_tick(&mut self) {
+        let s = &self.settings;
+        if s.passive_failures == 0 {
+            return;
+        }
+        let failing = self
+            .reconciler
+            .dataplane()
+            .failing_backends(s.passive_failures);
+        let (newly, changed) = self
+            .checks
+            .passive(&failing, s.passive_ejection, Instant::now());
+        for addr in newly {
+            // A re-admitted backend must fail anew to go out again.
+            self.reconciler.dataplane_mut().reset_failures(addr);
+        }
+        if changed {
+            self.reconcile(true);
+        }
+    }
+
+    /// Lists the listeners (and now and then prunes the exemption map).
+    pub fn on_listener_tick(&mut self) {
+        self.scans = self.scans.wrapping_add(1);
+        if self.scans.is_multiple_of(EXEMPT_PRUNE_EVERY) {
+            match exempt::prune(&self.settings.pin_dir) {
+                Ok(0) => {}
+                Ok(n) => debug!(pruned = n, "exemption entries of processes that are gone"),
+                Err(e) => warn!(error = %format!("{e:#}"), "could not prune the exemption map"),
+            }
+        }
+        if self.rescan() {
+            self.reconcile(true);
+        }
+    }
+
+    /// Whether the status file should be written now.
+    pub fn status_due(&self) -> bool {
+        self.status_dirty && Instant::now() >= self.status_next
+    }
+
+    /// Writes the status file (and publishes the frontend names).
+    pub fn on_status_tick(&mut self) {
+        let began = Instant::now();
+        if std::mem::take(&mut self.names_dirty) {
+            let routes = self.model.routes();
+            self.names.send_if_modified(|names| {
+                let now: Names = routes
+                    .services
+                    .iter()
+                    .map(|(k, s)| (*k, s.service.clone()))
+                    .collect();
+                let changed = *names != now;
+                *names = now;
+                changed
+            });
+        }
+        let mut snap = snapshot(
+            &self.settings.node,
+            self.revision,
+            self.applied_unix,
+            &self.model,
+            self.model.routes(),
+            &self.checks,
+        );
+        snap.metrics_addr = self.settings.metrics_addr.map(|a| a.to_string());
+        if let Err(e) = status::write_snapshot(&self.settings.status_file, &snap) {
+            warn!(path = %self.settings.status_file.display(), error = %format!("{e:#}"),
+                  "could not write the status file");
+        }
+        self.status_dirty = false;
+        // A big table takes a while to write: keep it under 5% of the
+        // agent's time.
+        self.status_next = began + began.elapsed() * 20;
+    }
+
+    /// Feeds one etcd update into the model; returns whether the model
+    /// changed (so a reconcile is due).
+    fn apply(&mut self, u: Update) -> bool {
+        let model = &mut self.model;
+        let one = |key: &str, r: Applied| {
+            if let Applied::Invalid(reason) = r {
+                warn!(key, %reason, "skipping invalid etcd key");
+            }
+        };
+        match u {
+            Update::Snapshot { kvs, revision } => {
+                model.clear();
+                for kv in kvs {
+                    let r = model.put(&kv.key, &kv.value, kv.create_revision);
+                    one(&kv.key, r);
+                }
+                let invalid = model.invalid_keys().len();
+                if invalid > 0 {
+                    warn!(
+                        revision,
+                        invalid, "snapshot has invalid keys (each logged above)"
+                    );
+                }
+                self.metrics.etcd_connected.set(1);
+                self.metrics.etcd_watch_revision.set(revision);
+                self.revision = revision;
+                self.ready_pending = true;
+                true
+            }
+            Update::Changes { puts, revision } => {
+                for c in puts {
+                    match c {
+                        EtcdChange::Put(kv) => {
+                            let r = model.put(&kv.key, &kv.value, kv.create_revision);
+                            one(&kv.key, r);
+                        }
+                        EtcdChange::Delete(key) => {
+                            model.delete(&key);
+                        }
+                    }
+                }
+                self.metrics.etcd_watch_revision.set(revision);
+                self.revision = revision;
+                true
+            }
+            Update::Progress { revision } => {
+                self.metrics.etcd_watch_revision.set(revision);
+                false
+            }
+            Update::Disconnected => {
+                self.metrics.etcd_connected.set(0);
+                false
+            }
+        }
+    }
+
+    /// Lists the listeners again; returns whether that changed which
+    /// frontends shadow one (then everything is recomputed).
+    fn rescan(&mut self) -> bool {
+        if !self.scan_listeners() {
+            return false;
+        }
+        let now = self.model.shadowing(&self.guard);
+        if now == self.shadowing {
+            return false;
+        }
+        self.shadowing = now;
+        true
+    }
+
+    /// Lists the node's listeners into the guard. Returns whether the scan
+    /// changed anything; a failing scan is logged once and keeps the last.
+    fn scan_listeners(&mut self) -> bool {
+        match listeners::scan() {
+            Ok(l) => {
+                if std::mem::take(&mut self.scan_failing) {
+                    info!(listeners = l.len(), "listing listening sockets works again");
+                }
+                self.guard.set_listeners(l)
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.scan_failing, true) {
+                    error!(error = %e,
+                           "cannot list listening sockets (sock_diag); frontends are not checked \
+                            against new listeners until it works");
+                }
+                false
+            }
+        }
+    }
+
+    /// model → routing table → this node's health → maps.
+    fn reconcile(&mut self, full: bool) {
+        let started = Instant::now();
+        let also: Vec<ServiceKey> = self.failing.values().map(|(_, k)| *k).collect();
+        let scope = self.model.refresh(&self.guard, also, full);
+        if scope.is_none() {
+            self.shadowing = self.model.shadowing(&self.guard);
+        }
+        let routes = self.model.routes();
+        report_conflicts(&mut self.conflicts, &routes.conflicts);
+        report_refused(&mut self.refused, &routes.refused, &self.metrics);
+        // Active checks: this node's view of backend health.
+        self.checks.sync(routes);
+        let mut desired = Desired {
+            services: match &scope {
+                Some(keys) => keys
+                    .iter()
+                    .filter_map(|k| routes.services.get(k).map(|s| (*k, s.clone())))
+                    .collect(),
+                None => routes.services.clone(),
+            },
+            conflicts: BTreeSet::new(),
+            refused: BTreeMap::new(),
+        };
+        self.checks.apply(&mut desired);
+        let (changes, errors) = match &scope {
+            Some(keys) => self.reconciler.reconcile_keys(&desired, keys),
+            None => self.reconciler.reconcile(&desired),
+        };
+        let m = &self.metrics;
+        m.reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        m.last_reconcile.set(status::unix_now() as i64);
+        log_changes(&changes, self.revision, started.elapsed());
+        report_failures(&mut self.failing, errors, scope.as_ref(), m);
+        self.applied_unix = status::unix_now();
+        self.names_dirty = true;
+        self.status_dirty = true;
+        m.services.set(self.reconciler.services_installed() as i64);
+        m.invalid_keys.set(self.model.invalid_keys().len() as i64);
+        m.etcd_revision.set(self.revision);
+        m.ejected.set(self.checks.ejected() as i64);
+        if std::mem::take(&mut self.ready_pending) {
+            self.on_status_tick();
+        }
+    }
+}
+
+/// Logs each service that could not be applied once when it starts
+/// failing and once when it recovers, and mirrors the set in the metrics.
+fn report_failures(
+    failing: &mut BTreeMap<NotApplied, (String, ServiceKey)>,
+    errors: Vec<ApplyError>,
+    scope: Option<&BTreeSet<ServiceKey>>,
+    metrics: &Metrics,
+) {
+    let mut now: BTreeMap<NotApplied, (String, ServiceKey)> = errors
+        .into_iter()
+        .map(|e| {
+            (
+                NotApplied {
+                    service: e.service,
+                    frontend: e.frontend,
+                    map: e.source.map.to_owned(),
+                },
+                (e.source.to_string(), e.key),
+            )
+        })
+        .collect();
+    // Failures of frontends this reconcile did not look at still stand.
+    if let Some(scope) = scope {
+        for (k, v) in failing.iter() {
+            if !scope.contains(&v.1) {
+                now.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+    }
+    for (k, (err, _)) in &now {
+        if !failing.contains_key(k) {
+            error!(service = k.service, frontend = k.frontend, map = k.map, error = %err,
+                   "could not apply service; it keeps its previous state");
+        }
+    }
+    for k in failing.keys().filter(|k| !now.contains_key(*k)) {
+        info!(
+            service = k.service,
+            frontend = k.frontend,
+            "service applied after earlier failure"
+        );
+    }
+    metrics.not_applied.clear();
+    for k in now.keys() {
+        metrics.not_applied.get_or_create(k).set(1);
+    }
+    *failing = now;
+}
+
+/// Logs each frontend this node refuses once when the refusal starts and
+/// once when it ends, and mirrors them in the metrics.
+fn report_refused(
+    seen: &mut BTreeMap<ServiceKey, Refused>,
+    now: &BTreeMap<ServiceKey, Refused>,
+    metrics: &Metrics,
+) {
+    for (k, r) in now {
+        if seen.get(k) != Some(r) {
+            warn!(service = r.service, frontend = r.frontend, reason = %r.why,
+                  "frontend refused on this node; the service is not routed here");
+        }
+    }
+    for (k, r) in seen.iter() {
+        if !now.contains_key(k) {
+            info!(
+                service = r.service,
+                frontend = r.frontend,
+                "frontend no longer refused on this node"
+            );
+        }
+    }
+    metrics.refused.clear();
+    for r in now.values() {
+        metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                service: r.service.clone(),
+                frontend: r.frontend.clone(),
+                reason: r.why.reason().to_owned(),
+            })
+            .set(1);
+    }
+    *seen = now.clone();
+}
+
+/// Logs each conflict once when it appears.
+fn report_conflicts(seen: &mut BTreeSet<Conflict>, now: &BTreeSet<Conflict>) {
+    for c in now.difference(seen) {
+        warn!(
+            frontend = c.frontend,
+            service = c.loser,
+            winner = c.winner,
+            "frontend already claimed by an older service; this service is not routed"
+        );
+    }
+    *seen = now.clone();
+}
+
+/// What `status` shows beside the kernel's view: names, weights, states
+/// and this node's health verdicts.
+fn snapshot(
+    node: &str,
+    revision: i64,
+    applied_unix: u64,
+    model: &Model,
+    desired: &Desired,
+    checks: &ActiveChecks,
+) -> Snapshot {
+    let routed: std::collections::HashSet<&str> = desired
+        .services
+        .values()
+        .map(|d| d.service.as_str())
+        .collect();
+    let services = model
+        .view()
+        .into_iter()
+        .map(|(name, def, backends)| SnapService {
+            name: name.to_owned(),
+            frontend: def.frontend.to_string(),
+            protocol: serde_name(&def.protocol),
+            policy: serde_name(&def.policy),
+            routed: routed.contains(name),
+            backends: backends
+                .into_iter()
+                .map(|(instance, b, maintenance)| SnapBackend {
+                    instance: instance.to_owned(),
+                    addr: b.addr.to_string(),
+                    weight: b.weight,
+                    state: if maintenance {
+                        "maintenance"
+                    } else if b.weight == 0 {
+                        "draining"
+                    } else {
+                        "active"
+                    }
+                    .to_owned(),
+                    health: checks.health(b.addr).to_owned(),
+                })
+                .collect(),
+        })
+        .collect();
+    Snapshot {
+        node: node.to_owned(),
+        pid: std::process::id(),
+        version: crate::config::VERSION.to_owned(),
+        revision,
+        applied_unix,
+        metrics_addr: None,
+        services,
+        refused: desired
+            .refused
+            .values()
+            .map(|r| SnapRefused {
+                service: r.service.clone(),
+                frontend: r.frontend.clone(),
+                reason: r.why.reason().to_owned(),
+                detail: r.why.to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// An enum's name as written in etcd (`least_conn`, `both`).
+fn serde_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Above this many changes in one reconcile (a cold start, a re-list),
+/// one summary line at info; each service at debug.
+const CHANGES_LOGGED_ONE_BY_ONE: usize = 50;
+
+fn log_changes(changes: &[Change], revision: i64, took: std::time::Duration) {
+    let one_by_one = changes.len() <= CHANGES_LOGGED_ONE_BY_ONE;
+    // Each change at info when there are few, at debug when many.
+    macro_rules! each {
+        ($($t:tt)*) => {
+            if one_by_one { info!($($t)*) } else { debug!($($t)*) }
+        };
+    }
+    for c in changes {
+        match c {
+            Change::Updated {
+                key,
+                service,
+                frontend,
+                backends,
+                slots,
+            } => each!(
+                service,
+                frontend,
+                proto = proto_name(key.proto),
+                backends,
+                slots,
+                revision,
+                "service applied"
+            ),
+            Change::Removed { key, service } => each!(
+                service = service.as_deref().unwrap_or("(adopted)"),
+                frontend = frontend_of(key),
+                revision,
+                "service removed"
+            ),
+        }
+    }
+    if !one_by_one {
+        let removed = changes
+            .iter()
+            .filter(|c| matches!(c, Change::Removed { .. }))
+            .count();
+        info!(
+            applied = changes.len() - removed,
+            removed,
+            revision,
+            took_ms = took.as_millis() as u64,
+            "services applied (each at debug level)"
+        );
+    }
+}
