@@ -3,10 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{
-    announce::config::{RawCheck, RawInstance},
-    model::{Policy, Protocol},
-};
+use crate::model::{Policy, Protocol};
 use discovery_common::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/discovery";
@@ -14,15 +11,7 @@ pub const DEFAULT_PREFIX: &str = "/discovery/";
 pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
 pub const DEFAULT_STATUS_FILE: &str = "/run/discovery/status.json";
 
-/// Crate version, git commit and the embedded programs' content hash.
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (git ",
-    env!("DISCOVERY_GIT"),
-    ", programs ",
-    env!("DISCOVERY_PROGRAMS_ID"),
-    ")"
-);
+pub use crate::util::VERSION;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -287,30 +276,6 @@ pub struct InstanceArgs {
     pub fall: Option<u32>,
 }
 
-impl InstanceArgs {
-    pub fn raw(&self) -> anyhow::Result<RawInstance> {
-        let (Some(service), Some(addr)) = (&self.service, &self.addr) else {
-            anyhow::bail!("--service and --addr are required without --config");
-        };
-        Ok(RawInstance {
-            service: service.clone(),
-            addr: addr.clone(),
-            id: self.id.clone(),
-            weight: self.weight,
-            check: RawCheck {
-                kind: self.check.clone(),
-                target: self.check_target.clone(),
-                path: self.check_path.clone(),
-                command: self.check_command.clone(),
-                interval: self.interval,
-                timeout: self.timeout,
-                rise: self.rise,
-                fall: self.fall,
-            },
-        })
-    }
-}
-
 /// Where to serve metrics, if at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
@@ -478,11 +443,39 @@ fn parse_prefix(s: &str) -> Result<String, String> {
 pub fn expand_config_file(
     args: Vec<std::ffi::OsString>,
 ) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    expand_config_file_from(
+        args,
+        std::env::var_os("DISCOVERY_CONFIG").map(PathBuf::from),
+    )
+}
+
+/// Where the subcommand is: the first argument that is neither a global
+/// flag nor its value. (Not the first `run` anywhere: `service put run`
+/// names a service.)
+fn subcommand_at(args: &[std::ffi::OsString]) -> Option<usize> {
+    let mut i = 1;
+    while let Some(a) = args.get(i) {
+        let a = a.to_string_lossy();
+        if a == "--log" || a == "--log-format" {
+            i += 2;
+        } else if a.starts_with('-') {
+            i += 1;
+        } else {
+            return Some(i);
+        }
+    }
+    None
+}
+
+fn expand_config_file_from(
+    args: Vec<std::ffi::OsString>,
+    env_path: Option<PathBuf>,
+) -> anyhow::Result<Vec<std::ffi::OsString>> {
     use anyhow::Context as _;
-    let Some(run) = args.iter().position(|a| a == "run") else {
+    let Some(run) = subcommand_at(&args).filter(|&i| args[i] == "run") else {
         return Ok(args);
     };
-    let mut path = std::env::var_os("DISCOVERY_CONFIG").map(PathBuf::from);
+    let mut path = env_path;
     for (i, a) in args.iter().enumerate().skip(run + 1) {
         let a = a.to_string_lossy();
         if a == "--config" {
@@ -569,6 +562,41 @@ mod tests {
     }
 
     #[test]
+    fn only_the_run_subcommand_gets_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "max_services = 7\n").unwrap();
+        let os = |v: &[&str]| -> Vec<std::ffi::OsString> { v.iter().map(Into::into).collect() };
+        // A service called "run" is not the run command.
+        let put = os(&[
+            "discovery-agent",
+            "service",
+            "put",
+            "run",
+            "--frontend",
+            "127.0.0.1:1",
+        ]);
+        assert_eq!(
+            expand_config_file_from(put.clone(), Some(file.clone())).unwrap(),
+            put
+        );
+        let run = os(&["discovery-agent", "--log", "debug", "run", "--node", "n"]);
+        assert_eq!(
+            expand_config_file_from(run, Some(file)).unwrap(),
+            os(&[
+                "discovery-agent",
+                "--log",
+                "debug",
+                "run",
+                "--max-services",
+                "7",
+                "--node",
+                "n"
+            ])
+        );
+    }
+
+    #[test]
     fn config_file_sets_flags_and_the_command_line_wins() {
         let file = "pin_dir = \"/sys/fs/bpf/x\"\nmax_services = 100\n\
                     allowed_frontends = [\"127.0.0.0/8\", \"169.254.0.0/16\"]\n\
@@ -626,7 +654,7 @@ mod tests {
             panic!("expected announce")
         };
         assert_eq!(a.ttl, Duration::from_secs(3));
-        let raw = a.instance.raw().unwrap();
+        let raw = crate::announce::config::RawInstance::from_args(&a.instance).unwrap();
         assert_eq!(raw.check.kind.as_deref(), Some("http"));
         assert_eq!(raw.check.interval, Some(Duration::from_secs(1)));
         for bad in [

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::{etcd::EtcdConfig, maps::BpfMaps, status::unix_now};
+use crate::{etcd::EtcdConfig, maps::BpfMaps, util::unix_now};
 
 /// Full refresh of unchanged summaries (fresh call counts), in ticks.
 const REFRESH_EVERY: u32 = 10;

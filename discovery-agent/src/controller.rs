@@ -356,10 +356,10 @@ impl Controller {
         let m = &self.metrics;
         m.reconcile_duration
             .observe(started.elapsed().as_secs_f64());
-        m.last_reconcile.set(status::unix_now() as i64);
+        m.last_reconcile.set(crate::util::unix_now() as i64);
         log_changes(&changes, self.revision, started.elapsed());
         report_failures(&mut self.failing, errors, scope.as_ref(), m);
-        self.applied_unix = status::unix_now();
+        self.applied_unix = crate::util::unix_now();
         self.names_dirty = true;
         self.status_dirty = true;
         m.services.set(self.reconciler.services_installed() as i64);
@@ -516,7 +516,7 @@ fn snapshot(
     Snapshot {
         node: node.to_owned(),
         pid: std::process::id(),
-        version: crate::config::VERSION.to_owned(),
+        version: crate::util::VERSION.to_owned(),
         revision,
         applied_unix,
         metrics_addr: None,

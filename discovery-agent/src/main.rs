@@ -18,6 +18,7 @@ mod metrics;
 mod model;
 mod reconcile;
 mod status;
+mod util;
 
 use std::io::IsTerminal as _;
 
@@ -107,6 +108,107 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Layers only point down: no module imports one that imports it back.
+#[cfg(test)]
+mod layering {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// Top-level modules each module names through `crate::` (tests
+    /// excluded).
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = vec![];
+        for dir in [src.clone(), src.join("announce")] {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().is_some_and(|x| x == "rs") {
+                    files.push(p);
+                }
+            }
+        }
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for p in files {
+            let module = if p.parent().unwrap().ends_with("announce") {
+                "announce".to_owned()
+            } else {
+                p.file_stem().unwrap().to_string_lossy().into_owned()
+            };
+            let text = std::fs::read_to_string(&p).unwrap();
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+            let deps = out.entry(module.clone()).or_default();
+            // `crate::a::...` paths, and the heads of `use crate::{a, b::c}`.
+            for (i, _) in code.match_indices("crate::") {
+                let rest = &code[i + 7..];
+                let names: Vec<&str> = if let Some(group) = rest.strip_prefix('{') {
+                    let mut depth = 0;
+                    let end = group
+                        .char_indices()
+                        .find(|&(_, c)| {
+                            match c {
+                                '{' => depth += 1,
+                                '}' if depth == 0 => return true,
+                                '}' => depth -= 1,
+                                _ => {}
+                            }
+                            false
+                        })
+                        .map_or(group.len(), |(j, _)| j);
+                    let mut heads = vec![];
+                    let (mut depth, mut start) = (0, 0);
+                    for (j, c) in group[..end].char_indices() {
+                        match c {
+                            '{' => depth += 1,
+                            '}' => depth -= 1,
+                            ',' if depth == 0 => {
+                                heads.push(&group[start..j]);
+                                start = j + 1;
+                            }
+                            _ => {}
+                        }
+                    }
+                    heads.push(&group[start..end]);
+                    heads
+                } else {
+                    vec![rest]
+                };
+                for n in names {
+                    let head: String = n
+                        .trim()
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                        .collect();
+                    if !head.is_empty() && head != module && head != "self" {
+                        deps.insert(head);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn modules_import_no_cycle() {
+        let g = imports();
+        assert!(
+            g["controller"].contains("model"),
+            "the parser sees imports: {g:?}"
+        );
+        for (a, deps) in &g {
+            for b in deps {
+                // Is `a` reachable from `b`?
+                let mut todo = vec![b.clone()];
+                let mut seen = BTreeSet::new();
+                while let Some(m) = todo.pop() {
+                    assert!(m != *a, "import cycle: {a} -> {b} -> ... -> {a}");
+                    if seen.insert(m.clone()) {
+                        todo.extend(g.get(&m).into_iter().flatten().cloned());
+                    }
+                }
+            }
         }
     }
 }

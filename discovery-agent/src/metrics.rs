@@ -116,7 +116,7 @@ impl Collector for KernelCollector {
                     "service",
                     names.get(k).cloned().unwrap_or_else(|| "?".into()),
                 ),
-                ("frontend", crate::reconcile::frontend_of(k)),
+                ("frontend", crate::addr::frontend(k)),
             ]
         };
         let per_svc = |f: fn(&discovery_common::ServiceStats) -> u64| -> Vec<(Labels, u64)> {
@@ -152,7 +152,7 @@ impl Collector for KernelCollector {
         let per_backend = |f: fn(&crate::maps::BackendView) -> u64| -> Vec<(Labels, u64)> {
             view.backends
                 .iter()
-                .map(|(a, v)| (vec![("backend", crate::status::addr_str(*a))], f(v)))
+                .map(|(a, v)| (vec![("backend", crate::addr::show(*a))], f(v)))
                 .collect()
         };
         counters(

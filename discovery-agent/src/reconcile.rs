@@ -24,55 +24,7 @@ pub use crate::addr::Addr;
 /// One slot resolved to addresses: (backend, alias, threshold).
 pub type ResolvedSlot = (Addr, Addr, u32);
 
-#[derive(Debug, thiserror::Error)]
-#[error("{op} in map {map}: {source}")]
-pub struct MapError {
-    pub map: &'static str,
-    pub op: &'static str,
-    #[source]
-    pub source: std::io::Error,
-}
-
-/// What the reconciler needs from the maps. Implemented over the pinned BPF
-/// maps (`maps.rs`) and by an in-memory fake in tests.
-pub trait Dataplane {
-    fn set_backend(&mut self, id: u32, b: Backend) -> Result<(), MapError>;
-    fn clear_backend(&mut self, id: u32) -> Result<(), MapError>;
-    fn set_slot(&mut self, key: SlotKey, slot: Slot) -> Result<(), MapError>;
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError>;
-    fn set_service(&mut self, key: ServiceKey, svc: Service) -> Result<(), MapError>;
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
-    /// Zeroes the counters at an id about to be given to a service or a
-    /// backend address. Best effort: counters never hold up routing, so
-    /// implementations log failures instead of returning them.
-    fn reset_stats(&mut self, slot: StatsSlot);
-    /// Service counter slots (ids are 1..capacity).
-    fn service_stats_capacity(&self) -> u32;
-    /// The maps were created empty by this agent: no id was ever handed
-    /// out, so counters at never-used ids need no zeroing.
-    fn fresh(&self) -> bool {
-        false
-    }
-    /// Capacity of the backends array (ids are 1..capacity).
-    fn backend_capacity(&self) -> u32;
-    /// Everything currently in the maps.
-    fn dump(&self) -> Result<Dump, MapError>;
-}
-
-/// A counters slot: a service's `stats_id` or a backend id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum StatsSlot {
-    Service(u32),
-    Backend(u32),
-}
-
-#[derive(Debug, Default, Clone)]
-pub struct Dump {
-    pub services: Vec<(ServiceKey, Service)>,
-    pub slots: Vec<(SlotKey, Slot)>,
-    /// Valid backend entries by id.
-    pub backends: Vec<(u32, Backend)>,
-}
+pub use crate::maps::{Dataplane, MapError, StatsSlot};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Installed {
@@ -728,6 +680,7 @@ impl<D: Dataplane> Reconciler<D> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::maps::Dump;
     use crate::model::{Model, service_key};
     use discovery_common::IPPROTO_TCP;
 

@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
     path::Path,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
@@ -71,12 +71,7 @@ pub struct SnapBackend {
     pub health: String,
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::util::unix_now;
 
 /// Writes the snapshot atomically (temp file, then rename), so a reader
 /// never sees half of it.

@@ -85,11 +85,31 @@ struct File {
     instance: Vec<toml::Spanned<RawInstance>>,
 }
 
-pub fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
+pub use crate::util::hostname;
+
+impl RawInstance {
+    /// The one instance given by flags (without --config).
+    pub fn from_args(a: &crate::config::InstanceArgs) -> anyhow::Result<Self> {
+        let (Some(service), Some(addr)) = (&a.service, &a.addr) else {
+            anyhow::bail!("--service and --addr are required without --config");
+        };
+        Ok(RawInstance {
+            service: service.clone(),
+            addr: addr.clone(),
+            id: a.id.clone(),
+            weight: a.weight,
+            check: RawCheck {
+                kind: a.check.clone(),
+                target: a.check_target.clone(),
+                path: a.check_path.clone(),
+                command: a.check_command.clone(),
+                interval: a.interval,
+                timeout: a.timeout,
+                rise: a.rise,
+                fall: a.fall,
+            },
+        })
+    }
 }
 
 impl RawInstance {

@@ -244,7 +244,7 @@ impl Announcer {
 fn instances(args: &AnnounceArgs) -> anyhow::Result<Vec<Instance>> {
     let v = match &args.config {
         Some(path) => config::load_file(path)?,
-        None => vec![args.instance.raw()?.validate()?],
+        None => vec![config::RawInstance::from_args(&args.instance)?.validate()?],
     };
     config::check_unique(&v)?;
     if v.len() > MAX_INSTANCES {
