@@ -221,12 +221,31 @@ fn main() -> anyhow::Result<()> {
                 .env("CARGO_TARGET_DIR", root().join("target/clippy-ebpf"))
                 .env("RUSTFLAGS", "-C panic=abort"))?;
             let dir = build(false)?;
-            test(
-                cargo()
-                    .arg("test")
-                    .args(args)
-                    .env("DISCOVERY_AGENT_BIN", dir.join("discovery-agent")),
-            )
+            let mut cmd = cargo();
+            cmd.arg("test")
+                .args(args)
+                .env("DISCOVERY_AGENT_BIN", dir.join("discovery-agent"));
+            // The eBPF object build.rs just built, for the program-level
+            // tests (tests/tests/programs.rs): the newest non-empty
+            // build/discovery-agent-*/out/discovery (stub builds leave an
+            // empty one).
+            let object = std::fs::read_dir(dir.join("build"))?
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("discovery-agent-")
+                })
+                .map(|e| e.path().join("out/discovery"))
+                .filter_map(|p| {
+                    let m = p.metadata().ok().filter(|m| m.len() > 0)?;
+                    Some((m.modified().ok()?, p))
+                })
+                .max();
+            if let Some((_, object)) = object {
+                cmd.env("DISCOVERY_EBPF_OBJECT", object);
+            }
+            test(&mut cmd)
         }
         Task::FreshCheck(opts) => {
             need_root("the fresh-machine check runs debootstrap, mounts and chroot")?;
