@@ -162,14 +162,16 @@ fn programs_are_replaced_atomically_under_load() {
 
     check_load(&outcomes, &["a"]);
     let log = upgraded.log();
+    // The sock_addr programs and the sock_ops program.
+    let programs = discovery_common::names::PROGRAMS.len() + 1;
     assert_eq!(
         log.matches("replaced the attached program atomically")
             .count(),
-        5,
+        programs,
         "{log}"
     );
     let now = prog_ids(&w);
-    assert_eq!(now.len(), 5);
+    assert_eq!(now.len(), programs);
     assert!(
         now.is_disjoint(&progs),
         "old programs still attached: {progs:?} {now:?}"
