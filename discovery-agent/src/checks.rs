@@ -14,7 +14,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rand::Rng as _;
 use tokio::{
     sync::{Semaphore, mpsc},
     task::JoinHandle,
@@ -22,7 +21,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    health::{Check, Gate, probe},
+    health::{Check, watch},
     model::Desired,
 };
 
@@ -208,32 +207,20 @@ async fn run_checker(
     limit: Arc<Semaphore>,
     tx: mpsc::Sender<(SocketAddrV4, Check, bool)>,
 ) {
-    let mut gate = Gate::new(check.rise, check.fall);
     // Spread thousands of checkers over one interval.
-    let jitter = rand::rng().random_range(0..=check.interval.as_millis() as u64);
-    tokio::time::sleep(Duration::from_millis(jitter)).await;
-    let mut tick = tokio::time::interval(check.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let result = {
-            let _permit = limit.acquire().await.expect("semaphore never closed");
-            probe(&check, &http).await
-        };
-        if let Some(up) = gate.observe(result.is_ok()) {
-            match &result {
-                Ok(()) => {
-                    info!(backend = %addr, rise = check.rise, "backend passes its check again; back in rotation on this node")
-                }
-                Err(reason) => {
-                    warn!(backend = %addr, fall = check.fall, %reason, "backend fails its check; out of rotation on this node")
-                }
+    watch(&check, &http, Some(&limit), check.interval, |up, failure| {
+        match &failure {
+            None => {
+                info!(backend = %addr, rise = check.rise, "backend passes its check again; back in rotation on this node")
             }
-            if tx.send((addr, check.clone(), up)).await.is_err() {
-                return;
+            Some(reason) => {
+                warn!(backend = %addr, fall = check.fall, %reason, "backend fails its check; out of rotation on this node")
             }
         }
-    }
+        let (tx, check) = (tx.clone(), check.clone());
+        async move { tx.send((addr, check, up)).await.is_ok() }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -4,9 +4,79 @@
 //! consecutive passes and goes out after `fall` consecutive failures; any
 //! failure resets the count towards `rise`, so one that alternates never
 //! comes in.
-use std::{net::SocketAddrV4, process::Stdio, time::Duration};
+use std::{future::Future, net::SocketAddrV4, process::Stdio, time::Duration};
 
-use tokio::{net::TcpStream, process::Command, time::timeout};
+use rand::Rng as _;
+use tokio::{net::TcpStream, process::Command, sync::Semaphore, time::timeout};
+
+/// Check timing defaults, in one place. An announcer checks its own
+/// instances on the same host: fast, so a dead instance is withdrawn
+/// within 1.5 s. A service's `check` runs from every node against every
+/// backend of the service, so it is gentler on the backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Defaults {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// `discovery-agent announce`: 500 ms, 300 ms, rise 2, fall 3.
+pub const ANNOUNCER: Defaults = Defaults {
+    interval: Duration::from_millis(500),
+    timeout: Duration::from_millis(300),
+    rise: 2,
+    fall: 3,
+};
+
+/// A service's `check` in etcd (the agents' active checks): 1 s, 300 ms,
+/// rise 2, fall 2.
+pub const SERVICE_CHECK: Defaults = Defaults {
+    interval: Duration::from_secs(1),
+    timeout: Duration::from_millis(300),
+    rise: 2,
+    fall: 2,
+};
+
+/// Probes `check` every interval forever (after a random delay of up to
+/// `spread`, so many checkers do not fire together), at most as many at
+/// once as `limit` allows, and calls `changed(up, failure)` each time the
+/// rise/fall gate changes state; stops when that returns false. The one
+/// checker loop of the announcer and of the agent's active checks.
+pub async fn watch<F, Fut>(
+    check: &Check,
+    http: &reqwest::Client,
+    limit: Option<&Semaphore>,
+    spread: Duration,
+    mut changed: F,
+) where
+    F: FnMut(bool, Option<String>) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut gate = Gate::new(check.rise, check.fall);
+    let jitter = rand::rng().random_range(0..=spread.as_millis() as u64);
+    tokio::time::sleep(Duration::from_millis(jitter)).await;
+    let mut tick = tokio::time::interval(check.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = {
+            let _permit = match limit {
+                Some(l) => Some(l.acquire().await.expect("semaphore never closed")),
+                None => None,
+            };
+            probe(check, http).await
+        };
+        if let Err(reason) = &result {
+            tracing::debug!(target = ?check.kind, %reason, "check failed");
+        }
+        if let Some(up) = gate.observe(result.is_ok())
+            && !changed(up, result.err()).await
+        {
+            return;
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CheckKind {

@@ -29,11 +29,11 @@ use crate::{
     model::{MAX_WEIGHT, check_instance, check_name, parse_addr},
 };
 
-pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(300);
-pub const DEFAULT_RISE: u32 = 2;
-/// With the default interval a dead instance is out within 1.5 s.
-pub const DEFAULT_FALL: u32 = 3;
+/// Defaults from [`crate::health::ANNOUNCER`].
+pub const DEFAULT_INTERVAL: Duration = crate::health::ANNOUNCER.interval;
+pub const DEFAULT_TIMEOUT: Duration = crate::health::ANNOUNCER.timeout;
+pub const DEFAULT_RISE: u32 = crate::health::ANNOUNCER.rise;
+pub const DEFAULT_FALL: u32 = crate::health::ANNOUNCER.fall;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instance {
