@@ -382,22 +382,27 @@ pub struct CheckJson {
     pub interval: String,
     #[serde(default = "default_check_timeout")]
     pub timeout: String,
-    #[serde(default = "default_rise_fall")]
+    #[serde(default = "default_rise")]
     pub rise: u32,
-    #[serde(default = "default_rise_fall")]
+    #[serde(default = "default_fall")]
     pub fall: u32,
 }
 
+// Defaults from [`crate::health::SERVICE_CHECK`].
 fn default_check_interval() -> String {
-    "1s".into()
+    humantime::format_duration(crate::health::SERVICE_CHECK.interval).to_string()
 }
 
 fn default_check_timeout() -> String {
-    "300ms".into()
+    humantime::format_duration(crate::health::SERVICE_CHECK.timeout).to_string()
 }
 
-fn default_rise_fall() -> u32 {
-    2
+fn default_rise() -> u32 {
+    crate::health::SERVICE_CHECK.rise
+}
+
+fn default_fall() -> u32 {
+    crate::health::SERVICE_CHECK.fall
 }
 
 /// A validated service check; [`ServiceCheck::for_backend`] makes the probe.
@@ -808,6 +813,15 @@ impl Model {
             .filter(|(_, s)| names.contains(&s.service))
             .map(|(k, _)| *k)
             .collect();
+        // A refused frontend is not in `services`: its claimant's move or
+        // delete must recompute it too (and promote the next claimant).
+        keys.extend(
+            self.routes
+                .refused
+                .iter()
+                .filter(|(_, r)| names.contains(&r.service))
+                .map(|(k, _)| *k),
+        );
         keys.extend(names.iter().flat_map(|n| self.frontend_keys(n)));
         keys.extend(also);
         let part = self.desired_where(|k| keys.contains(k), guard);
@@ -1250,6 +1264,43 @@ mod tests {
             [service_key("127.0.0.53:53".parse().unwrap(), IPPROTO_UDP)],
             "only services without takeover count"
         );
+    }
+
+    #[test]
+    fn a_partial_refresh_recomputes_a_refused_frontend_whose_claimant_went() {
+        let mut m = model();
+        m.put(
+            "/discovery/services/old",
+            br#"{"frontend":"127.0.0.1:80"}"#,
+            1,
+        );
+        m.put(
+            "/discovery/services/new",
+            br#"{"frontend":"127.0.0.1:80","takeover":true}"#,
+            2,
+        );
+        m.put("/discovery/backends/new/a", b"127.0.0.9:1", 3);
+        let mut g = NodeGuard::new(&[], None);
+        let mut l = crate::listeners::Listeners::default();
+        l.add(IPPROTO_TCP, "127.0.0.1".parse().unwrap(), 80, false);
+        g.set_listeners(l);
+        assert_eq!(m.refresh(&g, [], true), None);
+        assert_eq!(
+            m.routes().refused.len(),
+            1,
+            "old wins the frontend, which is refused"
+        );
+        assert!(m.routes().services.is_empty());
+        m.delete("/discovery/services/old");
+        assert!(m.refresh(&g, [], false).is_some(), "a partial refresh");
+        let full = m.desired_for(&g);
+        assert!(
+            m.routes().refused.is_empty(),
+            "stale refusal: {:?}",
+            m.routes().refused
+        );
+        assert_eq!(m.routes().services, full.services);
+        assert_eq!(m.routes().services.values().next().unwrap().service, "new");
     }
 
     #[test]
