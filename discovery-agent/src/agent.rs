@@ -47,11 +47,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pin_dir = args.pin.pin_dir.clone();
     // Bound before attaching: a busy port must not leave programs behind.
     let (names_tx, names_rx) = tokio::sync::watch::channel(HashMap::new());
+    let seen_revision = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let metrics = Arc::new(Metrics::new(Some(metrics::KernelCollector {
         pin_dir: pin_dir.clone(),
         names: names_rx.clone(),
         etcd_revision: Default::default(),
-        etcd_watch_revision: Default::default(),
+        seen_revision: seen_revision.clone(),
     })));
     let metrics_addr = match args.metrics_addr {
         MetricsAddr(Some(addr)) => Some(metrics::serve(addr, metrics.clone()).await?),
@@ -104,6 +105,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let source = Source {
         etcd,
         prefix: args.etcd.prefix.clone(),
+        seen_revision,
     };
     let source_task = tokio::spawn(source.run(tx));
     let consumers_task = (!args.consumers_interval.is_zero()).then(|| {

@@ -257,7 +257,6 @@ impl Controller {
                     );
                 }
                 self.metrics.etcd_connected.set(1);
-                self.metrics.etcd_watch_revision.set(revision);
                 self.revision = revision;
                 self.ready_pending = true;
                 true
@@ -274,13 +273,8 @@ impl Controller {
                         }
                     }
                 }
-                self.metrics.etcd_watch_revision.set(revision);
                 self.revision = revision;
                 true
-            }
-            Update::Progress { revision } => {
-                self.metrics.etcd_watch_revision.set(revision);
-                false
             }
             Update::Disconnected => {
                 self.metrics.etcd_connected.set(0);

@@ -95,8 +95,6 @@ pub enum Update {
     Snapshot { kvs: Vec<Kv>, revision: i64 },
     /// Changes in revision order.
     Changes { puts: Vec<Change>, revision: i64 },
-    /// The watch is at `revision` with nothing new (progress notification).
-    Progress { revision: i64 },
     /// The list or watch was lost; a new snapshot follows when etcd is back.
     Disconnected,
 }
@@ -120,6 +118,9 @@ enum Lost {
 pub struct Source {
     pub etcd: EtcdConfig,
     pub prefix: String,
+    /// The newest revision seen (list or watch), for the watch-lag metric:
+    /// set before the update is queued, so the lag counts queued updates.
+    pub seen_revision: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// Whether a failed request never reached a working etcd (as opposed to
@@ -217,6 +218,11 @@ impl Source {
         }
     }
 
+    fn seen(&self, revision: i64) {
+        self.seen_revision
+            .fetch_max(revision, std::sync::atomic::Ordering::Relaxed);
+    }
+
     async fn connect(&self) -> Result<Client, etcd_client::Error> {
         connect(&self.etcd).await
     }
@@ -260,6 +266,7 @@ impl Source {
             }
         }
         info!(prefix = %self.prefix, revision, keys = kvs.len(), "listed etcd prefix");
+        self.seen(revision);
         if tx.send(Update::Snapshot { kvs, revision }).await.is_err() {
             return Ok(());
         }
@@ -301,11 +308,9 @@ impl Source {
                 anyhow::bail!("watch canceled by etcd: {}", resp.cancel_reason());
             }
             let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+            self.seen(rev);
             if resp.events().is_empty() {
                 debug!(revision = rev, "watch progress");
-                if tx.send(Update::Progress { revision: rev }).await.is_err() {
-                    return Ok(());
-                }
                 continue;
             }
             let puts = resp

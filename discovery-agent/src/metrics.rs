@@ -45,7 +45,6 @@ pub struct Metrics {
     pub refused: Family<RefusedLabels, Gauge>,
     pub invalid_keys: Gauge,
     pub etcd_revision: Gauge,
-    pub etcd_watch_revision: Gauge,
     pub etcd_connected: Gauge,
     pub services: Gauge,
     pub ejected: Gauge,
@@ -61,7 +60,9 @@ pub struct KernelCollector {
     /// Frontend → service name, as last applied.
     pub names: tokio::sync::watch::Receiver<std::collections::HashMap<ServiceKey, String>>,
     pub etcd_revision: Gauge,
-    pub etcd_watch_revision: Gauge,
+    /// The newest revision the etcd source has seen, kept by the source
+    /// itself (updates may still wait in the channel to the controller).
+    pub seen_revision: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -94,7 +95,16 @@ fn gauges(
 
 impl Collector for KernelCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let lag = (self.etcd_watch_revision.get() - self.etcd_revision.get()).max(0);
+        let seen = self
+            .seen_revision
+            .load(std::sync::atomic::Ordering::Relaxed);
+        gauges(
+            &mut e,
+            "etcd_watch_revision",
+            "newest etcd revision seen on the watch",
+            &[(vec![], seen)],
+        )?;
+        let lag = (seen - self.etcd_revision.get()).max(0);
         gauges(
             &mut e,
             "etcd_watch_lag_revisions",
@@ -244,12 +254,6 @@ impl Metrics {
             "etcd revision last applied to the maps",
             etcd_revision.clone(),
         );
-        let etcd_watch_revision = Gauge::default();
-        registry.register(
-            "etcd_watch_revision",
-            "newest etcd revision seen on the watch",
-            etcd_watch_revision.clone(),
-        );
         let etcd_connected = Gauge::default();
         registry.register(
             "etcd_connected",
@@ -272,7 +276,6 @@ impl Metrics {
         );
         if let Some(mut k) = kernel {
             k.etcd_revision = etcd_revision.clone();
-            k.etcd_watch_revision = etcd_watch_revision.clone();
             registry.register_collector(Box::new(k));
         }
         let services = Gauge::default();
@@ -293,7 +296,6 @@ impl Metrics {
             refused,
             invalid_keys,
             etcd_revision,
-            etcd_watch_revision,
             etcd_connected,
             services,
             ejected,
