@@ -156,6 +156,18 @@ impl NodeGuard {
         let mut reserved = Vec::new();
         for e in etcd_endpoints {
             let hp = endpoint_host_port(e);
+            // `localhost` is loopback whatever the resolver says (RFC 6761):
+            // a clean Debian root has no /etc/hosts to say so.
+            if let Some((host, port)) = hp.rsplit_once(':')
+                && (host.eq_ignore_ascii_case("localhost")
+                    || host.to_ascii_lowercase().ends_with(".localhost"))
+                && let Ok(port) = port.parse()
+            {
+                reserved.push((
+                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+                    format!("etcd endpoint {e}"),
+                ));
+            }
             match hp.to_socket_addrs() {
                 Ok(addrs) => {
                     for a in addrs {
