@@ -12,13 +12,13 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context as _;
 use discovery_common::ServiceKey;
-use etcd_client::{Client, PutOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::{etcd::EtcdConfig, maps::BpfMaps, util::unix_now};
+use crate::{etcd::EtcdConfig, lease::LeaseSession, maps::BpfMaps, util::unix_now};
 
 /// Full refresh of unchanged summaries (fresh call counts), in ticks.
 const REFRESH_EVERY: u32 = 10;
@@ -121,7 +121,7 @@ impl Publisher {
                 return;
             }
         };
-        let mut client: Option<(Client, i64)> = None;
+        let mut session: Option<LeaseSession> = None;
         // service → (workload set, ticks since written)
         let mut published: BTreeMap<String, (Vec<String>, u32)> = BTreeMap::new();
         let mut paths = HashMap::new();
@@ -144,34 +144,38 @@ impl Publisher {
             }
             let names = self.names.borrow_and_update().clone();
             let now = summarise(&counts, &names, &paths);
-            if let Err(e) = self.publish(&mut client, &mut published, &now).await {
-                warn!(error = %e, "consumers: publishing to etcd failed; retrying next tick");
-                client = None;
-                published.clear();
+            if let Some(reason) = session.as_mut().and_then(LeaseSession::check_lost) {
+                warn!(node = self.node, %reason, "consumers: lease lost; publishing again under a new one");
+                session = None;
+            }
+            if let Err(e) = self.publish(&mut session, &mut published, &now).await {
+                warn!(node = self.node, error = %format!("{e:#}"), "consumers: publishing to etcd failed; retrying next tick");
+                session = None;
             }
         }
     }
 
     async fn publish(
         &self,
-        client: &mut Option<(Client, i64)>,
+        session: &mut Option<LeaseSession>,
         published: &mut BTreeMap<String, (Vec<String>, u32)>,
         now: &BTreeMap<String, Vec<Workload>>,
-    ) -> Result<(), etcd_client::Error> {
-        let ttl = (self.interval.as_secs() as i64 * 3).max(60);
-        if client.is_none() {
-            let mut c = crate::etcd::connect(&self.etcd).await?;
-            let lease = c.lease_grant(ttl, None).await?.id();
+    ) -> anyhow::Result<()> {
+        if session.is_none() {
+            let ttl = (self.interval * 3).max(Duration::from_secs(60));
+            let s = LeaseSession::open(&self.etcd, ttl).await?;
             info!(
                 node = self.node,
-                lease, "consumers: publishing under a new lease"
+                lease = format!("{:x}", s.id()),
+                "consumers: publishing under a new lease"
             );
-            *client = Some((c, lease));
+            *session = Some(s);
+            // Nothing is under the new lease yet.
             published.clear();
         }
-        let (c, lease) = client.as_mut().expect("connected above");
-        let (mut keeper, _stream) = c.lease_keep_alive(*lease).await?;
-        keeper.keep_alive().await?;
+        let s = session.as_mut().expect("opened above");
+        let opts = s.put_options();
+        let c = s.client();
         let key =
             |service: &str| format!("{}{}", consumers_prefix(&self.prefix, service), self.node);
         for (service, workloads) in now {
@@ -193,12 +197,9 @@ impl Publisher {
             })
             .expect("serialisable");
             let k = key(service);
-            c.put(
-                k.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(*lease)),
-            )
-            .await?;
+            c.put(k.as_str(), value, Some(opts.clone()))
+                .await
+                .with_context(|| format!("writing {k}"))?;
             debug!(
                 service,
                 key = k,
@@ -213,7 +214,10 @@ impl Publisher {
             .cloned()
             .collect();
         for service in gone {
-            c.delete(key(&service), None).await?;
+            let k = key(&service);
+            c.delete(k.as_str(), None)
+                .await
+                .with_context(|| format!("deleting {k}"))?;
             published.remove(&service);
         }
         Ok(())
@@ -227,7 +231,6 @@ pub async fn show(
     service: &str,
     json: bool,
 ) -> anyhow::Result<()> {
-    use anyhow::Context as _;
     crate::model::check_name(service)?;
     let mut c = crate::etcd::connect(etcd).await?;
     let p = consumers_prefix(prefix, service);

@@ -11,6 +11,7 @@ mod etcd;
 mod exempt;
 mod guard;
 mod health;
+mod lease;
 mod listeners;
 mod loader;
 mod maps;

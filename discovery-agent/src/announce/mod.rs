@@ -1,9 +1,9 @@
 //! `discovery-agent announce`: registers local instances in etcd while their
 //! health checks pass.
 //!
-//! All instances of one announcer share one lease, kept alive at a third of
-//! its TTL; every change is one transaction. If etcd or the lease is lost,
-//! checks keep running and the instances are registered again under a new
+//! All instances of one announcer share one lease ([`LeaseSession`]);
+//! every change is one transaction. If etcd or the lease is lost, checks
+//! keep running and the instances are registered again under a new
 //! lease as soon as etcd answers. On SIGTERM/SIGINT the instances are set to
 //! weight 0, held for the drain period (a second signal skips the wait),
 //! then deleted, and the process exits once the delete is confirmed.
@@ -13,18 +13,18 @@ pub mod health;
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context as _, bail};
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
-    sync::{mpsc, oneshot},
-    task::JoinHandle,
-    time::{Instant, sleep, sleep_until, timeout},
+    sync::mpsc,
+    time::{Instant, sleep, sleep_until},
 };
 use tracing::{error, info, warn};
 
 use crate::{
     config::AnnounceArgs,
     etcd::{Backoff, EtcdConfig, connect},
+    lease::LeaseSession,
     model::{BackendJson, backend_key_path},
 };
 use config::Instance;
@@ -39,86 +39,31 @@ const MAYBE_STALE: &str = "";
 /// etcd's default `--max-txn-ops`.
 const MAX_INSTANCES: usize = 128;
 
-/// A connection to etcd with our lease and its keepalive task.
-struct Session {
-    client: Client,
-    lease: i64,
-    /// Fires (with a reason) when the lease or the keepalive stream is lost.
-    lost: oneshot::Receiver<String>,
-    keepalive: JoinHandle<()>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.keepalive.abort();
-    }
-}
-
-impl Session {
-    async fn open(etcd: &EtcdConfig, ttl: Duration) -> anyhow::Result<Self> {
-        let mut client = connect(etcd).await?;
-        let lease = client
-            .lease_grant(ttl.as_secs() as i64, None)
-            .await
-            .context("granting a lease")?
-            .id();
-        let (mut keeper, mut stream) = client
-            .lease_keep_alive(lease)
-            .await
-            .context("starting lease keepalive")?;
-        let (lost_tx, lost) = oneshot::channel();
-        let period = ttl / 3;
-        let keepalive = tokio::spawn(async move {
-            let reason = loop {
-                sleep(period).await;
-                if let Err(e) = keeper.keep_alive().await {
-                    break format!("keepalive: {e}");
-                }
-                match timeout(period.max(Duration::from_secs(1)), stream.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => continue,
-                    Ok(Ok(Some(_))) => break format!("lease {lease:x} expired"),
-                    Ok(Ok(None)) => break "keepalive stream closed".into(),
-                    Ok(Err(e)) => break format!("keepalive: {e}"),
-                    Err(_) => break "keepalive not answered".into(),
-                }
-            };
-            let _ = lost_tx.send(reason);
-        });
-        Ok(Self {
-            client,
-            lease,
-            lost,
-            keepalive,
-        })
-    }
-
-    /// Writes the difference between `written` and `want` in one
-    /// transaction.
-    async fn sync(&mut self, written: &Entries, want: &Entries) -> anyhow::Result<()> {
-        let mut ops = Vec::new();
-        for (k, v) in want {
-            if written.get(k) != Some(v) {
-                let opts = PutOptions::new().with_lease(self.lease);
-                ops.push(TxnOp::put(k.as_str(), v.as_str(), Some(opts)));
-            }
+/// Writes the difference between `written` and `want` in one transaction,
+/// under the session's lease.
+async fn sync(session: &mut LeaseSession, written: &Entries, want: &Entries) -> anyhow::Result<()> {
+    let mut ops = Vec::new();
+    for (k, v) in want {
+        if written.get(k) != Some(v) {
+            ops.push(TxnOp::put(
+                k.as_str(),
+                v.as_str(),
+                Some(session.put_options()),
+            ));
         }
-        for k in written.keys().filter(|k| !want.contains_key(*k)) {
-            ops.push(TxnOp::delete(k.as_str(), None));
-        }
-        if ops.is_empty() {
-            return Ok(());
-        }
-        self.client
-            .txn(Txn::new().and_then(ops))
-            .await
-            .context("writing instances")?;
-        Ok(())
     }
-
-    /// Best effort: lets etcd drop the lease now instead of after the TTL.
-    async fn revoke(&mut self) {
-        let _ = self.client.lease_revoke(self.lease).await;
+    for k in written.keys().filter(|k| !want.contains_key(*k)) {
+        ops.push(TxnOp::delete(k.as_str(), None));
     }
+    if ops.is_empty() {
+        return Ok(());
+    }
+    session
+        .client()
+        .txn(Txn::new().and_then(ops))
+        .await
+        .context("writing instances")?;
+    Ok(())
 }
 
 fn value(inst: &Instance, weight: u32) -> String {
@@ -137,7 +82,7 @@ struct Announcer {
     /// None until the first verdict of the instance's check.
     up: Vec<Option<bool>>,
     draining: bool,
-    session: Option<Session>,
+    session: Option<LeaseSession>,
     written: Entries,
     backoff: Backoff,
     retry_at: Instant,
@@ -168,9 +113,9 @@ impl Announcer {
             if Instant::now() < self.retry_at {
                 return false;
             }
-            match Session::open(&self.etcd, self.ttl).await {
+            match LeaseSession::open(&self.etcd, self.ttl).await {
                 Ok(s) => {
-                    info!(lease = format!("{:x}", s.lease), ttl = ?self.ttl,
+                    info!(lease = format!("{:x}", s.id()), ttl = ?self.ttl,
                           endpoints = ?self.etcd.endpoints, "connected to etcd with a new lease");
                     self.session = Some(s);
                     // Nothing is under the new lease yet; instances known to
@@ -194,7 +139,7 @@ impl Announcer {
         }
         let want = self.desired();
         let session = self.session.as_mut().expect("session just opened");
-        if let Err(e) = session.sync(&self.written, &want).await {
+        if let Err(e) = sync(session, &self.written, &want).await {
             let wait = self.backoff.next();
             warn!(error = format!("{e:#}"), retry_in = ?wait, "lost etcd; will register again under a new lease");
             self.session = None;
@@ -233,9 +178,7 @@ impl Announcer {
     /// Resolves when the session's lease is lost; never without a session.
     async fn session_lost(&mut self) -> String {
         match self.session.as_mut() {
-            Some(s) => (&mut s.lost)
-                .await
-                .unwrap_or_else(|_| "keepalive task ended".into()),
+            Some(s) => s.lost().await,
             None => std::future::pending().await,
         }
     }
@@ -357,7 +300,7 @@ pub async fn run(args: AnnounceArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + args.ttl;
     loop {
         if a.converge().await {
-            if let Some(s) = a.session.as_mut() {
+            if let Some(s) = a.session.take() {
                 s.revoke().await;
             }
             info!("instances withdrawn; exiting");
