@@ -228,7 +228,7 @@ pub async fn show(
     json: bool,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    crate::model::check_name(service)?;
+    crate::schema::check_name(service)?;
     let mut c = crate::etcd::connect(etcd).await?;
     let p = consumers_prefix(prefix, service);
     let r = c

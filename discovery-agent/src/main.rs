@@ -7,6 +7,7 @@ mod checks;
 mod config;
 mod consumers;
 mod controller;
+mod desired;
 mod etcd;
 mod exempt;
 mod guard;
@@ -17,6 +18,7 @@ mod maps;
 mod metrics;
 mod model;
 mod reconcile;
+mod schema;
 mod status;
 mod util;
 

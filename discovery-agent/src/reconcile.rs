@@ -16,7 +16,10 @@ use discovery_common::{
     SlotKey, TcpOpts,
 };
 
-use crate::model::{BackendDef, Desired, DesiredService, Policy};
+use crate::{
+    desired::{Desired, DesiredService},
+    schema::{BackendDef, Policy},
+};
 
 /// A backend address as stored in the maps.
 pub use crate::addr::Addr;
@@ -680,8 +683,9 @@ impl<D: Dataplane> Reconciler<D> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::desired::service_key;
     use crate::maps::Dump;
-    use crate::model::{Model, service_key};
+    use crate::model::Model;
     use discovery_common::IPPROTO_TCP;
 
     /// In-memory maps that check, after every single write, that each

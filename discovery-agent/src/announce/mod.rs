@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::AnnounceArgs,
     etcd::{Backoff, EtcdConfig, connect},
-    model::{BackendJson, backend_key_path},
+    schema::{BackendJson, backend_key_path},
 };
 use config::Instance;
 
