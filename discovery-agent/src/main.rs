@@ -20,6 +20,7 @@ mod model;
 mod reconcile;
 mod schema;
 mod status;
+mod tables;
 mod util;
 
 use std::io::IsTerminal as _;
