@@ -12,6 +12,7 @@ mod etcd;
 mod exempt;
 mod guard;
 mod health;
+mod ids;
 mod listeners;
 mod loader;
 mod maps;

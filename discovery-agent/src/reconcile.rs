@@ -10,8 +10,9 @@
 //! A failed write (map full, memory) is undone and leaves the service on its
 //! previous set; other services are not affected.
 //!
-//! The slot tables come from [`crate::tables`].
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+//! The slot tables come from [`crate::tables`] and the ids from
+//! [`crate::ids`].
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use discovery_common::{
     BACKEND_F_VALID, Backend, SVC_F_CONSISTENT, SVC_F_LEAST_CONN, Service, ServiceKey, Slot,
@@ -20,6 +21,7 @@ use discovery_common::{
 
 use crate::{
     desired::{Desired, DesiredService},
+    ids::{Allocated, IdPool, Reuse, SetIds},
     schema::Policy,
     tables::{ResolvedSlot, desired_slots},
 };
@@ -82,17 +84,10 @@ pub struct Reconciler<D: Dataplane> {
     refs: HashMap<u32, u32>,
     /// Freed ids are reused oldest first, so an id is not rewritten while a
     /// program that read a stale slot may still be looking at it.
-    free_ids: VecDeque<u32>,
-    next_id: u32,
-    next_set: u32,
-    set_ids_wrapped: bool,
-    /// Service counter ids not in use, and the next never-used one.
-    free_stats: Vec<u32>,
-    next_stats: u32,
-    /// Ids from here up were never handed out in the maps' life, so their
-    /// counters are still zero (u32::MAX: unknown, zero every time).
-    fresh_backend_from: u32,
-    fresh_stats_from: u32,
+    backend_pool: IdPool,
+    /// Service counter ids.
+    stats_pool: IdPool,
+    set_ids: SetIds,
 }
 
 impl<D: Dataplane> Reconciler<D> {
@@ -104,24 +99,17 @@ impl<D: Dataplane> Reconciler<D> {
         let dump = dp.dump()?;
         let backends: HashMap<u32, Backend> = dump.backends.iter().copied().collect();
         let slots: HashMap<SlotKey, Slot> = dump.slots.iter().copied().collect();
+        let fresh = dp.fresh();
         let mut r = Self {
             dp,
             installed: HashMap::new(),
             backend_ids: HashMap::new(),
             addrs: HashMap::new(),
             refs: HashMap::new(),
-            free_ids: VecDeque::new(),
-            next_id: 1,
-            next_set: 1,
-            set_ids_wrapped: false,
-            free_stats: Vec::new(),
-            next_stats: 1,
-            fresh_backend_from: u32::MAX,
-            fresh_stats_from: u32::MAX,
+            backend_pool: IdPool::adopt(Reuse::Oldest, [], fresh),
+            stats_pool: IdPool::adopt(Reuse::Newest, [], fresh),
+            set_ids: SetIds::adopt(0),
         };
-        if r.dp.fresh() {
-            (r.fresh_backend_from, r.fresh_stats_from) = (1, 1);
-        }
         let mut live_slots = HashSet::new();
         let mut max_set = 0;
         for (key, svc) in dump.services {
@@ -183,10 +171,7 @@ impl<D: Dataplane> Reconciler<D> {
                 i.stats_id = 0;
             }
         }
-        seen.remove(&0);
-        let max_stats = seen.iter().copied().max().unwrap_or(0);
-        r.free_stats = (1..max_stats).filter(|id| !seen.contains(id)).collect();
-        r.next_stats = max_stats + 1;
+        r.stats_pool = IdPool::adopt(Reuse::Newest, seen, fresh);
         for (sk, _) in &dump.slots {
             max_set = max_set.max(sk.set_id);
             if !live_slots.contains(sk) {
@@ -198,11 +183,8 @@ impl<D: Dataplane> Reconciler<D> {
                 r.dp.clear_backend(*id)?;
             }
         }
-        let max_id = r.refs.keys().copied().max().unwrap_or(0);
-        r.next_id = max_id + 1;
-        r.free_ids = (1..max_id).filter(|id| !r.refs.contains_key(id)).collect();
-        r.next_set = max_set.wrapping_add(1).max(1);
-        r.set_ids_wrapped = max_set == u32::MAX;
+        r.backend_pool = IdPool::adopt(Reuse::Oldest, r.refs.keys().copied(), fresh);
+        r.set_ids = SetIds::adopt(max_set);
         Ok(r)
     }
 
@@ -277,56 +259,23 @@ impl<D: Dataplane> Reconciler<D> {
         (changes, errors)
     }
 
-    fn alloc_id(&mut self) -> Option<u32> {
-        if let Some(id) = self.free_ids.pop_front() {
-            return Some(id);
-        }
-        if self.next_id < self.dp.backend_capacity() {
-            self.next_id += 1;
-            return Some(self.next_id - 1);
-        }
-        None
-    }
-
     /// A zeroed counters slot for a new service; 0 (no counters) if all
     /// are taken, which the services map being full already reports.
     fn alloc_stats(&mut self) -> u32 {
-        let id = match self.free_stats.pop() {
-            Some(id) => id,
-            None if self.next_stats < self.dp.service_stats_capacity() => {
-                self.next_stats += 1;
-                self.next_stats - 1
-            }
-            None => return 0,
+        let Some(a) = self.stats_pool.alloc(self.dp.service_stats_capacity()) else {
+            return 0;
         };
-        if id < self.fresh_stats_from {
-            self.dp.reset_stats(StatsSlot::Service(id));
+        if a.used_before {
+            self.dp.reset_stats(StatsSlot::Service(a.id));
         }
-        self.fresh_stats_from = self.fresh_stats_from.max(id + 1);
-        id
+        a.id
     }
 
-    /// Set ids count up from above every adopted one, so none below
-    /// `next_set` is handed out twice until the counter wraps (after 2^32
-    /// changes); only then are live sets looked up, which is O(services)
-    /// per call and would make a full sync quadratic.
+    /// A set id no live set has (see [`SetIds`]).
     fn alloc_set(&mut self) -> u32 {
-        let in_use: HashSet<u32> = if self.set_ids_wrapped {
-            self.installed.values().map(|i| i.set_id).collect()
-        } else {
-            HashSet::new()
-        };
-        loop {
-            let s = self.next_set;
-            self.next_set = self.next_set.wrapping_add(1);
-            if self.next_set == 0 {
-                self.next_set = 1;
-                self.set_ids_wrapped = true;
-            }
-            if !in_use.contains(&s) {
-                return s;
-            }
-        }
+        let installed = &self.installed;
+        self.set_ids
+            .alloc(|| installed.values().map(|i| i.set_id).collect())
     }
 
     /// Drops one reference to each id; unreferenced backends are cleared.
@@ -340,7 +289,7 @@ impl<D: Dataplane> Reconciler<D> {
                     self.backend_ids.remove(&addr);
                 }
                 self.dp.clear_backend(id)?;
-                self.free_ids.push_back(id);
+                self.backend_pool.free(id);
             }
         }
         Ok(())
@@ -353,7 +302,7 @@ impl<D: Dataplane> Reconciler<D> {
         self.dp.delete_service(key)?;
         self.installed.remove(&key);
         if old.stats_id != 0 {
-            self.free_stats.push(old.stats_id);
+            self.stats_pool.free(old.stats_id);
         }
         for i in 0..old.slots.len() as u32 {
             self.dp.delete_slot(SlotKey {
@@ -390,7 +339,9 @@ impl<D: Dataplane> Reconciler<D> {
                 let id = match self.backend_ids.get(&addr) {
                     Some(&id) => id,
                     None => {
-                        let Some(id) = self.alloc_id() else {
+                        let capacity = self.dp.backend_capacity();
+                        let Some(Allocated { id, used_before }) = self.backend_pool.alloc(capacity)
+                        else {
                             result = Err(MapError {
                                 map: discovery_common::names::BACKENDS,
                                 op: "allocate backend",
@@ -408,12 +359,11 @@ impl<D: Dataplane> Reconciler<D> {
                             pad: 0,
                         };
                         // Counters first, so the first connect is counted.
-                        if id < self.fresh_backend_from {
+                        if used_before {
                             self.dp.reset_stats(StatsSlot::Backend(id));
                         }
-                        self.fresh_backend_from = self.fresh_backend_from.max(id + 1);
                         if let Err(e) = self.dp.set_backend(id, entry) {
-                            self.free_ids.push_front(id);
+                            self.backend_pool.give_back(id);
                             result = Err(e);
                             break;
                         }
@@ -484,7 +434,7 @@ impl<D: Dataplane> Reconciler<D> {
             // Fresh ids drop to zero references and are cleared here.
             let _ = self.release(&ids);
             if kept_stats == 0 && stats_id != 0 {
-                self.free_stats.push(stats_id);
+                self.stats_pool.give_back(stats_id);
             }
             return Err(e);
         }
@@ -818,7 +768,7 @@ pub(crate) mod tests {
         r.reconcile(&m.desired());
         let other = service_key("127.0.0.1:81".parse().unwrap(), IPPROTO_TCP);
         let other_set = r.dataplane().services[&other].set_id;
-        r.next_set = u32::MAX;
+        r.set_ids = SetIds::adopt(u32::MAX - 1);
         for i in 0..4u8 {
             let v = format!("127.0.0.{}:80", 3 + i);
             m.put("/d/backends/web/b", v.as_bytes(), 3);
@@ -827,7 +777,7 @@ pub(crate) mod tests {
             assert_ne!(web_set, other_set, "change {i} reused a live set");
             assert_eq!(r.dataplane().services[&other].set_id, other_set);
         }
-        assert!(r.set_ids_wrapped);
+        assert!(r.set_ids.wrapped());
     }
 
     #[test]
