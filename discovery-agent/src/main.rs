@@ -1,6 +1,7 @@
 //! discovery-agent: watches etcd and keeps the redirect maps in sync.
 mod addr;
 mod admin;
+mod adopt;
 mod agent;
 mod announce;
 mod checks;

@@ -11,38 +11,24 @@
 //! previous set; other services are not affected.
 //!
 //! The slot tables come from [`crate::tables`] and the ids from
-//! [`crate::ids`].
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+//! [`crate::ids`]; [`Reconciler::new`] takes over the pinned maps through
+//! [`crate::adopt`].
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use discovery_common::{
     BACKEND_F_VALID, Backend, SVC_F_CONSISTENT, SVC_F_LEAST_CONN, Service, ServiceKey, Slot,
-    SlotKey, TcpOpts,
+    SlotKey,
 };
 
 use crate::{
+    addr::Addr,
+    adopt::{Installed, adopt},
     desired::{Desired, DesiredService},
-    ids::{Allocated, IdPool, Reuse, SetIds},
+    ids::{Allocated, IdPool, SetIds},
+    maps::{Dataplane, MapError, StatsSlot},
     schema::Policy,
-    tables::{ResolvedSlot, desired_slots},
+    tables::desired_slots,
 };
-
-use crate::addr::Addr;
-use crate::maps::{Dataplane, MapError, StatsSlot};
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Installed {
-    /// Known once this agent wrote it; the maps do not store names.
-    service: Option<String>,
-    set_id: u32,
-    /// `Service::flags` (the policy).
-    flags: u32,
-    tcp: TcpOpts,
-    /// `Service::stats_id`; kept for the service's lifetime.
-    stats_id: u32,
-    slots: Vec<ResolvedSlot>,
-    /// Distinct backend ids the set references.
-    ids: Vec<u32>,
-}
 
 /// `ip:port/proto` of a map key, for messages.
 pub fn frontend_of(key: &ServiceKey) -> String {
@@ -95,97 +81,24 @@ impl<D: Dataplane> Reconciler<D> {
     /// restart rewrites nothing that is still right. Leftovers of an update
     /// that was interrupted (slots of no live set, unreferenced backends)
     /// are removed.
-    pub fn new(dp: D) -> Result<Self, MapError> {
-        let dump = dp.dump()?;
-        let backends: HashMap<u32, Backend> = dump.backends.iter().copied().collect();
-        let slots: HashMap<SlotKey, Slot> = dump.slots.iter().copied().collect();
-        let fresh = dp.fresh();
-        let mut r = Self {
+    pub fn new(mut dp: D) -> Result<Self, MapError> {
+        let a = adopt(dp.dump()?, dp.service_stats_capacity(), dp.fresh());
+        for sk in &a.stale_slots {
+            dp.delete_slot(*sk)?;
+        }
+        for id in &a.stale_backends {
+            dp.clear_backend(*id)?;
+        }
+        Ok(Self {
             dp,
-            installed: HashMap::new(),
-            backend_ids: HashMap::new(),
-            addrs: HashMap::new(),
-            refs: HashMap::new(),
-            backend_pool: IdPool::adopt(Reuse::Oldest, [], fresh),
-            stats_pool: IdPool::adopt(Reuse::Newest, [], fresh),
-            set_ids: SetIds::adopt(0),
-        };
-        let mut live_slots = HashSet::new();
-        let mut max_set = 0;
-        for (key, svc) in dump.services {
-            max_set = max_set.max(svc.set_id);
-            let mut resolved = Vec::new();
-            let mut ids = Vec::new();
-            let mut complete = true;
-            for i in 0..svc.count {
-                let sk = SlotKey {
-                    set_id: svc.set_id,
-                    slot: i,
-                };
-                live_slots.insert(sk);
-                let Some(slot) = slots.get(&sk) else {
-                    complete = false;
-                    continue;
-                };
-                match (backends.get(&slot.backend), backends.get(&slot.alias)) {
-                    (Some(b), Some(a)) => {
-                        resolved.push(((b.addr, b.port), (a.addr, a.port), slot.threshold));
-                        for id in [slot.backend, slot.alias] {
-                            if !ids.contains(&id) {
-                                ids.push(id);
-                            }
-                        }
-                    }
-                    _ => complete = false,
-                }
-            }
-            if !complete {
-                // Cannot happen with our write order; rewrite it from etcd.
-                resolved.clear();
-            }
-            for &id in &ids {
-                *r.refs.entry(id).or_default() += 1;
-                let b = backends[&id];
-                r.backend_ids.insert((b.addr, b.port), id);
-                r.addrs.insert(id, (b.addr, b.port));
-            }
-            r.installed.insert(
-                key,
-                Installed {
-                    service: None,
-                    set_id: svc.set_id,
-                    flags: svc.flags,
-                    tcp: svc.tcp,
-                    stats_id: svc.stats_id,
-                    slots: resolved,
-                    ids,
-                },
-            );
-        }
-        // Counter ids: each adopted one once; a missing or shared one (maps
-        // of an older agent) is 0 here, and the next apply assigns one.
-        let cap = r.dp.service_stats_capacity();
-        let mut seen = HashSet::new();
-        for i in r.installed.values_mut() {
-            if i.stats_id >= cap || !seen.insert(i.stats_id) {
-                i.stats_id = 0;
-            }
-        }
-        r.stats_pool = IdPool::adopt(Reuse::Newest, seen, fresh);
-        for (sk, _) in &dump.slots {
-            max_set = max_set.max(sk.set_id);
-            if !live_slots.contains(sk) {
-                r.dp.delete_slot(*sk)?;
-            }
-        }
-        for (id, _) in &dump.backends {
-            if !r.refs.contains_key(id) {
-                r.dp.clear_backend(*id)?;
-            }
-        }
-        r.backend_pool = IdPool::adopt(Reuse::Oldest, r.refs.keys().copied(), fresh);
-        r.set_ids = SetIds::adopt(max_set);
-        Ok(r)
+            installed: a.installed,
+            backend_ids: a.backend_ids,
+            addrs: a.addrs,
+            refs: a.refs,
+            backend_pool: a.backend_pool,
+            stats_pool: a.stats_pool,
+            set_ids: a.set_ids,
+        })
     }
 
     pub fn dataplane_mut(&mut self) -> &mut D {
@@ -471,13 +384,14 @@ impl<D: Dataplane> Reconciler<D> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::desired::service_key;
     use crate::maps::Dump;
     use crate::model::Model;
     use crate::tables::maglev_size;
     use discovery_common::IPPROTO_TCP;
+    use std::collections::HashSet;
 
     /// In-memory maps that check, after every single write, that each
     /// service entry points at complete slots and valid backends: the
