@@ -5,7 +5,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     config::{BackendCommand, ServiceCommand},
     etcd::connect,
-    model::{
+    schema::{
         KeepaliveJson, ServiceJson, check_instance, check_name, maintenance_key_path, parse_addr,
         service_key_path,
     },

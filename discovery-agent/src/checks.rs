@@ -21,8 +21,8 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    desired::Desired,
     health::{Check, watch},
-    model::Desired,
 };
 
 /// Probes in flight at once, whatever the number of backends: bounds the

@@ -3,7 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::model::{Policy, Protocol};
+use crate::schema::{Policy, Protocol};
 use discovery_common::{DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/discovery";

@@ -231,7 +231,7 @@ pub async fn show(
     service: &str,
     json: bool,
 ) -> anyhow::Result<()> {
-    crate::model::check_name(service)?;
+    crate::schema::check_name(service)?;
     let mut c = crate::etcd::connect(etcd).await?;
     let p = consumers_prefix(prefix, service);
     let r = c

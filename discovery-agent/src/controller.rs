@@ -18,7 +18,9 @@ use tracing::{debug, error, info, warn};
 use discovery_common::ServiceKey;
 
 use crate::{
+    addr::proto_name,
     checks::ActiveChecks,
+    desired::{Conflict, Desired, Refused},
     etcd::{Change as EtcdChange, Update},
     exempt,
     guard::NodeGuard,
@@ -26,7 +28,7 @@ use crate::{
     listeners,
     maps::BpfMaps,
     metrics::{Metrics, NotApplied, RefusedLabels},
-    model::{Applied, Conflict, Desired, Model, Refused, proto_name},
+    model::{Applied, Model},
     reconcile::{ApplyError, Change, Reconciler, frontend_of},
     status::{self, SnapBackend, SnapRefused, SnapService, Snapshot},
 };

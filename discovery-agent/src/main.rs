@@ -1,16 +1,19 @@
 //! discovery-agent: watches etcd and keeps the redirect maps in sync.
 mod addr;
 mod admin;
+mod adopt;
 mod agent;
 mod announce;
 mod checks;
 mod config;
 mod consumers;
 mod controller;
+mod desired;
 mod etcd;
 mod exempt;
 mod guard;
 mod health;
+mod ids;
 mod lease;
 mod listeners;
 mod loader;
@@ -18,7 +21,9 @@ mod maps;
 mod metrics;
 mod model;
 mod reconcile;
+mod schema;
 mod status;
+mod tables;
 mod util;
 
 use std::io::IsTerminal as _;
@@ -113,33 +118,92 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Layers only point down: no module imports one that imports it back.
+/// Layers only point down: no module imports one that imports it back, nor
+/// one of a higher layer (`RANKS`).
 #[cfg(test)]
 mod layering {
     use std::collections::{BTreeMap, BTreeSet};
 
+    /// Layers, bottom up: a module may import only modules of its own rank
+    /// or below (the cycle test keeps a rank free of cycles). Every module
+    /// is listed, so a new one has to be placed.
+    const RANKS: &[(&str, u32)] = &[
+        // Foundations.
+        ("addr", 0),
+        ("util", 0),
+        // Adapters to etcd, the kernel and the node; probes.
+        ("etcd", 1),
+        ("exempt", 1),
+        ("guard", 1),
+        ("health", 1),
+        ("lease", 1),
+        ("listeners", 1),
+        ("loader", 1),
+        ("maps", 1),
+        // The etcd contract.
+        ("schema", 2),
+        // The desired routing state and its builder.
+        ("desired", 3),
+        // The store; pure table builders and id allocators.
+        ("model", 4),
+        ("tables", 4),
+        ("ids", 4),
+        // What the controller drives: map writes, checks, reports.
+        ("adopt", 5),
+        ("reconcile", 5),
+        ("checks", 5),
+        ("consumers", 5),
+        ("metrics", 5),
+        ("status", 5),
+        ("controller", 6),
+        // The command line.
+        ("config", 7),
+        // Entry points.
+        ("admin", 8),
+        ("agent", 8),
+        ("announce", 8),
+        ("main", 9),
+    ];
+
+    /// The code of a file before its first `#[cfg(test)]` module.
+    fn non_test(text: &str) -> &str {
+        const ATTR: &str = "\n#[cfg(test)]\n";
+        text.match_indices(ATTR)
+            .find(|&(i, _)| {
+                let line = text[i + ATTR.len()..].lines().next().unwrap_or("");
+                line.starts_with("mod ") || (line.starts_with("pub") && line.contains(" mod "))
+            })
+            .map_or(text, |(i, _)| &text[..i])
+    }
+
     /// Top-level modules each module names through `crate::` (tests
-    /// excluded).
+    /// excluded). A file in `src/<dir>/` belongs to module `<dir>`.
     fn imports() -> BTreeMap<String, BTreeSet<String>> {
         let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let mut files = vec![];
-        for dir in [src.clone(), src.join("announce")] {
+        let mut dirs = vec![src.clone()];
+        while let Some(dir) = dirs.pop() {
             for e in std::fs::read_dir(&dir).unwrap() {
                 let p = e.unwrap().path();
-                if p.extension().is_some_and(|x| x == "rs") {
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
                     files.push(p);
                 }
             }
         }
         let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for p in files {
-            let module = if p.parent().unwrap().ends_with("announce") {
-                "announce".to_owned()
+            let rel = p.strip_prefix(&src).unwrap();
+            let mut parts = rel.components();
+            let first = parts.next().unwrap().as_os_str();
+            let module = if parts.next().is_some() {
+                first.to_string_lossy().into_owned()
             } else {
-                p.file_stem().unwrap().to_string_lossy().into_owned()
+                rel.file_stem().unwrap().to_string_lossy().into_owned()
             };
             let text = std::fs::read_to_string(&p).unwrap();
-            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+            let code = non_test(&text);
             let deps = out.entry(module.clone()).or_default();
             // `crate::a::...` paths, and the heads of `use crate::{a, b::c}`.
             for (i, _) in code.match_indices("crate::") {
@@ -211,5 +275,37 @@ mod layering {
                 }
             }
         }
+    }
+
+    #[test]
+    fn modules_import_only_their_rank_or_below() {
+        let g = imports();
+        let rank: BTreeMap<&str, u32> = RANKS.iter().copied().collect();
+        assert_eq!(rank.len(), RANKS.len(), "a module ranked twice");
+        for m in g.keys() {
+            assert!(
+                rank.contains_key(m.as_str()),
+                "module {m} has no rank: add it to layering::RANKS"
+            );
+        }
+        for m in rank.keys() {
+            assert!(g.contains_key(*m), "RANKS lists {m}, which is no module");
+        }
+        for (a, deps) in &g {
+            for b in deps {
+                let ra = rank[a.as_str()];
+                let rb = *rank
+                    .get(b.as_str())
+                    .unwrap_or_else(|| panic!("{a} imports {b}, which has no rank"));
+                assert!(
+                    rb <= ra,
+                    "upward import: {a} (rank {ra}) imports {b} (rank {rb})"
+                );
+            }
+        }
+        assert!(
+            g["reconcile"].contains("tables") && !g["reconcile"].contains("model"),
+            "tests are excluded: {g:?}"
+        );
     }
 }

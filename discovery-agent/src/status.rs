@@ -14,9 +14,8 @@ use discovery_common::{SVC_F_CONSISTENT, SVC_F_LEAST_CONN, ServiceKey};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    addr::{Addr, proto_name},
     maps::{BpfMaps, KernelView},
-    model::proto_name,
-    reconcile::Addr,
 };
 
 /// What the agent knew when it last applied etcd to the maps.

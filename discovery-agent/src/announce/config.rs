@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 use crate::{
     health::{Check, CheckKind},
-    model::{MAX_WEIGHT, check_instance, check_name, parse_addr},
+    schema::{MAX_WEIGHT, check_instance, check_name, parse_addr},
 };
 
 /// Defaults from [`crate::health::ANNOUNCER`].

@@ -25,7 +25,7 @@ use crate::{
     config::AnnounceArgs,
     etcd::{Backoff, EtcdConfig, connect},
     lease::LeaseSession,
-    model::{BackendJson, backend_key_path},
+    schema::{BackendJson, backend_key_path},
 };
 use config::Instance;
 
