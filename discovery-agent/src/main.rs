@@ -117,23 +117,32 @@ fn main() -> std::process::ExitCode {
 mod layering {
     use std::collections::{BTreeMap, BTreeSet};
 
+    /// The `.rs` files under `dir`, at any depth.
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
     /// Top-level modules each module names through `crate::` (tests
-    /// excluded).
+    /// excluded). `src/NAME.rs` is module NAME, and so is every file of a
+    /// directory module `src/NAME/`.
     fn imports() -> BTreeMap<String, BTreeSet<String>> {
         let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let mut files = vec![];
-        for dir in [src.clone(), src.join("announce")] {
-            for e in std::fs::read_dir(&dir).unwrap() {
-                let p = e.unwrap().path();
-                if p.extension().is_some_and(|x| x == "rs") {
-                    files.push(p);
-                }
-            }
-        }
+        rust_files(&src, &mut files);
         let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for p in files {
-            let module = if p.parent().unwrap().ends_with("announce") {
-                "announce".to_owned()
+            let rel = p.strip_prefix(&src).unwrap();
+            let mut parts = rel.components();
+            let first = parts.next().unwrap().as_os_str().to_string_lossy();
+            let module = if parts.next().is_some() {
+                first.into_owned()
             } else {
                 p.file_stem().unwrap().to_string_lossy().into_owned()
             };
@@ -196,6 +205,10 @@ mod layering {
         assert!(
             g["controller"].contains("model"),
             "the parser sees imports: {g:?}"
+        );
+        assert!(
+            g["announce"].contains("config") && g["config"].contains("guard"),
+            "directory modules are read: {g:?}"
         );
         for (a, deps) in &g {
             for b in deps {
