@@ -22,8 +22,7 @@ mod util;
 
 use std::io::IsTerminal as _;
 
-use clap::Parser as _;
-use config::{Cli, Command};
+use config::Command;
 use tracing_subscriber::EnvFilter;
 
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
@@ -62,9 +61,11 @@ async fn status_command(args: config::StatusArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = match config::expand_config_file(std::env::args_os().collect()) {
-        Ok(args) => Cli::parse_from(args),
-        Err(e) => {
+    let args = std::env::args_os().collect();
+    let cli = match config::parse_args(args, std::env::var_os(config::CONFIG_ENV)) {
+        Ok(cli) => cli,
+        Err(config::ArgsError::Clap(e)) => e.exit(),
+        Err(config::ArgsError::File(e)) => {
             eprintln!("error: {e:#}");
             return std::process::ExitCode::from(2);
         }

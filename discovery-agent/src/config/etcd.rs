@@ -47,6 +47,15 @@ impl EtcdArgs {
         let read = |p: &PathBuf, what: &str| {
             std::fs::read(p).with_context(|| format!("reading {what} {}", p.display()))
         };
+        // clap checks these pairs on the command line and in the
+        // environment, but not in `run`'s config file (its values are the
+        // flags' defaults).
+        if self.etcd_cert_file.is_some() != self.etcd_key_file.is_some() {
+            anyhow::bail!("--etcd-cert-file and --etcd-key-file go together");
+        }
+        if self.etcd_user.is_some() != self.etcd_password_file.is_some() {
+            anyhow::bail!("--etcd-user and --etcd-password-file go together");
+        }
         let https = self.endpoints.iter().any(|e| e.starts_with("https://"));
         let ca = self
             .etcd_ca_file

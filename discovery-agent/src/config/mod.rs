@@ -13,7 +13,7 @@ pub use self::{
     admin::{BackendCommand, ServiceCommand},
     announce::{AnnounceArgs, InstanceArgs},
     etcd::EtcdArgs,
-    file::expand_config_file,
+    file::{ArgsError, CONFIG_ENV, parse_args},
     run::{MetricsAddr, PinArgs, RunArgs, StatusFileArgs},
     status::StatusArgs,
 };

@@ -43,7 +43,7 @@ pub struct StatusFileArgs {
 pub struct RunArgs {
     /// TOML file with any of these flags as keys (`pin_dir = "..."`,
     /// `allowed_frontends = ["127.0.0.0/8"]`, `detach_on_exit = true`);
-    /// flags on the command line override it.
+    /// flags on the command line and environment variables override it.
     #[arg(long, env = "DISCOVERY_CONFIG")]
     pub config: Option<PathBuf>,
 
