@@ -28,8 +28,7 @@ mod util;
 
 use std::io::IsTerminal as _;
 
-use clap::Parser as _;
-use config::{Cli, Command};
+use config::Command;
 use tracing_subscriber::EnvFilter;
 
 fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
@@ -68,9 +67,11 @@ async fn status_command(args: config::StatusArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = match config::expand_config_file(std::env::args_os().collect()) {
-        Ok(args) => Cli::parse_from(args),
-        Err(e) => {
+    let args = std::env::args_os().collect();
+    let cli = match config::parse_args(args, std::env::var_os(config::CONFIG_ENV)) {
+        Ok(cli) => cli,
+        Err(config::ArgsError::Clap(e)) => e.exit(),
+        Err(config::ArgsError::File(e)) => {
             eprintln!("error: {e:#}");
             return std::process::ExitCode::from(2);
         }
@@ -261,6 +262,10 @@ mod layering {
         assert!(
             g["controller"].contains("model"),
             "the parser sees imports: {g:?}"
+        );
+        assert!(
+            g["announce"].contains("config") && g["config"].contains("guard"),
+            "directory modules are read: {g:?}"
         );
         for (a, deps) in &g {
             for b in deps {

@@ -1,0 +1,27 @@
+//! Flags of `status`: the local table view or, with `--consumers`, etcd's.
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{EtcdArgs, PinArgs, StatusFileArgs};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub pin: PinArgs,
+    #[command(flatten)]
+    pub status: StatusFileArgs,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Redraw every INTERVAL (e.g. 1s) until interrupted, like `top`.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "2s",
+          value_parser = humantime::parse_duration)]
+    pub watch: Option<Duration>,
+    /// Instead of the local view: every node and workload that uses
+    /// SERVICE, from etcd.
+    #[arg(long, value_name = "SERVICE", conflicts_with = "watch")]
+    pub consumers: Option<String>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
