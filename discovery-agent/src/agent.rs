@@ -58,7 +58,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         MetricsAddr(Some(addr)) => Some(metrics::serve(addr, metrics.clone()).await?),
         MetricsAddr(None) => None,
     };
-    let fresh = loader::load_and_attach(
+    let loaded = loader::load_and_attach(
         &cgroup,
         &pin_dir,
         &loader::Sizes {
@@ -73,7 +73,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let _own = exempt::Registration::register(&pin_dir)
         .context("exempting the agent's own connections from redirection")?;
-    let maps = BpfMaps::open(&pin_dir)?.with_fresh(fresh);
+    let maps = BpfMaps::open(&pin_dir)?.with_fresh(loaded.fresh);
+    // The previous run's names, until this one has applied etcd.
+    let last_run = if loaded.fresh {
+        None
+    } else {
+        crate::status::read_snapshot(&args.status.status_file).unwrap_or_else(|e| {
+            warn!(path = %args.status.status_file.display(), error = %format!("{e:#}"),
+                  "ignoring the previous status file");
+            None
+        })
+    };
     let reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
     let node = args
         .node
@@ -88,6 +98,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             passive_failures: args.passive_failures,
             passive_ejection: args.passive_ejection,
             metrics_addr,
+            programs: loaded
+                .programs
+                .iter()
+                .map(|(name, how)| ((*name).to_owned(), how.as_str().to_owned()))
+                .collect(),
+            last_run,
         },
         Model::new(args.etcd.prefix.clone(), args.allowed_frontends.clone()),
         // What this node never routes: its etcd endpoints, its metrics

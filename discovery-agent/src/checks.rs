@@ -74,6 +74,12 @@ impl ActiveChecks {
         }
     }
 
+    /// Whether every backend of `service` fails its check from this node,
+    /// so all of them are used.
+    pub fn falling_back(&self, service: &str) -> bool {
+        self.falling_back.contains(service)
+    }
+
     /// Backends out of rotation on this node (active or passive).
     pub fn ejected(&self) -> usize {
         self.down

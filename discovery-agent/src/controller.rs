@@ -30,7 +30,10 @@ use crate::{
     metrics::{Metrics, NotApplied, RefusedLabels},
     model::{Applied, Model},
     reconcile::{ApplyError, Change, Reconciler, frontend_of},
-    status::{self, SnapBackend, SnapRefused, SnapService, Snapshot},
+    status::{
+        self, EtcdStatus, SnapBackend, SnapInvalid, SnapNotApplied, SnapRefused, SnapService,
+        Snapshot,
+    },
 };
 
 /// Entries of processes that are gone are pruned from the exemption map
@@ -50,6 +53,11 @@ pub struct Settings {
     pub passive_ejection: Duration,
     /// The bound metrics address, for the status file.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How each program was put in place at start, for the status file.
+    pub programs: BTreeMap<String, String>,
+    /// The previous run's status file, shown until this run is ready (its
+    /// services are still in the pinned maps). None when the maps are new.
+    pub last_run: Option<Snapshot>,
 }
 
 pub struct Controller {
@@ -82,6 +90,9 @@ pub struct Controller {
     /// written right after the reconcile, as the readiness signal (the
     /// revision in it is in the maps).
     ready_pending: bool,
+    /// A full list has been applied to the maps.
+    ready: bool,
+    etcd: EtcdStatus,
 }
 
 impl Controller {
@@ -115,8 +126,15 @@ impl Controller {
             status_next: Instant::now(),
             names_dirty: false,
             ready_pending: false,
+            ready: false,
+            etcd: EtcdStatus {
+                since_unix: crate::util::unix_now(),
+                ..EtcdStatus::default()
+            },
         };
         c.scan_listeners();
+        // Not ready yet: says so, and why, until etcd is applied.
+        c.on_status_tick();
         c
     }
 
@@ -216,15 +234,51 @@ impl Controller {
                 changed
             });
         }
-        let mut snap = snapshot(
-            &self.settings.node,
-            self.revision,
-            self.applied_unix,
-            &self.model,
-            self.model.routes(),
-            &self.checks,
-        );
+        let mut snap = match (&self.settings.last_run, self.ready) {
+            // What the pinned maps still hold, by the previous run's names.
+            (Some(last), false) => Snapshot {
+                node: self.settings.node.clone(),
+                pid: std::process::id(),
+                version: crate::util::VERSION.to_owned(),
+                revision: last.revision,
+                applied_unix: last.applied_unix,
+                services: last.services.clone(),
+                refused: last.refused.clone(),
+                ..Snapshot::default()
+            },
+            _ => snapshot(
+                &self.settings.node,
+                self.revision,
+                self.applied_unix,
+                &self.model,
+                self.model.routes(),
+                &self.checks,
+            ),
+        };
         snap.metrics_addr = self.settings.metrics_addr.map(|a| a.to_string());
+        snap.ready = self.ready;
+        snap.etcd = self.etcd.clone();
+        snap.programs = self.settings.programs.clone();
+        snap.not_applied = self
+            .failing
+            .iter()
+            .map(|(k, (error, _))| SnapNotApplied {
+                service: k.service.clone(),
+                frontend: k.frontend.clone(),
+                map: k.map.clone(),
+                error: error.clone(),
+            })
+            .collect();
+        let invalid = self.model.invalid_keys();
+        snap.invalid_total = invalid.len();
+        snap.invalid = invalid
+            .iter()
+            .take(status::MAX_INVALID_LISTED)
+            .map(|(key, reason)| SnapInvalid {
+                key: key.clone(),
+                reason: reason.to_string(),
+            })
+            .collect();
         if let Err(e) = status::write_snapshot(&self.settings.status_file, &snap) {
             warn!(path = %self.settings.status_file.display(), error = %format!("{e:#}"),
                   "could not write the status file");
@@ -259,6 +313,7 @@ impl Controller {
                     );
                 }
                 self.metrics.etcd_connected.set(1);
+                self.etcd_state(true, None);
                 self.revision = revision;
                 self.ready_pending = true;
                 true
@@ -278,11 +333,27 @@ impl Controller {
                 self.revision = revision;
                 true
             }
-            Update::Disconnected => {
+            Update::Disconnected { error } => {
                 self.metrics.etcd_connected.set(0);
+                self.etcd_state(false, Some(error));
                 false
             }
         }
+    }
+
+    /// Records the connection state for the status file.
+    fn etcd_state(&mut self, connected: bool, error: Option<String>) {
+        let e = &mut self.etcd;
+        if e.connected == connected && e.error == error {
+            return;
+        }
+        if e.connected != connected {
+            e.losses += u64::from(e.connected);
+            e.connected = connected;
+            e.since_unix = crate::util::unix_now();
+        }
+        e.error = error;
+        self.status_dirty = true;
     }
 
     /// Lists the listeners again; returns whether that changed which
@@ -363,6 +434,8 @@ impl Controller {
         m.etcd_revision.set(self.revision);
         m.ejected.set(self.checks.ejected() as i64);
         if std::mem::take(&mut self.ready_pending) {
+            self.ready = true;
+            self.settings.last_run = None;
             self.on_status_tick();
         }
     }
@@ -490,6 +563,7 @@ fn snapshot(
             protocol: serde_name(&def.protocol),
             policy: serde_name(&def.policy),
             routed: routed.contains(name),
+            fallback: checks.falling_back(name),
             backends: backends
                 .into_iter()
                 .map(|(instance, b, maintenance)| SnapBackend {
@@ -527,6 +601,7 @@ fn snapshot(
                 detail: r.why.to_string(),
             })
             .collect(),
+        ..Snapshot::default()
     }
 }
 

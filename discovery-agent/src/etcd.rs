@@ -96,7 +96,8 @@ pub enum Update {
     /// Changes in revision order.
     Changes { puts: Vec<Change>, revision: i64 },
     /// The list or watch was lost; a new snapshot follows when etcd is back.
-    Disconnected,
+    /// Connecting, listing or watching failed; the source retries.
+    Disconnected { error: String },
 }
 
 #[derive(Debug)]
@@ -180,6 +181,10 @@ impl Source {
                 None => match self.connect().await {
                     Ok(c) => client.insert(c),
                     Err(e) => {
+                        let error = e.to_string();
+                        if tx.send(Update::Disconnected { error }).await.is_err() {
+                            return;
+                        }
                         let wait = backoff.next();
                         warn!(endpoints = ?self.etcd.endpoints, error = %e, retry_in = ?wait,
                               "etcd unreachable; retrying");
@@ -191,7 +196,11 @@ impl Source {
             match self.list_and_watch(c, &tx, &mut backoff).await {
                 Ok(()) => return,
                 Err(e) => {
-                    if tx.send(Update::Disconnected).await.is_err() {
+                    let error = match &e {
+                        Lost::List(e) => format!("listing the prefix: {e}"),
+                        Lost::Watch(e) => format!("watch: {e:#}"),
+                    };
+                    if tx.send(Update::Disconnected { error }).await.is_err() {
                         return;
                     }
                     let wait = backoff.next();

@@ -101,13 +101,12 @@ impl Sizes {
 /// unless links are already pinned there, and pins the links.
 /// `replace`: swap attached programs for this build's even when identical
 /// (upgrade drills); otherwise only programs whose code differs are swapped.
-/// Returns whether the maps were created now (nothing pinned before).
 pub fn load_and_attach(
     cgroup: &Path,
     pin_dir: &Path,
     sizes: &Sizes,
     replace: bool,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Loaded> {
     if PROGRAMS.is_empty() {
         bail!(
             "this discovery-agent was built without its eBPF programs (no eBPF toolchain at \
@@ -161,11 +160,12 @@ pub fn load_and_attach(
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
     // A cgroup v2 directory's inode number is its cgroup id.
     let cgroup_id = cgroup_file.metadata()?.ino();
-    let programs = names::PROGRAMS
+    let mut programs = Vec::new();
+    for (prog_name, link_name) in names::PROGRAMS
         .iter()
         .copied()
-        .chain(std::iter::once(names::SOCKOPS));
-    for (prog_name, link_name) in programs {
+        .chain(std::iter::once(names::SOCKOPS))
+    {
         let prog = ebpf
             .program_mut(prog_name)
             .with_context(|| format!("program {prog_name} missing from the object"))?;
@@ -174,7 +174,7 @@ pub fn load_and_attach(
             aya::programs::Program::SockOps(p) => p,
             _ => bail!("program {prog_name} has an unexpected type"),
         };
-        install(
+        let how = install(
             prog,
             prog_name,
             &pin_dir.join(link_name),
@@ -184,8 +184,38 @@ pub fn load_and_attach(
             pin_dir,
             replace,
         )?;
+        programs.push((prog_name, how));
     }
-    Ok(fresh)
+    Ok(Loaded { fresh, programs })
+}
+
+/// What [`load_and_attach`] did.
+pub struct Loaded {
+    /// The maps were created now (nothing was pinned before).
+    pub fresh: bool,
+    /// Each program, and how it was put in place.
+    pub programs: Vec<(&'static str, Install)>,
+}
+
+/// How one program was put in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    /// Newly attached to the cgroup.
+    Attached,
+    /// The pinned link already ran this very program.
+    Adopted,
+    /// The pinned link's program was swapped for this build's.
+    Replaced,
+}
+
+impl Install {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Install::Attached => "attached",
+            Install::Adopted => "adopted",
+            Install::Replaced => "replaced",
+        }
+    }
 }
 
 /// What `install` needs of a program attached to a cgroup: the sock_addr
@@ -233,7 +263,7 @@ fn install(
     cgroup_id: u64,
     pin_dir: &Path,
     replace: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Install> {
     prog.load_prog()
         .with_context(|| format!("verifier rejected {prog_name}"))?;
     if link_path.exists() {
@@ -263,7 +293,7 @@ fn install(
             })?;
         if old.tag() == new.tag() && !replace {
             info!(program = prog_name, link = %link_path.display(), "adopted attached program");
-            return Ok(());
+            return Ok(Install::Adopted);
         }
         // One syscall swaps the program under the link: every call runs
         // either the old program or the new one. BPF_F_REPLACE makes it
@@ -273,7 +303,7 @@ fn install(
         info!(program = prog_name, link = %link_path.display(),
               old_tag = format!("{:016x}", old.tag()), new_tag = format!("{:016x}", new.tag()),
               "replaced the attached program atomically");
-        return Ok(());
+        return Ok(Install::Replaced);
     }
     let link = prog
         .attach_link(cgroup_file)
@@ -281,7 +311,7 @@ fn install(
     link.pin(link_path)
         .with_context(|| format!("pinning link {}", link_path.display()))?;
     info!(program = prog_name, cgroup = %cgroup.display(), "attached");
-    Ok(())
+    Ok(Install::Attached)
 }
 
 /// Pinned maps from an earlier run are reused as they are. A map whose key

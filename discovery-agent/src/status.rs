@@ -35,6 +35,61 @@ pub struct Snapshot {
     /// Frontends this node does not route although a service claims them.
     #[serde(default)]
     pub refused: Vec<SnapRefused>,
+    /// The readiness signal: this process has applied a full list of etcd
+    /// to the maps. Before that the file is written with `false`, the
+    /// services of the previous run (still in the pinned maps) and why
+    /// etcd is not there yet.
+    #[serde(default)]
+    pub ready: bool,
+    #[serde(default)]
+    pub etcd: EtcdStatus,
+    /// Program name → how this process put it in place: `attached`,
+    /// `adopted` (the pinned one was identical) or `replaced`.
+    #[serde(default)]
+    pub programs: BTreeMap<String, String>,
+    /// etcd keys skipped as invalid, with the reason (the first
+    /// [`MAX_INVALID_LISTED`]; `invalid_total` counts them all).
+    #[serde(default)]
+    pub invalid: Vec<SnapInvalid>,
+    #[serde(default)]
+    pub invalid_total: usize,
+    /// Services the maps could not take (a map is full); they keep their
+    /// previous state in the kernel.
+    #[serde(default)]
+    pub not_applied: Vec<SnapNotApplied>,
+}
+
+/// Invalid keys listed in the status file; the rest are only counted.
+pub const MAX_INVALID_LISTED: usize = 100;
+
+/// The agent's connection to etcd.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdStatus {
+    /// Listing or watching the prefix.
+    pub connected: bool,
+    /// Unix seconds of the last change of `connected`.
+    pub since_unix: u64,
+    /// Why it is not connected (the last error), when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Connections lost since start.
+    pub losses: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapInvalid {
+    pub key: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapNotApplied {
+    pub service: String,
+    /// `addr:port/proto`.
+    pub frontend: String,
+    /// The map that refused the write.
+    pub map: String,
+    pub error: String,
 }
 
 /// A frontend refused on this node (reserved, or a socket listens there).
@@ -56,6 +111,10 @@ pub struct SnapService {
     pub policy: String,
     /// False when an older service holds the same frontend.
     pub routed: bool,
+    /// Every backend fails its check from this node, so all of them are
+    /// used anyway.
+    #[serde(default)]
+    pub fallback: bool,
     pub backends: Vec<SnapBackend>,
 }
 
@@ -84,7 +143,7 @@ pub fn write_snapshot(path: &Path, snap: &Snapshot) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
-fn read_snapshot(path: &Path) -> anyhow::Result<Option<Snapshot>> {
+pub fn read_snapshot(path: &Path) -> anyhow::Result<Option<Snapshot>> {
     match std::fs::read(path) {
         Ok(b) => Ok(Some(
             serde_json::from_slice(&b).with_context(|| format!("parsing {}", path.display()))?,
@@ -139,6 +198,13 @@ pub struct AgentInfo {
     pub age_seconds: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_addr: Option<String>,
+    /// Whether this agent has applied etcd since it started.
+    pub ready: bool,
+    pub etcd: EtcdStatus,
+    pub programs: BTreeMap<String, String>,
+    pub invalid: Vec<SnapInvalid>,
+    pub invalid_total: usize,
+    pub not_applied: Vec<SnapNotApplied>,
 }
 
 #[derive(Debug, Serialize)]
@@ -159,6 +225,8 @@ pub struct ServiceRow {
     pub datagrams: u64,
     pub no_backend: u64,
     pub connect_failed: u64,
+    /// Every backend fails its check from this node: all are used.
+    pub fallback: bool,
     pub backends: Vec<BackendRow>,
     /// Workloads (cgroups) on this node calling this frontend, busiest
     /// first.
@@ -257,6 +325,7 @@ pub fn report(snap: Option<Snapshot>, k: &KernelView, paths: &HashMap<u64, Strin
             datagrams: sv.stats.datagrams,
             no_backend: sv.stats.no_backend,
             connect_failed: sv.stats.connect_failed,
+            fallback: snap_svc.is_some_and(|s| s.fallback),
             backends: rows,
         });
     }
@@ -279,6 +348,12 @@ pub fn report(snap: Option<Snapshot>, k: &KernelView, paths: &HashMap<u64, Strin
             revision: s.revision,
             applied_unix: s.applied_unix,
             metrics_addr: s.metrics_addr,
+            ready: s.ready,
+            etcd: s.etcd,
+            programs: s.programs,
+            invalid: s.invalid,
+            invalid_total: s.invalid_total,
+            not_applied: s.not_applied,
         }),
         services,
         counters: k
@@ -333,6 +408,37 @@ pub fn render(r: &Report) -> String {
                 "node {}  agent pid {} ({})  etcd revision {} applied {} ({}s ago)",
                 a.node, a.pid, a.version, a.revision, a.applied_at, a.age_seconds
             );
+            if !a.ready {
+                out.push_str(
+                    "agent not ready: it has not applied etcd since it started; names below are \
+                     from its previous run\n",
+                );
+            }
+            if !a.etcd.connected {
+                let _ = writeln!(
+                    out,
+                    "etcd not connected since {}: {}",
+                    humantime::format_rfc3339_seconds(
+                        UNIX_EPOCH + Duration::from_secs(a.etcd.since_unix)
+                    ),
+                    a.etcd.error.as_deref().unwrap_or("connecting")
+                );
+            }
+            if !a.not_applied.is_empty() {
+                out.push_str("\nnot applied (the kernel keeps the previous state):\n");
+                for n in &a.not_applied {
+                    let _ = writeln!(out, "  {} {}: {}", n.service, n.frontend, n.error);
+                }
+            }
+            if a.invalid_total > 0 {
+                let _ = writeln!(out, "\n{} invalid etcd keys skipped:", a.invalid_total);
+                for i in a.invalid.iter().take(10) {
+                    let _ = writeln!(out, "  {}: {}", i.key, i.reason);
+                }
+                if a.invalid_total > 10 {
+                    out.push_str("  ... (status --json lists more)\n");
+                }
+            }
         }
         None => out.push_str(
             "no agent status file: names, weights and health unknown (kernel view only)\n",
@@ -409,6 +515,9 @@ pub fn render(r: &Report) -> String {
             out.push_str("  (no backends: connects are refused)\n");
         } else {
             table(&mut out, "  ", &rows);
+        }
+        if s.fallback {
+            out.push_str("  every backend fails its check from this node: all of them are used\n");
         }
         if !s.consumers.is_empty() {
             let list: Vec<String> = s
@@ -521,12 +630,18 @@ mod tests {
         let snap = Snapshot {
             node: "n1".into(),
             revision: 42,
+            ready: true,
+            etcd: EtcdStatus {
+                connected: true,
+                ..Default::default()
+            },
             services: vec![SnapService {
                 name: "web".into(),
                 frontend: "127.0.0.1:8080".into(),
                 protocol: "tcp".into(),
                 policy: "least_conn".into(),
                 routed: true,
+                fallback: false,
                 backends: vec![SnapBackend {
                     instance: "a".into(),
                     addr: "127.0.0.2:80".into(),

@@ -1050,10 +1050,11 @@ impl Proc {
         strip_ansi(&s)
     }
 
-    /// Waits for `needle` in the log; panics with the log if it never comes.
-    pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        let found = wait_until(timeout, || self.log().contains(needle).then_some(()));
-        assert!(found.is_some(), "never logged {needle:?}:\n{}", self.log());
+    /// Starts the process again with `extra` added to its arguments (for
+    /// good: a later [`respawn`](Self::respawn) keeps them).
+    pub fn respawn_adding(&mut self, extra: &[&str]) {
+        self.args.extend(extra.iter().map(|s| s.to_string()));
+        self.respawn();
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -1187,18 +1188,37 @@ impl Agent {
         (v["pid"].as_u64() == self.pid().map(u64::from)).then_some(v)
     }
 
-    /// Waits for the readiness signal: the status file, written by this
-    /// process as soon as it has applied a full list of etcd to the maps.
-    pub fn wait_ready(&self, timeout: Duration) {
-        let ready = wait_until(timeout, || {
-            self.snapshot()
-                .filter(|v| v["revision"].as_i64().is_some_and(|r| r > 0))
-        });
-        assert!(
-            ready.is_some(),
-            "agent not ready within {timeout:?}:\n{}",
-            self.log()
-        );
+    /// Waits for the readiness signal: `ready` in the status file, set by
+    /// this process as soon as it has applied a full list of etcd to the
+    /// maps.
+    pub fn wait_ready(&self, timeout: Duration) -> serde_json::Value {
+        self.wait_status("ready", timeout, |v| v["ready"] == true)
+    }
+
+    /// Waits until this process's status file satisfies `ok`; panics naming
+    /// `what`, with the last status file and the log, if it never does.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_until(timeout, || self.snapshot().filter(|v| ok(v))).unwrap_or_else(|| {
+            panic!(
+                "agent status never showed {what} within {timeout:?}; last status file: {}\n{}",
+                self.snapshot().map(|v| v.to_string()).unwrap_or_default(),
+                self.log()
+            )
+        })
+    }
+
+    /// One service of the status file, by name.
+    pub fn service_status(snapshot: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
+        snapshot["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
     }
 
     /// Starts it as a process inside the cgroup its programs attach to (what

@@ -118,7 +118,7 @@ fn agent_killed_under_load_keeps_traffic_and_the_restart_adopts_and_reconciles()
     // Clients keep connecting while the agent is down.
     load.wait_attempts(100, Duration::from_secs(5));
     w.agent.respawn();
-    w.agent.wait_ready(Duration::from_secs(20));
+    let ready = w.agent.wait_ready(Duration::from_secs(20));
     let converged_at = wait_until(Duration::from_secs(2), || {
         let t = discovery_tests::tally(&w.probe("tcp", FE, 20));
         (t.len() == 2 && t.contains_key("a") && t.contains_key("c")).then(now_ms)
@@ -136,7 +136,8 @@ fn agent_killed_under_load_keeps_traffic_and_the_restart_adopts_and_reconciles()
         late_b, 0,
         "connections to a deleted backend after the reconcile"
     );
-    assert!(w.agent.log().contains("adopted attached program"));
+    let programs = ready["programs"].as_object().expect("programs");
+    assert!(programs.values().all(|h| h == "adopted"), "{ready}");
     assert_eq!(map_ids(&w), maps, "maps were re-created");
     assert_eq!(prog_ids(&w), progs, "programs were replaced");
 }
@@ -154,22 +155,16 @@ fn programs_are_replaced_atomically_under_load() {
     load.wait_attempts(100, Duration::from_secs(5));
     w.agent.stop();
     // An upgrade drill: the new agent swaps every attached program.
-    let mut args = w.agent_args();
-    args.push("--replace-programs".into());
-    let upgraded = discovery_tests::Proc::spawn(args);
-    upgraded.wait_log("listed etcd prefix", Duration::from_secs(20));
+    w.agent.respawn_adding(&["--replace-programs"]);
+    let ready = w.agent.wait_ready(Duration::from_secs(20));
     let outcomes = load.finish();
 
     check_load(&outcomes, &["a"]);
-    let log = upgraded.log();
     // The sock_addr programs and the sock_ops program.
     let programs = discovery_common::names::PROGRAMS.len() + 1;
-    assert_eq!(
-        log.matches("replaced the attached program atomically")
-            .count(),
-        programs,
-        "{log}"
-    );
+    let how = ready["programs"].as_object().expect("programs");
+    assert_eq!(how.len(), programs, "{ready}");
+    assert!(how.values().all(|h| h == "replaced"), "{ready}");
     let now = prog_ids(&w);
     assert_eq!(now.len(), programs);
     assert!(
@@ -234,7 +229,10 @@ fn etcd_down_longer_than_lease_ttls_keeps_last_backends_then_resyncs_deletes() {
 
     let load = w.start_load(FE, 6000);
     w.etcd.stop();
-    w.agent.wait_log("etcd watch lost", Duration::from_secs(10));
+    w.agent
+        .wait_status("etcd lost", Duration::from_secs(10), |v| {
+            v["etcd"]["connected"] == false
+        });
     // The outage: longer than the lease TTL.
     thread::sleep(Duration::from_secs(3));
     w.etcd.restart();

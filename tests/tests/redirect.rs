@@ -221,15 +221,39 @@ fn invalid_values_are_skipped_and_others_keep_working() {
     for (k, v) in bad {
         w.etcd.put(k, v);
     }
-    for (k, _) in bad {
-        w.agent
-            .wait_log(&format!("key=\"{k}\""), Duration::from_secs(5));
-    }
-    let log = w.agent.log();
+    // Every bad key is reported by name, with its reason.
+    let snap = w
+        .agent
+        .wait_status("every invalid key", Duration::from_secs(5), |v| {
+            bad.iter().all(|(k, _)| {
+                v["invalid"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|i| i["key"] == *k))
+            })
+        });
+    assert_eq!(snap["invalid_total"], bad.len(), "{snap}");
+    let reason = |key: &str| {
+        snap["invalid"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["key"] == key)
+            .map(|i| i["reason"].as_str().unwrap().to_owned())
+            .unwrap()
+    };
     assert!(
-        log.contains("IPv6 address [::1]:80 is not supported yet"),
-        "{log}"
+        reason("/discovery/backends/web/bad2")
+            .contains("IPv6 address [::1]:80 is not supported yet"),
+        "{snap}"
     );
+    // And each is logged with its key.
+    let log = w.agent.log();
+    for (k, _) in bad {
+        assert!(
+            log.contains(&format!("key=\"{k}\"")),
+            "{k} not logged:\n{log}"
+        );
+    }
     let invalid = wait_until(Duration::from_secs(5), || {
         w.agent
             .metric("discovery_invalid_keys")
@@ -258,9 +282,17 @@ fn frontend_outside_allowed_ranges_is_refused() {
     let b = Backend::tcp("hijacker", addr("127.0.0.2:0"));
     w.service("evil", &fe, "tcp");
     w.backend("evil", "a", &b.addr().to_string());
-    w.agent
-        .wait_log("key=\"/discovery/services/evil\"", Duration::from_secs(5));
-    assert!(w.agent.log().contains("outside the allowed frontends"));
+    let snap = w
+        .agent
+        .wait_status("the refused service", Duration::from_secs(5), |v| {
+            v["invalid"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|i| i["key"] == "/discovery/services/evil"))
+        });
+    assert!(
+        snap.to_string().contains("outside the allowed frontends"),
+        "{snap}"
+    );
     let t = tally(&w.probe("tcp", &fe, 10));
     assert_eq!(t, all("direct", 10));
 }
@@ -275,8 +307,11 @@ fn contested_frontend_goes_to_the_oldest_service() {
     w.converge("tcp", "127.0.0.1:7000", 3, only("first"));
     w.service("second", "127.0.0.1:7000", "tcp");
     w.backend("second", "a", &b.addr().to_string());
+    // The newer service is known and not routed: the frontend is taken.
     w.agent
-        .wait_log("frontend already claimed", Duration::from_secs(5));
+        .wait_status("second not routed", Duration::from_secs(5), |v| {
+            Agent::service_status(v, "second").is_some_and(|s| s["routed"] == false)
+        });
     assert_eq!(
         tally(&w.probe("tcp", "127.0.0.1:7000", 10)),
         all("first", 10)
@@ -295,7 +330,10 @@ fn watch_resumes_after_etcd_restart_and_traffic_flows_meanwhile() {
     w.backend("web", "a", &a.addr().to_string());
     w.converge("tcp", "127.0.0.1:8080", 3, only("a"));
     w.etcd.stop();
-    w.agent.wait_log("etcd watch lost", Duration::from_secs(10));
+    w.agent
+        .wait_status("etcd lost", Duration::from_secs(10), |v| {
+            v["etcd"]["connected"] == false && v["etcd"]["losses"] == 1
+        });
     // Last known backends keep serving while etcd is down.
     assert_eq!(tally(&w.probe("tcp", "127.0.0.1:8080", 10)), all("a", 10));
     w.etcd.restart();
@@ -319,7 +357,17 @@ fn agent_waits_for_etcd_at_start_and_says_so() {
     // Nothing listens here yet: the agent must keep retrying, not exit.
     drop(etcd);
     let mut agent = Agent::spawn(&url, &cg, &SMALL_MAPS);
-    agent.wait_log("etcd unreachable; retrying", Duration::from_secs(15));
+    // Running, not ready, and the status file says why.
+    let snap = agent.wait_status("why etcd is missing", Duration::from_secs(15), |v| {
+        v["etcd"]["error"].is_string()
+    });
+    assert_eq!(snap["ready"], false, "{snap}");
+    assert_eq!(snap["etcd"]["connected"], false, "{snap}");
+    assert_eq!(
+        agent.metric("discovery_etcd_connected"),
+        Some(0.0),
+        "{snap}"
+    );
     assert!(agent.is_running(), "{}", agent.log());
     agent.stop();
 }
@@ -340,8 +388,8 @@ fn stop_keeps_traffic_flowing_restart_adopts_and_detach_removes() {
     w.backend("web", "b", &b.addr().to_string());
     w.etcd.del("/discovery/backends/web/a");
     w.agent.respawn();
-    w.agent
-        .wait_log("adopted attached program", Duration::from_secs(20));
+    let snap = w.agent.wait_ready(Duration::from_secs(20));
+    assert_adopted(&snap);
     w.converge("tcp", "127.0.0.1:8080", 10, only("b"));
     w.agent.stop();
     let out = w.agent.run_cmd("detach");
@@ -390,12 +438,18 @@ fn full_map_reports_the_service_and_keeps_the_rest() {
     w.converge("tcp", "127.0.0.1:7001", 3, only("a"));
     w.service("second", "127.0.0.1:7002", "tcp");
     w.backend("second", "b", &b.addr().to_string());
-    w.agent.wait_log("map is full", Duration::from_secs(5));
-    let log = w.agent.log();
+    let snap = w
+        .agent
+        .wait_status("second not applied", Duration::from_secs(5), |v| {
+            v["not_applied"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|n| n["service"] == "second"))
+        });
+    let n = &snap["not_applied"][0];
+    assert_eq!(n["frontend"], "127.0.0.1:7002/tcp", "{snap}");
     assert!(
-        log.lines()
-            .any(|l| l.contains("map is full") && l.contains("service=\"second\"")),
-        "{log}"
+        n["error"].as_str().unwrap().contains("map is full"),
+        "{snap}"
     );
     assert_eq!(tally(&w.probe("tcp", "127.0.0.1:7001", 10)), all("a", 10));
     let sample = r#"discovery_service_not_applied{service="second",frontend="127.0.0.1:7002/tcp",map="disc_services"}"#;
@@ -409,11 +463,10 @@ fn full_map_reports_the_service_and_keeps_the_rest() {
     w.etcd.del("/discovery/services/first");
     w.converge("tcp", "127.0.0.1:7002", 3, only("b"));
     assert_eq!(w.agent.metric(sample), None);
-    assert!(
-        w.agent
-            .log()
-            .contains("service applied after earlier failure")
-    );
+    w.agent
+        .wait_status("nothing left unapplied", Duration::from_secs(5), |v| {
+            v["not_applied"].as_array().is_some_and(Vec::is_empty)
+        });
 }
 
 #[test]
@@ -440,8 +493,20 @@ fn pins_attached_to_another_cgroup_are_not_adopted() {
     assert!(err.contains("discovery-agent detach --pin-dir"), "{err}");
     // The original attachment is untouched and still adoptable.
     w.agent.respawn();
-    w.agent
-        .wait_log("adopted attached program", Duration::from_secs(20));
+    let snap = w.agent.wait_ready(Duration::from_secs(20));
+    assert_adopted(&snap);
+}
+
+/// Every program of the status file was adopted, none attached anew.
+fn assert_adopted(snap: &serde_json::Value) {
+    let programs = snap["programs"].as_object().expect("programs");
+    // The sock_addr programs and the sock_ops program.
+    assert_eq!(
+        programs.len(),
+        discovery_common::names::PROGRAMS.len() + 1,
+        "{snap}"
+    );
+    assert!(programs.values().all(|h| h == "adopted"), "{snap}");
 }
 
 #[test]
@@ -655,7 +720,9 @@ fn when_every_backend_fails_its_check_traffic_falls_back_to_all() {
     w.backend("web", "a", &a.addr().to_string());
     w.backend("web", "b", &b.addr().to_string());
     w.agent
-        .wait_log("using all registered backends", Duration::from_secs(5));
+        .wait_status("the fallback", Duration::from_secs(5), |v| {
+            Agent::service_status(v, "web").is_some_and(|s| s["fallback"] == true)
+        });
     let ejected = wait_until(Duration::from_secs(5), || {
         w.agent
             .metric("discovery_backends_ejected")
@@ -793,15 +860,26 @@ fn passive_checks_eject_a_backend_that_refuses_connections() {
         "refusing backend not ejected:\n{}",
         w.agent.log()
     );
-    w.agent.wait_log(
-        "connects keep failing; out of rotation on this node",
-        Duration::from_secs(1),
-    );
+    let health = |v: &serde_json::Value| {
+        Agent::service_status(v, "web").and_then(|s| {
+            s["backends"]
+                .as_array()?
+                .iter()
+                .find(|b| b["instance"] == "gone")
+                .map(|b| b["health"].clone())
+        })
+    };
+    w.agent
+        .wait_status("gone ejected", Duration::from_secs(5), |v| {
+            health(v).is_some_and(|h| h == "ejected")
+        });
     assert!(w.agent.counters()["connect_failed"] >= 3);
     assert!(w.etcd.get("/discovery/backends/web/gone").is_some());
     // After the back-off it is tried again.
     w.agent
-        .wait_log("passive ejection over", Duration::from_secs(5));
+        .wait_status("gone back in rotation", Duration::from_secs(5), |v| {
+            health(v).is_some_and(|h| h == "ok")
+        });
 }
 
 #[test]
@@ -816,7 +894,11 @@ fn least_conn_sends_new_connections_away_from_a_backend_holding_many() {
     w.backend("web", "fast", &fast.addr().to_string());
     w.backend("web", "slow", &slow.addr().to_string());
     // (A plain probe would wait for the slow backend to close.)
-    w.agent.wait_log("backends=2", Duration::from_secs(5));
+    w.agent
+        .wait_status("both backends", Duration::from_secs(5), |v| {
+            Agent::service_status(v, "web")
+                .is_some_and(|s| s["backends"].as_array().is_some_and(|b| b.len() == 2))
+        });
     // The client keeps the slow backend's connections open (hung requests)
     // and closes the fast one's at once.
     let n = 200;

@@ -64,13 +64,22 @@ fn wrong_credentials_are_reported_and_retried() {
     flags[i + 1] = wrong.display().to_string();
     let flags_ref: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut agent = Agent::spawn(&etcd.url, &cg, &flags_ref);
-    agent.wait_log("etcd unreachable; retrying", Duration::from_secs(15));
+    let snap = agent.wait_status("the etcd error", Duration::from_secs(15), |v| {
+        v["etcd"]["error"].is_string()
+    });
     assert!(
-        agent.log().contains("authentication failed"),
-        "{}",
-        agent.log()
+        snap["etcd"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("authentication failed"),
+        "{snap}"
     );
+    assert_eq!(snap["ready"], false, "{snap}");
     assert!(agent.is_running());
+    assert!(
+        !snap.to_string().contains("not-the-password"),
+        "password leaked into the status file"
+    );
     assert!(
         !agent.log().contains("not-the-password"),
         "password leaked into the log"
