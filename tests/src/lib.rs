@@ -24,6 +24,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod net;
+
 /// One attempt of `discovery-probe`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Outcome {
@@ -112,12 +114,14 @@ pub struct Backend {
 
 impl Backend {
     pub fn tcp(name: &str, addr: SocketAddr) -> Self {
+        net::isolate();
         Self::tcp_with(name, addr, false)
     }
 
     /// Like `tcp`, but keeps every connection open after the greeting (a
     /// backend whose requests hang), until dropped.
     pub fn tcp_holding(name: &str, addr: SocketAddr) -> Self {
+        net::isolate();
         Self::tcp_with(name, addr, true)
     }
 
@@ -149,6 +153,7 @@ impl Backend {
     }
 
     pub fn udp(name: &str, addr: SocketAddr) -> Self {
+        net::isolate();
         let sock = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
         let addr = sock.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
@@ -325,6 +330,7 @@ fn etcd_dir() -> tempfile::TempDir {
 
 impl Etcd {
     pub fn start() -> Self {
+        net::isolate();
         // A port found free can be taken before etcd binds it (parallel
         // tests): if etcd exits at start, try again with other ports.
         for _ in 0..3 {
@@ -428,6 +434,7 @@ impl Etcd {
     /// authentication on: user `root` (for the test's etcdctl) and user
     /// `agent`, read-write on /discovery/ only.
     pub fn start_secure() -> (Self, Secure) {
+        net::isolate();
         let certs = tempfile::tempdir().expect("cert dir");
         let d = certs.path();
         make_certs(d);
@@ -595,6 +602,7 @@ pub struct EtcdCluster {
 
 impl EtcdCluster {
     pub fn start(n: usize) -> Self {
+        net::isolate();
         let peers: Vec<String> = (0..n)
             .map(|_| format!("http://127.0.0.1:{}", free_port()))
             .collect();
@@ -839,6 +847,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new(tag: &str) -> Self {
+        net::isolate();
         let path = cgroup2_root().join(unique(tag));
         fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
         Self { path }
@@ -995,6 +1004,7 @@ impl Proc {
     /// Starts it as a process inside the cgroup at `cgroup` (one of the
     /// test's own), as a workload there would run.
     pub fn spawn_in(args: Vec<String>, cgroup: Option<PathBuf>) -> Self {
+        net::isolate();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut p = Self {
             child: None,
@@ -1391,6 +1401,7 @@ pub struct World {
 
 impl World {
     pub fn start(probe: &str, tag: &str, extra: &[&str]) -> Self {
+        net::isolate();
         let etcd = Etcd::start();
         let cg = TestCgroup::new(tag);
         // Small maps unless the test sizes them itself.

@@ -39,6 +39,27 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 #[test]
+fn each_test_runs_in_a_network_namespace_of_its_own() {
+    let w = world("netns", &[]);
+    let ns = discovery_tests::net::current().expect("the harness entered a namespace");
+    let ino = |p: &str| {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(p).unwrap().ino()
+    };
+    assert_ne!(
+        ino("/proc/thread-self/ns/net"),
+        ino("/proc/self/ns/net"),
+        "{ns}"
+    );
+    // The agent (and so etcd, the backends and the clients) is in it too.
+    let pid = w.agent.pid().expect("agent running");
+    assert_eq!(
+        ino(&format!("/proc/{pid}/ns/net")),
+        ino("/proc/thread-self/ns/net")
+    );
+}
+
+#[test]
 fn tcp_is_redirected_and_getpeername_reports_the_frontend() {
     let w = world("tcp", &[]);
     let b = Backend::tcp("alpha", addr("127.0.0.2:0"));

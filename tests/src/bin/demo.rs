@@ -32,6 +32,8 @@ fn show(outcomes: &[Outcome]) -> String {
 /// The agent and the probe are found beside this binary (`cargo xtask demo`
 /// builds them all).
 fn main() -> anyhow::Result<()> {
+    // A demo on the host's loopback, where the user can try it too.
+    discovery_tests::net::share_host_network();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo attaches BPF programs to a child cgroup: run it as root");

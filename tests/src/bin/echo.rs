@@ -3,6 +3,8 @@
 //!
 //! discovery-echo NAME IP:PORT [tcp|udp|both]
 fn main() {
+    // Serves in whatever namespace it was started in.
+    discovery_tests::net::share_host_network();
     let args: Vec<String> = std::env::args().collect();
     let (name, addr) = match (args.get(1), args.get(2)) {
         (Some(n), Some(a)) => (n.clone(), a.parse().expect("IP:PORT")),

@@ -67,6 +67,8 @@ pub struct Bins {
 /// `discovery-bench [--quick] [PART...]`; the agent, probe and load
 /// binaries are found beside this one (`cargo xtask bench` builds them all).
 fn main() -> anyhow::Result<()> {
+    // DNAT and HAProxy, the baselines, are set up on the host.
+    discovery_tests::net::share_host_network();
     let mut quick = false;
     let mut parts = Vec::new();
     for a in std::env::args().skip(1) {

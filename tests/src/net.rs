@@ -1,0 +1,117 @@
+//! One network namespace per test: every integration test runs its etcd,
+//! agent, backends and clients in a namespace of its own, so tests share no
+//! loopback ports, listening sockets (the agent's listener guard sees only
+//! its test's), nftables rules or conntrack state with each other or with
+//! the host.
+//!
+//! A namespace belongs to a thread (Linux keeps it per task), and threads
+//! and processes inherit their creator's. libtest runs each test on a
+//! thread of its own, so the harness's constructors (`Etcd::start`,
+//! `TestCgroup::new`, the backends) call [`isolate`], which moves the
+//! calling thread into a fresh namespace the first time; everything the
+//! test then starts, threads and processes alike, is inside it. The
+//! namespace is deleted when the test's thread ends.
+//!
+//! BPF programs, maps and cgroups are not per namespace: the programs
+//! attached to a test's cgroup see its clients' calls whatever namespace
+//! they run in.
+use std::{
+    cell::RefCell,
+    fs,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+static SHARE_HOST: AtomicBool = AtomicBool::new(false);
+
+/// Opts this process out of [`isolate`]: the demo and the benchmarks run
+/// on the host's loopback (the bench compares against DNAT and HAProxy set
+/// up there).
+pub fn share_host_network() {
+    SHARE_HOST.store(true, Ordering::Relaxed);
+}
+
+thread_local! {
+    static NET: RefCell<Option<TestNet>> = const { RefCell::new(None) };
+}
+
+/// Moves the calling thread into a network namespace of its own with
+/// loopback up, unless it (or the thread that made it) already is in one.
+pub fn isolate() {
+    if SHARE_HOST.load(Ordering::Relaxed) || !in_host_netns() {
+        return;
+    }
+    NET.with(|n| {
+        if n.borrow().is_none() {
+            *n.borrow_mut() = Some(TestNet::enter());
+        }
+    });
+}
+
+/// The name of the calling thread's test namespace (for `nsenter
+/// --net=/run/netns/NAME`), if it has one.
+pub fn current() -> Option<String> {
+    NET.with(|n| n.borrow().as_ref().map(|t| t.name.clone()))
+}
+
+/// Whether this thread shares the network namespace of the process's main
+/// thread (`/proc/self` is the thread group leader; libtest never moves
+/// it, and PID 1's namespace may not be readable).
+fn in_host_netns() -> bool {
+    let ino = |p: &str| {
+        fs::metadata(p)
+            .map(|m| m.ino())
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+    };
+    ino("/proc/thread-self/ns/net") == ino("/proc/self/ns/net")
+}
+
+struct TestNet {
+    name: String,
+    /// The namespace to return to.
+    home: fs::File,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TestNet {
+    fn enter() -> Self {
+        let name = crate::unique("net");
+        let home = fs::File::open("/proc/thread-self/ns/net").expect("open this thread's netns");
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        let ns = fs::File::open(format!("/run/netns/{name}")).expect("open the new netns");
+        // SAFETY: setns on a namespace fd we hold open; it affects only the
+        // calling thread.
+        let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            ip(&["netns", "del", &name]);
+            panic!("entering netns {name}: {e}");
+        }
+        Self { name, home }
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        // SAFETY: as in `enter`, on the fd of the namespace we came from.
+        unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
+        // Processes still inside keep it alive; the name goes now.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
