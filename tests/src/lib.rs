@@ -38,6 +38,10 @@ pub struct Outcome {
     /// When the attempt started, ms since the Unix epoch (load mode).
     #[serde(default)]
     pub at_ms: u64,
+    /// What failed, in the client's words (the JVM and Python clients
+    /// print it; an exception with no errno has only this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Milliseconds since the Unix epoch: the clock tests and the load
@@ -1377,7 +1381,7 @@ pub fn tally(outcomes: &[Outcome]) -> HashMap<String, usize> {
         let k = match (&o.backend, o.errno) {
             (Some(b), _) => b.clone(),
             (None, Some(e)) => format!("errno {e}"),
-            (None, None) => "?".into(),
+            (None, None) => o.error.clone().unwrap_or_else(|| "?".into()),
         };
         *m.entry(k).or_default() += 1;
     }

@@ -164,6 +164,7 @@ fn main() {
                 errno: None,
                 micros: t.elapsed().as_micros() as u64,
                 at_ms,
+                error: None,
             },
             Err(e) => Outcome {
                 backend: None,
@@ -171,6 +172,7 @@ fn main() {
                 errno: Some(e.raw_os_error().unwrap_or(-1)),
                 micros: t.elapsed().as_micros() as u64,
                 at_ms,
+                error: e.raw_os_error().is_none().then(|| e.to_string()),
             },
         };
         println!("{}", serde_json::to_string(&o).expect("serialise"));
