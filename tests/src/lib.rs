@@ -189,7 +189,14 @@ impl Drop for Backend {
         self.stop.store(true, Ordering::Relaxed);
         // Wake the blocked accept/recv; the test runner is not redirected.
         if self.udp {
-            if let Ok(s) = UdpSocket::bind("127.0.0.1:0") {
+            // From the backend's own family: a 127.0.0.1 socket cannot
+            // send to [::1], and the recv would never wake.
+            let local = if self.addr.is_ipv4() {
+                "127.0.0.1:0"
+            } else {
+                "[::]:0"
+            };
+            if let Ok(s) = UdpSocket::bind(local) {
                 let _ = s.send_to(b"stop", self.addr);
             }
         } else {
