@@ -24,6 +24,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod clients;
 pub mod net;
 
 /// One attempt of `discovery-probe`.
