@@ -103,6 +103,29 @@ fn wanted(nightly: bool, linker: bool) -> Vec<(&'static str, &'static str)> {
             "haproxy",
             "a test moves a frontend from a live HAProxy to the agent",
         ),
+        // Debian 12's default JDK itself, not the default-jdk-headless
+        // metapackage: the version is pinned, and a machine with the JDK
+        // but not the metapackage needs nothing.
+        (
+            "openjdk-17-jdk-headless",
+            "java and javac: dual-stack tests run a JVM client (AF_INET6 sockets)",
+        ),
+        (
+            "python3",
+            "dual-stack tests run a Python client on explicit AF_INET6 sockets",
+        ),
+        (
+            "curl",
+            "tests redirect a real HTTP client, which tries ::1 and 127.0.0.1 for localhost",
+        ),
+        (
+            "dnsmasq-base",
+            "dnsmasq (the binary, no system service): tests redirect DNS to a real server",
+        ),
+        (
+            "bind9-dnsutils",
+            "dig: the DNS client of the DNS redirect tests",
+        ),
     ];
     if !nightly {
         for pkg in ["rustc-web", "cargo-web", "rust-web-src"] {
