@@ -52,11 +52,15 @@ pub mod names {
     pub const EXEMPT_CALLS: &str = "disc_exempt_calls";
 
     /// The cgroup/sock_addr programs: (program name, pinned link name).
-    pub const PROGRAMS: [(&str, &str); 4] = [
+    pub const PROGRAMS: [(&str, &str); 8] = [
         ("disc_connect4", "link_connect4"),
         ("disc_sendmsg4", "link_sendmsg4"),
         ("disc_recvmsg4", "link_recvmsg4"),
         ("disc_getpeername4", "link_getpeername4"),
+        ("disc_connect6", "link_connect6"),
+        ("disc_sendmsg6", "link_sendmsg6"),
+        ("disc_recvmsg6", "link_recvmsg6"),
+        ("disc_getpeername6", "link_getpeername6"),
     ];
 
     /// The sock_ops program (connect timeouts, connect outcomes) and its
@@ -254,8 +258,25 @@ impl Addr16 {
         }
     }
 
+    /// From the four words of a kernel context's IPv6 address
+    /// (`user_ip6`, `remote_ip6`: network-order bytes in each word).
     #[inline(always)]
-    const fn words(&self) -> [u32; 4] {
+    pub const fn from_words(w: [u32; 4]) -> Self {
+        let (a, b, c, d) = (
+            w[0].to_ne_bytes(),
+            w[1].to_ne_bytes(),
+            w[2].to_ne_bytes(),
+            w[3].to_ne_bytes(),
+        );
+        Self([
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ])
+    }
+
+    /// The four words, as [`from_words`](Self::from_words) takes them.
+    #[inline(always)]
+    pub const fn words(&self) -> [u32; 4] {
         let a = &self.0;
         [
             u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),

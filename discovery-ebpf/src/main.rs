@@ -4,8 +4,11 @@
 //! redirected TCP sockets.
 //!
 //! The hooks are thin: they read the address from their context into a
-//! 16-byte (v4-mapped) form, call the one forward (`xlate::fwd`) or reverse
-//! (`xlate::rev`) translation, and write the result back. Per call to a
+//! 16-byte form (IPv4 v4-mapped, so an AF_INET6 socket's call to
+//! `::ffff:127.0.0.1` finds the same service as an AF_INET one's to
+//! 127.0.0.1), call the one forward (`xlate::fwd`) or reverse (`xlate::rev`)
+//! translation, and write the result back. The IPv4 and IPv6 hooks differ
+//! only in how they read and write their context. Per call to a
 //! frontend: one hash lookup for the service, one for the slot, one array
 //! lookup for the backend. Traffic to anything that is not a frontend costs
 //! one hash lookup and is left untouched.
@@ -46,15 +49,20 @@ fn addr4(ctx: &SockAddrContext) -> (Addr16, u16) {
     )
 }
 
-/// Writes a v4-mapped address back into an IPv4 context.
+/// Writes a v4-mapped address back into an IPv4 context. Returns false
+/// (writing nothing) for an IPv6 address, which an AF_INET socket cannot
+/// reach; the agent keeps such backends away from IPv4 frontends.
 #[inline(always)]
-fn set_addr4(ctx: &SockAddrContext, addr: &Addr16, port: u16) {
+fn set_addr4(ctx: &SockAddrContext, addr: &Addr16, port: u16) -> bool {
+    let Some(ip) = addr.as_v4() else {
+        return false;
+    };
     // SAFETY: as in `addr4`; these fields are writable in the connect,
     // sendmsg, recvmsg and getpeername hooks.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let a = &addr.0;
-    sa.user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+    sa.user_ip4 = u32::from_ne_bytes(ip);
     sa.user_port = u32::from(port.to_be());
+    true
 }
 
 #[inline(always)]
@@ -67,6 +75,43 @@ fn proto_of(ctx: &SockAddrContext) -> u8 {
 #[inline(always)]
 fn key4(ctx: &SockAddrContext, proto: u8) -> ServiceKey {
     let (addr, port) = addr4(ctx);
+    ServiceKey {
+        addr,
+        port,
+        proto,
+        pad: 0,
+    }
+}
+
+/// The IPv6 destination (or peer) of an AF_INET6 socket's call: a real
+/// IPv6 address, or v4-mapped for an IPv4 peer of a dual-stack socket.
+#[inline(always)]
+fn addr6(ctx: &SockAddrContext) -> (Addr16, u16) {
+    // SAFETY: as in `addr4`.
+    let sa = unsafe { &*ctx.sock_addr };
+    // user_ip6 holds the 16 address bytes in network order, in four words.
+    (
+        Addr16::from_words(sa.user_ip6),
+        u16::from_be(sa.user_port as u16),
+    )
+}
+
+/// Writes an address into an IPv6 context (an IPv4 one v4-mapped): every
+/// address fits, so it returns true.
+#[inline(always)]
+fn set_addr6(ctx: &SockAddrContext, addr: &Addr16, port: u16) -> bool {
+    // SAFETY: as in `set_addr4`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    sa.user_ip6 = addr.words();
+    sa.user_port = u32::from(port.to_be());
+    true
+}
+
+/// The frontend key of an IPv6 call. A v4-mapped destination gives the
+/// same key as the IPv4 call would: one entry serves both families.
+#[inline(always)]
+fn key6(ctx: &SockAddrContext, proto: u8) -> ServiceKey {
+    let (addr, port) = addr6(ctx);
     ServiceKey {
         addr,
         port,
@@ -119,6 +164,57 @@ pub fn disc_recvmsg4(ctx: SockAddrContext) -> i32 {
 pub fn disc_getpeername4(ctx: SockAddrContext) -> i32 {
     let (peer, port) = addr4(&ctx);
     if xlate::rev(&ctx, &peer, port, |a, p| set_addr4(&ctx, a, p)) {
+        stats::bump(Counter::PeerRevNat);
+    }
+    ALLOW
+}
+
+/// connect() on an AF_INET6 socket: to an IPv6 frontend, or to a v4-mapped
+/// one (`::ffff:127.0.0.1`, what a JVM's dual-stack socket connects to for
+/// 127.0.0.1). Any backend fits: IPv4 ones are written v4-mapped.
+#[cgroup_sock_addr(connect6)]
+pub fn disc_connect6(ctx: SockAddrContext) -> i32 {
+    let proto = proto_of(&ctx);
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return ALLOW;
+    }
+    let key = key6(&ctx, proto);
+    xlate::fwd(&ctx, &key, Hook::Connect, |a, p| set_addr6(&ctx, a, p))
+}
+
+/// Unconnected UDP sendto() on an AF_INET6 socket to an IPv6 frontend (a
+/// v4-mapped destination runs sendmsg4 instead). The kernel refuses a
+/// rewrite to a v4-mapped address here, so an IPv4 backend fails the call
+/// at once with EAFNOSUPPORT.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn disc_sendmsg6(ctx: SockAddrContext) -> i32 {
+    if proto_of(&ctx) != IPPROTO_UDP {
+        return ALLOW;
+    }
+    let key = key6(&ctx, IPPROTO_UDP);
+    xlate::fwd(&ctx, &key, Hook::Sendmsg, |a, p| {
+        a.as_v4().is_none() && set_addr6(&ctx, a, p)
+    })
+}
+
+/// recvfrom() on an AF_INET6 UDP socket (also for an IPv4 peer of a
+/// dual-stack socket, v4-mapped): the reply comes from the frontend.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn disc_recvmsg6(ctx: SockAddrContext) -> i32 {
+    if proto_of(&ctx) == IPPROTO_UDP {
+        let (peer, port) = addr6(&ctx);
+        if xlate::rev(&ctx, &peer, port, |a, p| set_addr6(&ctx, a, p)) {
+            stats::bump(Counter::RecvmsgRevNat);
+        }
+    }
+    ALLOW
+}
+
+/// getpeername() on a redirected AF_INET6 socket reports the frontend.
+#[cgroup_sock_addr(getpeername6)]
+pub fn disc_getpeername6(ctx: SockAddrContext) -> i32 {
+    let (peer, port) = addr6(&ctx);
+    if xlate::rev(&ctx, &peer, port, |a, p| set_addr6(&ctx, a, p)) {
         stats::bump(Counter::PeerRevNat);
     }
     ALLOW

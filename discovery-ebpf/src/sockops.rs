@@ -196,12 +196,31 @@ fn redirected(ctx: &SockOpsContext) -> Option<&'static SockRevNat> {
 fn peer(ctx: &SockOpsContext) -> BackendKey {
     // remote_port holds the network-order port in its upper 16 bits.
     let port = u16::from_be((ctx.remote_port() >> 16) as u16);
-    BackendKey {
-        addr: Addr16::v4_mapped(ctx.remote_ip4().to_ne_bytes()),
-        port,
-        pad: 0,
-    }
+    // An AF_INET6 socket's peer, v4-mapped for an IPv4 peer of a
+    // dual-stack socket: the form the maps key backends by.
+    let addr = if ctx.family() == AF_INET6 {
+        // One load per word at a constant offset of the context: the
+        // verifier refuses loads through a moved context pointer, which a
+        // copy of the whole array compiles to.
+        // SAFETY: the kernel passes a valid bpf_sock_ops for the program's
+        // run; remote_ip6 is readable in every sock_ops callback.
+        let w = unsafe {
+            let ip6 = core::ptr::addr_of!((*ctx.ops).remote_ip6);
+            [
+                core::ptr::read_volatile(core::ptr::addr_of!((*ip6)[0])),
+                core::ptr::read_volatile(core::ptr::addr_of!((*ip6)[1])),
+                core::ptr::read_volatile(core::ptr::addr_of!((*ip6)[2])),
+                core::ptr::read_volatile(core::ptr::addr_of!((*ip6)[3])),
+            ]
+        };
+        Addr16::from_words(w)
+    } else {
+        Addr16::v4_mapped(ctx.remote_ip4().to_ne_bytes())
+    };
+    BackendKey { addr, port, pad: 0 }
 }
+
+const AF_INET6: u32 = 10;
 
 #[inline(always)]
 fn setsockopt(ctx: &SockOpsContext, level: i32, opt: i32, value: u32) {

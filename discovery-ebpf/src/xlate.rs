@@ -19,23 +19,28 @@ use crate::{
 pub const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const EAFNOSUPPORT: i32 = 97;
 
 /// Rewrites a call to a frontend into one to a backend. `set` writes the
-/// chosen backend's address into the hook's context.
+/// chosen backend's address into the hook's context, or returns false if
+/// the context cannot carry it (an IPv6 backend for an AF_INET socket, an
+/// IPv4 one for IPv6 sendmsg): the call then fails with EAFNOSUPPORT.
 #[inline(always)]
 pub fn fwd(
     ctx: &SockAddrContext,
     key: &ServiceKey,
     hook: Hook,
-    set: impl FnOnce(&Addr16, u16),
+    set: impl FnOnce(&Addr16, u16) -> bool,
 ) -> i32 {
     let p = match lb::select(ctx.sock_addr.cast(), key, hook) {
         Pick::NotFrontend => return ALLOW,
         _ if own_process() => return ALLOW,
-        Pick::NoBackend(stats_id) => return refuse(stats_id),
+        Pick::NoBackend(stats_id) => return fail(stats_id, ECONNREFUSED),
         Pick::Backend(p) => p,
     };
-    set(&p.backend.addr, p.backend.port);
+    if !set(&p.backend.addr, p.backend.port) {
+        return fail(p.stats_id, EAFNOSUPPORT);
+    }
     match hook {
         Hook::Connect => {
             revnat::remember(ctx, key, &p.backend, &p.tcp, p.stats_id);
@@ -61,13 +66,10 @@ pub fn rev(
     ctx: &SockAddrContext,
     peer: &Addr16,
     port: u16,
-    set: impl FnOnce(&Addr16, u16),
+    set: impl FnOnce(&Addr16, u16) -> bool,
 ) -> bool {
     match revnat::frontend_of(ctx, peer, port) {
-        Some((addr, port)) => {
-            set(&addr, port);
-            true
-        }
+        Some((addr, port)) => set(&addr, port),
         None => false,
     }
 }
@@ -93,12 +95,14 @@ fn own_process() -> bool {
     true
 }
 
-/// Fail the call with ECONNREFUSED right away instead of letting it hang.
+/// Fails the call right away with `errno` (ECONNREFUSED: no backend;
+/// EAFNOSUPPORT: none this socket can reach) instead of letting it hang.
+/// Both count as no_backend.
 #[inline(always)]
-fn refuse(stats_id: u32) -> i32 {
+fn fail(stats_id: u32, errno: i32) -> i32 {
     stats::bump(Counter::NoBackend);
     stats::service(stats_id, |s| s.no_backend += 1);
     // SAFETY: allowed in cgroup sock_addr programs; sets the call's errno.
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    unsafe { bpf_set_retval(-errno) };
     REJECT
 }
