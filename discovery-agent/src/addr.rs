@@ -1,7 +1,7 @@
 //! Addresses as the maps hold them (16 bytes, IPv4 as `::ffff:a.b.c.d`,
 //! ports in host order) and as people read them. The one place that
 //! decodes v4-mapped addresses.
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 use discovery_common::{Addr16, IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
 
@@ -10,6 +10,33 @@ pub type Addr = (Addr16, u16);
 
 pub fn from_v4(a: SocketAddrV4) -> Addr {
     (Addr16::v4_mapped(a.ip().octets()), a.port())
+}
+
+/// Any socket address as the maps hold it (IPv4 v4-mapped).
+pub fn from_socket(a: SocketAddr) -> Addr {
+    match a {
+        SocketAddr::V4(v4) => from_v4(v4),
+        SocketAddr::V6(v6) => (Addr16(v6.ip().octets()), v6.port()),
+    }
+}
+
+/// The socket address of a map address: IPv4 for a v4-mapped one.
+pub fn to_socket(a: Addr) -> SocketAddr {
+    match to_v4(a) {
+        Some(v4) => SocketAddr::V4(v4),
+        None => SocketAddr::new(IpAddr::V6(Ipv6Addr::from(a.0.0)), a.1),
+    }
+}
+
+/// The map key of a frontend and protocol.
+pub fn service_key(frontend: SocketAddr, proto: u8) -> ServiceKey {
+    let (addr, port) = from_socket(frontend);
+    ServiceKey {
+        addr,
+        port,
+        proto,
+        pad: 0,
+    }
 }
 
 /// The IPv4 socket address, if `a` is v4-mapped.

@@ -6,8 +6,8 @@ use crate::{
     config::{BackendCommand, ServiceCommand},
     etcd::connect,
     schema::{
-        KeepaliveJson, ServiceJson, check_instance, check_name, maintenance_key_path, parse_addr,
-        service_key_path,
+        FrontendJson, KeepaliveJson, ServiceJson, check_instance, check_name, maintenance_key_path,
+        parse_addr, service_key_path,
     },
 };
 
@@ -27,10 +27,17 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
             etcd,
         } => {
             check_name(&name)?;
-            let frontend = parse_addr(&frontend).map_err(|e| anyhow::anyhow!("--frontend: {e}"))?;
+            let frontends = frontend
+                .iter()
+                .map(|f| {
+                    parse_addr(f)
+                        .map(|a| a.to_string())
+                        .map_err(|e| anyhow::anyhow!("--frontend: {e}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let key = service_key_path(&etcd.prefix, &name);
             let json = ServiceJson {
-                frontend: frontend.to_string(),
+                frontend: FrontendJson::new(frontends),
                 protocol,
                 policy,
                 check: None,

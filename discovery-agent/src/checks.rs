@@ -9,7 +9,7 @@
 //! registered backends rather than black-holing its traffic.
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    net::SocketAddrV4,
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -30,12 +30,12 @@ use crate::{
 const MAX_CONCURRENT_PROBES: usize = 64;
 
 pub struct ActiveChecks {
-    tasks: HashMap<SocketAddrV4, (Check, JoinHandle<()>)>,
-    down: HashSet<SocketAddrV4>,
+    tasks: HashMap<SocketAddr, (Check, JoinHandle<()>)>,
+    down: HashSet<SocketAddr>,
     /// Passive ejections: backends whose connects kept failing, until when.
-    ejected_until: HashMap<SocketAddrV4, Instant>,
+    ejected_until: HashMap<SocketAddr, Instant>,
     falling_back: BTreeSet<String>,
-    tx: mpsc::Sender<(SocketAddrV4, Check, bool)>,
+    tx: mpsc::Sender<(SocketAddr, Check, bool)>,
     http: reqwest::Client,
     limit: Arc<Semaphore>,
 }
@@ -49,7 +49,7 @@ impl Drop for ActiveChecks {
 }
 
 impl ActiveChecks {
-    pub fn new(tx: mpsc::Sender<(SocketAddrV4, Check, bool)>) -> anyhow::Result<Self> {
+    pub fn new(tx: mpsc::Sender<(SocketAddr, Check, bool)>) -> anyhow::Result<Self> {
         Ok(Self {
             tasks: HashMap::new(),
             down: HashSet::new(),
@@ -64,7 +64,7 @@ impl ActiveChecks {
     /// This node's verdict on a backend, for `status`: `ok`, `check
     /// failing` (out of services that have an active check) or `ejected`
     /// (passively, from every service).
-    pub fn health(&self, addr: SocketAddrV4) -> &'static str {
+    pub fn health(&self, addr: SocketAddr) -> &'static str {
         if self.ejected_until.contains_key(&addr) {
             "ejected"
         } else if self.down.contains(&addr) {
@@ -93,10 +93,10 @@ impl ActiveChecks {
     /// kernel streak the caller resets, and whether anything changed.
     pub fn passive(
         &mut self,
-        failing: &[(SocketAddrV4, u32)],
+        failing: &[(SocketAddr, u32)],
         backoff: Duration,
         now: Instant,
-    ) -> (Vec<SocketAddrV4>, bool) {
+    ) -> (Vec<SocketAddr>, bool) {
         let before = self.ejected_until.len();
         self.ejected_until.retain(|addr, until| {
             let keep = *until > now;
@@ -121,7 +121,7 @@ impl ActiveChecks {
 
     /// Starts and stops checkers to match the services that define checks.
     pub fn sync(&mut self, desired: &Desired) {
-        let mut want: HashMap<SocketAddrV4, Check> = HashMap::new();
+        let mut want: HashMap<SocketAddr, Check> = HashMap::new();
         for svc in desired.services.values() {
             let Some(check) = &svc.check else { continue };
             for b in &svc.backends {
@@ -154,7 +154,7 @@ impl ActiveChecks {
 
     /// Records a verdict; returns whether the set of ejected backends
     /// changed. Verdicts of a check that was replaced meanwhile are dropped.
-    pub fn observe(&mut self, addr: SocketAddrV4, check: &Check, up: bool) -> bool {
+    pub fn observe(&mut self, addr: SocketAddr, check: &Check, up: bool) -> bool {
         if self.tasks.get(&addr).map(|(c, _)| c) != Some(check) {
             return false;
         }
@@ -207,11 +207,11 @@ impl ActiveChecks {
 }
 
 async fn run_checker(
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     check: Check,
     http: reqwest::Client,
     limit: Arc<Semaphore>,
-    tx: mpsc::Sender<(SocketAddrV4, Check, bool)>,
+    tx: mpsc::Sender<(SocketAddr, Check, bool)>,
 ) {
     // Spread thousands of checkers over one interval.
     watch(&check, &http, Some(&limit), check.interval, |up, failure| {
@@ -255,11 +255,11 @@ mod tests {
         let d = m.desired();
         c.sync(&d);
         assert_eq!(c.tasks.len(), 2, "one checker per backend address");
-        let a: SocketAddrV4 = "127.0.0.2:80".parse().unwrap();
-        let b: SocketAddrV4 = "127.0.0.3:80".parse().unwrap();
+        let a: SocketAddr = "127.0.0.2:80".parse().unwrap();
+        let b: SocketAddr = "127.0.0.3:80".parse().unwrap();
         let check_a = c.tasks[&a].0.clone();
         assert!(c.observe(a, &check_a, false));
-        let backends = |d: &Desired, port: u16| -> Vec<SocketAddrV4> {
+        let backends = |d: &Desired, port: u16| -> Vec<SocketAddr> {
             d.services
                 .values()
                 .find(|s| s.frontend.port() == port)
@@ -295,7 +295,7 @@ mod tests {
         m.put("/d/backends/plain/b", b"127.0.0.3:80", 2);
         let (tx, _rx) = mpsc::channel(8);
         let mut c = ActiveChecks::new(tx).unwrap();
-        let a: SocketAddrV4 = "127.0.0.2:80".parse().unwrap();
+        let a: SocketAddr = "127.0.0.2:80".parse().unwrap();
         let t0 = Instant::now();
         let backoff = Duration::from_secs(10);
         assert_eq!(c.passive(&[(a, 3)], backoff, t0), (vec![a], true));
@@ -315,7 +315,7 @@ mod tests {
             .iter()
             .map(|b| b.addr)
             .collect();
-        assert_eq!(only, ["127.0.0.3:80".parse::<SocketAddrV4>().unwrap()]);
+        assert_eq!(only, ["127.0.0.3:80".parse::<SocketAddr>().unwrap()]);
         assert_eq!(c.ejected(), 1);
         // Back-off over: back in.
         assert_eq!(c.passive(&[], backoff, t0 + backoff), (vec![], true));

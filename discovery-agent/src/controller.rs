@@ -20,7 +20,7 @@ use discovery_common::ServiceKey;
 use crate::{
     addr::proto_name,
     checks::ActiveChecks,
-    desired::{Conflict, Desired, Refused},
+    desired::{Conflict, Desired, FamilyNote, Refused},
     etcd::{Change as EtcdChange, Update},
     exempt,
     guard::NodeGuard,
@@ -31,8 +31,8 @@ use crate::{
     model::{Applied, Model},
     reconcile::{ApplyError, Change, Reconciler, frontend_of},
     status::{
-        self, EtcdStatus, SnapBackend, SnapInvalid, SnapNotApplied, SnapRefused, SnapService,
-        Snapshot,
+        self, EtcdStatus, SnapBackend, SnapFamily, SnapInvalid, SnapNotApplied, SnapRefused,
+        SnapService, Snapshot,
     },
 };
 
@@ -74,6 +74,7 @@ pub struct Controller {
     /// What was last logged, so each conflict, refusal and failure is
     /// logged once when it starts and once when it ends.
     conflicts: BTreeSet<Conflict>,
+    family: BTreeSet<FamilyNote>,
     refused: BTreeMap<ServiceKey, Refused>,
     failing: BTreeMap<NotApplied, (String, ServiceKey)>,
     /// Frontends that would shadow a listener: a scan matters only when
@@ -116,6 +117,7 @@ impl Controller {
             revision: 0,
             applied_unix: 0,
             conflicts: BTreeSet::new(),
+            family: BTreeSet::new(),
             refused: BTreeMap::new(),
             failing: BTreeMap::new(),
             shadowing: BTreeSet::new(),
@@ -159,7 +161,7 @@ impl Controller {
 
     /// Active-check verdicts: recorded now, applied on the next health
     /// tick (verdicts come in bursts when a rack goes away).
-    pub fn on_verdicts(&mut self, verdicts: Vec<(std::net::SocketAddrV4, Check, bool)>) {
+    pub fn on_verdicts(&mut self, verdicts: Vec<(std::net::SocketAddr, Check, bool)>) {
         for (addr, check, up) in verdicts {
             self.health_pending |= self.checks.observe(addr, &check, up);
         }
@@ -259,6 +261,15 @@ impl Controller {
         snap.ready = self.ready;
         snap.etcd = self.etcd.clone();
         snap.programs = self.settings.programs.clone();
+        snap.family = self
+            .family
+            .iter()
+            .map(|n| SnapFamily {
+                service: n.service.clone(),
+                frontend: n.frontend.clone(),
+                detail: n.detail.clone(),
+            })
+            .collect();
         snap.not_applied = self
             .failing
             .iter()
@@ -401,6 +412,7 @@ impl Controller {
         }
         let routes = self.model.routes();
         report_conflicts(&mut self.conflicts, &routes.conflicts);
+        report_family(&mut self.family, &routes.family);
         report_refused(&mut self.refused, &routes.refused, &self.metrics);
         // Active checks: this node's view of backend health.
         self.checks.sync(routes);
@@ -414,6 +426,7 @@ impl Controller {
             },
             conflicts: BTreeSet::new(),
             refused: BTreeMap::new(),
+            family: BTreeSet::new(),
         };
         self.checks.apply(&mut desired);
         let (changes, errors) = match &scope {
@@ -526,6 +539,19 @@ fn report_refused(
     *seen = now.clone();
 }
 
+/// Logs each address-family limit once when it appears.
+fn report_family(seen: &mut BTreeSet<FamilyNote>, now: &BTreeSet<FamilyNote>) {
+    for n in now.difference(seen) {
+        warn!(
+            service = n.service,
+            frontend = n.frontend,
+            detail = n.detail,
+            "frontend cannot reach every backend: address families"
+        );
+    }
+    *seen = now.clone();
+}
+
 /// Logs each conflict once when it appears.
 fn report_conflicts(seen: &mut BTreeSet<Conflict>, now: &BTreeSet<Conflict>) {
     for c in now.difference(seen) {
@@ -559,7 +585,8 @@ fn snapshot(
         .into_iter()
         .map(|(name, def, backends)| SnapService {
             name: name.to_owned(),
-            frontend: def.frontend.to_string(),
+            frontend: def.frontends[0].to_string(),
+            frontends: def.frontends.iter().map(ToString::to_string).collect(),
             protocol: serde_name(&def.protocol),
             policy: serde_name(&def.policy),
             routed: routed.contains(name),

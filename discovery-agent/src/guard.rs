@@ -12,26 +12,27 @@
 //!   with `"takeover": true` (moving off a local HAProxy with no gap).
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddrV4, ToSocketAddrs as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _},
     str::FromStr,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::listeners::Listeners;
 
 /// One `--allowed-frontends` entry: `NET`, `NET:PORT` or `NET:LO-HI`, where
 /// NET is an address or a CIDR network (`127.0.0.0/8`, `127.0.0.1:11211`,
-/// `127.0.0.0/8:10000-19999`).
+/// `127.0.0.0/8:10000-19999`); IPv6 in brackets when a port follows
+/// (`::1/128`, `[::1]:11211`, `[fd00::/8]:10000-19999`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AllowedFrontend {
-    pub net: Ipv4Net,
+    pub net: IpNet,
     pub ports: (u16, u16),
 }
 
 impl AllowedFrontend {
-    pub fn contains(&self, a: SocketAddrV4) -> bool {
-        self.net.contains(a.ip()) && (self.ports.0..=self.ports.1).contains(&a.port())
+    pub fn contains(&self, a: SocketAddr) -> bool {
+        self.net.contains(&a.ip()) && (self.ports.0..=self.ports.1).contains(&a.port())
     }
 }
 
@@ -39,18 +40,37 @@ impl FromStr for AllowedFrontend {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (net, ports) = match s.split_once(':') {
-            Some((n, p)) => (n, Some(p)),
-            None => (s, None),
+        let (net, ports) = if let Some(rest) = s.strip_prefix('[') {
+            let (n, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("{s:?}: no ']' after the IPv6 network"))?;
+            match after {
+                "" => (n, None),
+                p => (
+                    n,
+                    Some(
+                        p.strip_prefix(':')
+                            .ok_or_else(|| format!("{s:?}: expected ':' after ']'"))?,
+                    ),
+                ),
+            }
+        } else if s.matches(':').count() > 1 {
+            // Bare IPv6 takes no port (brackets do).
+            (s, None)
+        } else {
+            match s.split_once(':') {
+                Some((n, p)) => (n, Some(p)),
+                None => (s, None),
+            }
         };
-        let net: Ipv4Net = if net.contains('/') {
+        let net: IpNet = if net.contains('/') {
             net.parse()
                 .map_err(|e| format!("{s:?}: network {net:?}: {e}"))?
         } else {
-            let a: Ipv4Addr = net
+            let a: IpAddr = net
                 .parse()
                 .map_err(|e| format!("{s:?}: address {net:?}: {e}"))?;
-            Ipv4Net::from(a)
+            IpNet::from(a)
         };
         let port = |p: &str| -> Result<u16, String> {
             match p.parse::<u16>() {
@@ -80,15 +100,19 @@ impl FromStr for AllowedFrontend {
 
 impl fmt::Display for AllowedFrontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.net.prefix_len() == 32 {
-            write!(f, "{}", self.net.addr())?;
+        let net = if self.net.prefix_len() == self.net.max_prefix_len() {
+            self.net.addr().to_string()
         } else {
-            write!(f, "{}", self.net)?;
-        }
-        match self.ports {
-            (1, u16::MAX) => Ok(()),
-            (lo, hi) if lo == hi => write!(f, ":{lo}"),
-            (lo, hi) => write!(f, ":{lo}-{hi}"),
+            self.net.to_string()
+        };
+        let ports = match self.ports {
+            (1, u16::MAX) => return write!(f, "{net}"),
+            (lo, hi) if lo == hi => format!("{lo}"),
+            (lo, hi) => format!("{lo}-{hi}"),
+        };
+        match self.net {
+            IpNet::V6(_) => write!(f, "[{net}]:{ports}"),
+            IpNet::V4(_) => write!(f, "{net}:{ports}"),
         }
     }
 }
@@ -99,8 +123,8 @@ pub enum Refusal {
     /// The agent's own connections need this address (`what` says which).
     Reserved(String),
     /// Something listens there (the listener's address: the frontend's
-    /// own, or 0.0.0.0 for a wildcard one).
-    Shadows(SocketAddrV4),
+    /// own, or 0.0.0.0 / [::] for a wildcard one).
+    Shadows(SocketAddr),
 }
 
 impl Refusal {
@@ -129,7 +153,7 @@ impl fmt::Display for Refusal {
 /// This node's rules for frontends, with the last listener scan.
 #[derive(Debug, Default)]
 pub struct NodeGuard {
-    reserved: Vec<(SocketAddrV4, String)>,
+    reserved: Vec<(SocketAddr, String)>,
     listeners: Listeners,
 }
 
@@ -150,7 +174,7 @@ fn endpoint_host_port(url: &str) -> String {
 }
 
 impl NodeGuard {
-    /// Reserves every IPv4 address the etcd endpoints resolve to, and the
+    /// Reserves every address the etcd endpoints resolve to, and the
     /// metrics address.
     pub fn new(etcd_endpoints: &[String], metrics: Option<std::net::SocketAddr>) -> Self {
         let mut reserved = Vec::new();
@@ -163,25 +187,25 @@ impl NodeGuard {
                     || host.to_ascii_lowercase().ends_with(".localhost"))
                 && let Ok(port) = port.parse()
             {
-                reserved.push((
-                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
-                    format!("etcd endpoint {e}"),
-                ));
+                for ip in [
+                    IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    IpAddr::V6(Ipv6Addr::LOCALHOST),
+                ] {
+                    reserved.push((SocketAddr::new(ip, port), format!("etcd endpoint {e}")));
+                }
             }
             match hp.to_socket_addrs() {
                 Ok(addrs) => {
                     for a in addrs {
-                        if let std::net::SocketAddr::V4(a) = a {
-                            reserved.push((a, format!("etcd endpoint {e}")));
-                        }
+                        reserved.push((canonical(a), format!("etcd endpoint {e}")));
                     }
                 }
                 Err(err) => tracing::warn!(endpoint = %e, error = %err,
                     "cannot resolve etcd endpoint; it is not protected from being a frontend"),
             }
         }
-        if let Some(std::net::SocketAddr::V4(m)) = metrics {
-            reserved.push((m, "metrics address".to_owned()));
+        if let Some(m) = metrics {
+            reserved.push((canonical(m), "metrics address".to_owned()));
         }
         Self {
             reserved,
@@ -199,7 +223,7 @@ impl NodeGuard {
     /// Why `frontend` (for protocol `proto`) must not be routed on this
     /// node, if it must not. Reserved addresses are refused for both
     /// protocols and whatever the service says.
-    pub fn refusal(&self, frontend: SocketAddrV4, proto: u8, takeover: bool) -> Option<Refusal> {
+    pub fn refusal(&self, frontend: SocketAddr, proto: u8, takeover: bool) -> Option<Refusal> {
         if let Some((_, what)) = self.reserved.iter().find(|(a, _)| *a == frontend) {
             return Some(Refusal::Reserved(what.clone()));
         }
@@ -207,8 +231,19 @@ impl NodeGuard {
             return None;
         }
         self.listeners
-            .shadowed(proto, *frontend.ip(), frontend.port())
-            .map(|ip| Refusal::Shadows(SocketAddrV4::new(ip, frontend.port())))
+            .shadowed(proto, frontend.ip(), frontend.port())
+            .map(|ip| Refusal::Shadows(SocketAddr::new(ip, frontend.port())))
+    }
+}
+
+/// A v4-mapped IPv6 address as the IPv4 one (how frontends are compared).
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => SocketAddr::new(IpAddr::V6(*v6.ip()), v6.port()),
+        },
+        v4 => v4,
     }
 }
 
@@ -238,9 +273,17 @@ mod tests {
             ("127.0.0.0/8", "127.0.0.0/8"),
             ("127.0.0.1:11211-11299", "127.0.0.1:11211-11299"),
             ("127.0.0.0/8:10000-19999", "127.0.0.0/8:10000-19999"),
+            ("::1/128", "::1"),
+            ("::1", "::1"),
+            ("[::1]:11211", "[::1]:11211"),
+            ("[fd00::/8]:10000-19999", "[fd00::/8]:10000-19999"),
         ] {
             assert_eq!(s.parse::<AllowedFrontend>().unwrap().to_string(), shown);
         }
+        let a: AllowedFrontend = "[::1]:11211".parse().unwrap();
+        assert!(a.contains("[::1]:11211".parse().unwrap()));
+        assert!(!a.contains("[::1]:11212".parse().unwrap()));
+        assert!(!a.contains("127.0.0.1:11211".parse().unwrap()));
         for bad in [
             "nope",
             "127.0.0.0/33",
@@ -248,7 +291,9 @@ mod tests {
             "127.0.0.1:99999",
             "127.0.0.1:20-10",
             "127.0.0.1:a-b",
-            "[::1]:80",
+            "[::1",
+            "[::1]80",
+            "[::1/129]",
         ] {
             let e = bad.parse::<AllowedFrontend>().unwrap_err();
             assert!(e.contains(bad), "{bad}: {e}");
@@ -269,6 +314,7 @@ mod tests {
             ("127.0.0.1:2379", "etcd endpoint http://127.0.0.1:2379"),
             ("127.0.0.5:2379", "etcd endpoint https://127.0.0.5"),
             ("127.0.0.1:23790", "etcd endpoint localhost:23790"),
+            ("[::1]:23790", "etcd endpoint localhost:23790"),
             ("127.0.0.1:9464", "metrics address"),
         ] {
             for proto in [IPPROTO_TCP, IPPROTO_UDP] {
@@ -290,14 +336,14 @@ mod tests {
         l.add(IPPROTO_TCP, "0.0.0.0".parse().unwrap(), 5432, false);
         assert!(g.set_listeners(l.clone()));
         assert!(!g.set_listeners(l));
-        let dns: SocketAddrV4 = "127.0.0.53:53".parse().unwrap();
+        let dns: SocketAddr = "127.0.0.53:53".parse().unwrap();
         assert_eq!(
             g.refusal(dns, IPPROTO_UDP, false),
             Some(Refusal::Shadows(dns))
         );
         assert_eq!(g.refusal(dns, IPPROTO_TCP, false), None);
         assert_eq!(g.refusal(dns, IPPROTO_UDP, true), None);
-        let pg: SocketAddrV4 = "127.0.0.1:5432".parse().unwrap();
+        let pg: SocketAddr = "127.0.0.1:5432".parse().unwrap();
         assert_eq!(
             g.refusal(pg, IPPROTO_TCP, false),
             Some(Refusal::Shadows("0.0.0.0:5432".parse().unwrap()))

@@ -4,7 +4,7 @@
 //! consecutive passes and goes out after `fall` consecutive failures; any
 //! failure resets the count towards `rise`, so one that alternates never
 //! comes in.
-use std::{future::Future, net::SocketAddrV4, process::Stdio, time::Duration};
+use std::{future::Future, net::SocketAddr, process::Stdio, time::Duration};
 
 use rand::Rng as _;
 use tokio::{net::TcpStream, process::Command, sync::Semaphore, time::timeout};
@@ -83,7 +83,7 @@ pub enum CheckKind {
     /// Always healthy: announce while the process runs.
     None,
     Tcp {
-        target: SocketAddrV4,
+        target: SocketAddr,
     },
     Http {
         url: String,
@@ -235,9 +235,7 @@ mod tests {
             fall: 1,
         };
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let std::net::SocketAddr::V4(target) = l.local_addr().unwrap() else {
-            unreachable!()
-        };
+        let target = l.local_addr().unwrap();
         assert_eq!(
             probe(&check(CheckKind::Tcp { target }), &http).await,
             Ok(())

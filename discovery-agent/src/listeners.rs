@@ -5,7 +5,7 @@
 use std::{
     collections::HashSet,
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use discovery_common::{IPPROTO_TCP, IPPROTO_UDP};
@@ -19,50 +19,59 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
-/// Listening sockets by (protocol, address, port), as IPv4 frontends see
-/// them: an IPv6 socket on `[::]` without IPV6_V6ONLY also takes IPv4, and
-/// one on `::ffff:a.b.c.d` is a.b.c.d.
+/// Listening sockets by (protocol, address, port), as frontends see them:
+/// an IPv6 socket on `[::]` takes every IPv6 address and, without
+/// IPV6_V6ONLY, every IPv4 one too; one on `::ffff:a.b.c.d` is a.b.c.d.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Listeners {
-    exact: HashSet<(u8, Ipv4Addr, u16)>,
-    /// 0.0.0.0, or a dual-stack [::]: every address on that port.
-    wildcard: HashSet<(u8, u16)>,
+    /// IPv4 as such (never v4-mapped).
+    exact: HashSet<(u8, IpAddr, u16)>,
+    /// 0.0.0.0, or a dual-stack [::]: every IPv4 address on that port.
+    wildcard4: HashSet<(u8, u16)>,
+    /// [::]: every IPv6 address on that port.
+    wildcard6: HashSet<(u8, u16)>,
 }
 
 impl Listeners {
     pub fn add(&mut self, proto: u8, ip: IpAddr, port: u16, v6only: bool) {
         match ip {
             IpAddr::V4(a) if a.is_unspecified() => {
-                self.wildcard.insert((proto, port));
+                self.wildcard4.insert((proto, port));
             }
-            IpAddr::V4(a) => {
-                self.exact.insert((proto, a, port));
-            }
-            IpAddr::V6(a) if a.is_unspecified() && !v6only => {
-                self.wildcard.insert((proto, port));
+            IpAddr::V6(a) if a.is_unspecified() => {
+                self.wildcard6.insert((proto, port));
+                if !v6only {
+                    self.wildcard4.insert((proto, port));
+                }
             }
             IpAddr::V6(a) => {
-                if let Some(v4) = a.to_ipv4_mapped() {
-                    self.exact.insert((proto, v4, port));
-                }
+                let ip = a.to_ipv4_mapped().map_or(ip, IpAddr::V4);
+                self.exact.insert((proto, ip, port));
+            }
+            IpAddr::V4(_) => {
+                self.exact.insert((proto, ip, port));
             }
         }
     }
 
     /// The listener that `addr:port` would shadow, if any: itself or a
     /// wildcard on its port.
-    pub fn shadowed(&self, proto: u8, addr: Ipv4Addr, port: u16) -> Option<Ipv4Addr> {
+    pub fn shadowed(&self, proto: u8, addr: IpAddr, port: u16) -> Option<IpAddr> {
+        let (wildcard, any) = match addr {
+            IpAddr::V4(_) => (&self.wildcard4, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            IpAddr::V6(_) => (&self.wildcard6, IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        };
         if self.exact.contains(&(proto, addr, port)) {
             Some(addr)
-        } else if self.wildcard.contains(&(proto, port)) {
-            Some(Ipv4Addr::UNSPECIFIED)
+        } else if wildcard.contains(&(proto, port)) {
+            Some(any)
         } else {
             None
         }
     }
 
     pub fn len(&self) -> usize {
-        self.exact.len() + self.wildcard.len()
+        self.exact.len() + self.wildcard4.len() + self.wildcard6.len()
     }
 }
 
@@ -163,22 +172,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wildcards_and_mapped_addresses_count_for_ipv4() {
+    fn wildcards_and_mapped_addresses_count_per_family() {
         let mut l = Listeners::default();
-        let lo = Ipv4Addr::new(127, 0, 0, 1);
-        l.add(IPPROTO_TCP, "0.0.0.0".parse().unwrap(), 80, false);
-        l.add(IPPROTO_UDP, "::".parse().unwrap(), 53, false);
-        l.add(IPPROTO_UDP, "::".parse().unwrap(), 54, true);
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let lo6: IpAddr = "::1".parse().unwrap();
+        let any4: IpAddr = "0.0.0.0".parse().unwrap();
+        let any6: IpAddr = "::".parse().unwrap();
+        l.add(IPPROTO_TCP, any4, 80, false);
+        l.add(IPPROTO_UDP, any6, 53, false);
+        l.add(IPPROTO_UDP, any6, 54, true);
         l.add(IPPROTO_TCP, "::ffff:127.0.0.2".parse().unwrap(), 22, false);
-        l.add(IPPROTO_TCP, "::1".parse().unwrap(), 23, true);
-        assert_eq!(l.shadowed(IPPROTO_TCP, lo, 80), Some(Ipv4Addr::UNSPECIFIED));
+        l.add(IPPROTO_TCP, lo6, 23, true);
+        assert_eq!(l.shadowed(IPPROTO_TCP, lo, 80), Some(any4));
+        assert_eq!(
+            l.shadowed(IPPROTO_TCP, lo6, 80),
+            None,
+            "0.0.0.0 is not IPv6"
+        );
         assert_eq!(l.shadowed(IPPROTO_UDP, lo, 80), None);
-        assert_eq!(l.shadowed(IPPROTO_UDP, lo, 53), Some(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(l.shadowed(IPPROTO_UDP, lo, 53), Some(any4));
+        assert_eq!(l.shadowed(IPPROTO_UDP, lo6, 53), Some(any6));
         assert_eq!(l.shadowed(IPPROTO_UDP, lo, 54), None, "v6only [::]");
-        let two = Ipv4Addr::new(127, 0, 0, 2);
+        assert_eq!(l.shadowed(IPPROTO_UDP, lo6, 54), Some(any6));
+        let two: IpAddr = "127.0.0.2".parse().unwrap();
         assert_eq!(l.shadowed(IPPROTO_TCP, two, 22), Some(two));
         assert_eq!(l.shadowed(IPPROTO_TCP, lo, 22), None);
         assert_eq!(l.shadowed(IPPROTO_TCP, lo, 23), None, "::1 is not IPv4");
+        assert_eq!(l.shadowed(IPPROTO_TCP, lo6, 23), Some(lo6));
     }
 
     #[test]
@@ -188,7 +208,7 @@ mod tests {
         let connected = UdpSocket::bind("127.0.0.1:0").unwrap();
         connected.connect(udp.local_addr().unwrap()).unwrap();
         let l = scan().expect("sock_diag dump");
-        let lo = Ipv4Addr::new(127, 0, 0, 1);
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let port = |a: std::net::SocketAddr| a.port();
         assert!(
             l.shadowed(IPPROTO_TCP, lo, port(tcp.local_addr().unwrap()))

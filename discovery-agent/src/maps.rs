@@ -1,5 +1,5 @@
 //! Typed access to the pinned BPF maps.
-use std::{io, net::SocketAddrV4, path::Path};
+use std::{io, net::SocketAddr, path::Path};
 
 use anyhow::Context as _;
 use aya::maps::{
@@ -8,7 +8,7 @@ use aya::maps::{
 };
 use discovery_common::{
     BACKEND_F_VALID, Backend, BackendHealth, BackendKey, BackendStats, ConsumerCache, ConsumerKey,
-    Counter, Service, ServiceKey, ServiceStats, Slot, SlotKey, names, v4_mapped,
+    Counter, Service, ServiceKey, ServiceStats, Slot, SlotKey, names,
 };
 use tracing::warn;
 
@@ -131,24 +131,24 @@ impl BpfMaps {
     }
 
     /// Backends whose connects failed `min` times in a row or more.
-    pub fn failing_backends(&self, min: u32) -> Vec<(SocketAddrV4, u32)> {
+    pub fn failing_backends(&self, min: u32) -> Vec<(SocketAddr, u32)> {
         self.bhealth
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, h)| h.consecutive_failures >= min)
-            .filter_map(|(k, h)| {
-                crate::addr::to_v4((k.addr, k.port)).map(|a| (a, h.consecutive_failures))
+            .map(|(k, h)| {
+                (
+                    crate::addr::to_socket((k.addr, k.port)),
+                    h.consecutive_failures,
+                )
             })
             .collect()
     }
 
     /// Starts a backend's failure streak over.
-    pub fn reset_failures(&mut self, addr: SocketAddrV4) {
-        let key = BackendKey {
-            addr: v4_mapped(addr.ip().octets()),
-            port: addr.port(),
-            pad: 0,
-        };
+    pub fn reset_failures(&mut self, addr: SocketAddr) {
+        let (addr, port) = crate::addr::from_socket(addr);
+        let key = BackendKey { addr, port, pad: 0 };
         if let Ok(mut h) = self.bhealth.get(&key, 0) {
             h.consecutive_failures = 0;
             let _ = self.bhealth.insert(key, h, 0);

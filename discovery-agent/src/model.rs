@@ -230,9 +230,11 @@ impl Model {
         r.conflicts.retain(|c| {
             !names.contains(&c.winner) && !names.contains(&c.loser) && !fronts.contains(&c.frontend)
         });
+        r.family.retain(|n| !fronts.contains(&n.frontend));
         r.conflicts.extend(part.conflicts);
         r.services.extend(part.services);
         r.refused.extend(part.refused);
+        r.family.extend(part.family);
         Some(keys)
     }
 

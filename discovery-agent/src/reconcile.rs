@@ -386,7 +386,7 @@ impl<D: Dataplane> Reconciler<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::service_key;
+    use crate::addr::service_key;
     use crate::maps::Dump;
     use crate::model::Model;
     use crate::tables::maglev_size;
@@ -535,8 +535,7 @@ mod tests {
     }
 
     fn a(s: &str) -> Addr {
-        let s: std::net::SocketAddrV4 = s.parse().unwrap();
-        crate::addr::from_v4(s)
+        crate::addr::from_socket(s.parse().unwrap())
     }
 
     fn web() -> ServiceKey {

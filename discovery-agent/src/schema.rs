@@ -31,7 +31,7 @@
 //! error). An invalid key or value is treated as absent and
 //! reported ([`Invalid`]); it never affects another service.
 use std::{
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -67,7 +67,10 @@ impl Protocol {
 /// A valid `<prefix>services/<name>` value, as the agent uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceDef {
-    pub frontend: SocketAddrV4,
+    /// One to [`MAX_FRONTENDS`] addresses, IPv4 and IPv6 alike (a service
+    /// on `127.0.0.1:P` and `[::1]:P` serves `localhost:P` whichever
+    /// address a client's resolver returns).
+    pub frontends: Vec<SocketAddr>,
     pub protocol: Protocol,
     pub policy: Policy,
     pub check: Option<ServiceCheck>,
@@ -81,10 +84,23 @@ pub struct ServiceDef {
     pub create_revision: i64,
 }
 
+impl ServiceDef {
+    /// Every (frontend, map key) the service claims: each frontend for
+    /// each of its protocols.
+    pub fn keys(&self) -> impl Iterator<Item = (SocketAddr, discovery_common::ServiceKey)> + '_ {
+        self.frontends.iter().flat_map(move |&f| {
+            self.protocol
+                .ip_protos()
+                .iter()
+                .map(move |&p| (f, crate::addr::service_key(f, p)))
+        })
+    }
+}
+
 /// A valid `<prefix>backends/<name>/<instance-id>` value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BackendDef {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub weight: u32,
 }
 
@@ -104,10 +120,18 @@ pub enum Invalid {
     NotUtf8,
     #[error("invalid JSON: {0}")]
     Json(String),
-    #[error("invalid address {0:?}: expected ip:port")]
+    #[error("invalid address {0:?}: expected ip:port, or [ipv6]:port")]
     Addr(String),
-    #[error("IPv6 address {0} is not supported yet")]
-    Ipv6(String),
+    #[error(
+        "IPv6 address {0} has a zone (scope id): frontends and backends take global or loopback addresses"
+    )]
+    Scope(String),
+    #[error("service has no frontend")]
+    NoFrontend,
+    #[error("service has {0} frontends; at most {MAX_FRONTENDS}")]
+    TooManyFrontends(usize),
+    #[error("frontend {0} is listed twice")]
+    DuplicateFrontend(String),
     #[error("port 0 in {0}")]
     PortZero(String),
     #[error("address {0} cannot be a backend (unspecified, broadcast or multicast)")]
@@ -224,16 +248,27 @@ fn value_str(value: &[u8]) -> Result<&str, Invalid> {
     std::str::from_utf8(value).map_err(|_| Invalid::NotUtf8)
 }
 
-/// An IPv4 `ip:port` with a port other than 0.
-pub fn parse_addr(s: &str) -> Result<SocketAddrV4, Invalid> {
-    match s.trim().parse::<SocketAddr>() {
-        Ok(SocketAddr::V4(a)) if a.port() == 0 => Err(Invalid::PortZero(a.to_string())),
-        Ok(SocketAddr::V4(a)) => Ok(a),
-        Ok(SocketAddr::V6(a)) => Err(Invalid::Ipv6(a.to_string())),
-        Err(_) => match s.trim().parse::<IpAddr>() {
-            Ok(IpAddr::V6(a)) => Err(Invalid::Ipv6(a.to_string())),
-            _ => Err(Invalid::Addr(s.to_owned())),
-        },
+/// Frontends one service may have.
+pub const MAX_FRONTENDS: usize = 4;
+
+/// `ip:port` (IPv4) or `[ip]:port` (IPv6) with a port other than 0. A
+/// v4-mapped IPv6 address (`[::ffff:127.0.0.1]:80`) is the IPv4 address it
+/// maps: the maps hold one entry for both.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, Invalid> {
+    let a = s
+        .trim()
+        .parse::<SocketAddr>()
+        .map_err(|_| Invalid::Addr(s.to_owned()))?;
+    if a.port() == 0 {
+        return Err(Invalid::PortZero(a.to_string()));
+    }
+    match a {
+        SocketAddr::V6(v6) if v6.scope_id() != 0 => Err(Invalid::Scope(a.to_string())),
+        SocketAddr::V6(v6) => Ok(match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => SocketAddr::new(IpAddr::V6(*v6.ip()), v6.port()),
+        }),
+        v4 => Ok(v4),
     }
 }
 
@@ -268,7 +303,8 @@ pub enum Policy {
 /// The value of `<prefix>services/<name>`.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct ServiceJson {
-    pub frontend: String,
+    /// `"127.0.0.1:11211"`, or a list: `["127.0.0.1:11211", "[::1]:11211"]`.
+    pub frontend: FrontendJson,
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "is_default_policy")]
@@ -292,6 +328,32 @@ pub struct ServiceJson {
     /// gap. Without it such a frontend is refused on that node.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub takeover: bool,
+}
+
+/// A service's `frontend`: one address or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum FrontendJson {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl FrontendJson {
+    /// One address as a string, several as a list.
+    pub fn new(mut addrs: Vec<String>) -> Self {
+        if addrs.len() == 1 {
+            FrontendJson::One(addrs.remove(0))
+        } else {
+            FrontendJson::Many(addrs)
+        }
+    }
+
+    pub fn addrs(&self) -> &[String] {
+        match self {
+            FrontendJson::One(a) => std::slice::from_ref(a),
+            FrontendJson::Many(v) => v,
+        }
+    }
 }
 
 /// `{"idle": "30s", "interval": "5s", "probes": 3}`: after `idle` without
@@ -489,7 +551,7 @@ impl ServiceCheck {
     }
 
     /// The probe of this check against one backend.
-    pub fn for_backend(&self, addr: SocketAddrV4) -> crate::health::Check {
+    pub fn for_backend(&self, addr: SocketAddr) -> crate::health::Check {
         use crate::health::{Check, CheckKind};
         Check {
             kind: match &self.http_path {
@@ -536,19 +598,33 @@ pub fn parse_service(
 ) -> Result<ServiceDef, Invalid> {
     let s = value_str(value)?;
     let j: ServiceJson = serde_json::from_str(s).map_err(|e| Invalid::Json(e.to_string()))?;
-    let frontend = parse_addr(&j.frontend)?;
-    if !allowed.iter().any(|n| n.contains(frontend)) {
-        let ranges = allowed
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        return Err(Invalid::FrontendNotAllowed(frontend.to_string(), ranges));
+    let addrs = j.frontend.addrs();
+    if addrs.is_empty() {
+        return Err(Invalid::NoFrontend);
+    }
+    if addrs.len() > MAX_FRONTENDS {
+        return Err(Invalid::TooManyFrontends(addrs.len()));
+    }
+    let mut frontends = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        let frontend = parse_addr(a)?;
+        if !allowed.iter().any(|n| n.contains(frontend)) {
+            let ranges = allowed
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            return Err(Invalid::FrontendNotAllowed(frontend.to_string(), ranges));
+        }
+        if frontends.contains(&frontend) {
+            return Err(Invalid::DuplicateFrontend(frontend.to_string()));
+        }
+        frontends.push(frontend);
     }
     let check = j.check.as_ref().map(ServiceCheck::parse).transpose()?;
     let tcp = j.tcp_opts()?;
     Ok(ServiceDef {
-        frontend,
+        frontends,
         protocol: j.protocol,
         policy: j.policy,
         check,
@@ -568,7 +644,8 @@ pub fn parse_backend(value: &[u8]) -> Result<BackendDef, Invalid> {
         (parse_addr(s)?, 1)
     };
     let ip = addr.ip();
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_unspecified() || broadcast || ip.is_multicast() {
         return Err(Invalid::BadBackendIp(addr.to_string()));
     }
     if weight > u64::from(MAX_WEIGHT) {
@@ -633,7 +710,7 @@ mod tests {
         let allowed = ["127.0.0.0/8".parse().unwrap()];
         let d = parse_service(br#"{"frontend":"127.0.0.1:11211"}"#, &allowed, 5).unwrap();
         assert_eq!(d.protocol, Protocol::Tcp);
-        assert_eq!(d.frontend, "127.0.0.1:11211".parse().unwrap());
+        assert_eq!(d.frontends, ["127.0.0.1:11211".parse().unwrap()]);
         let d = parse_service(
             br#"{"frontend":"127.0.0.9:53","protocol":"both","extra":[1]}"#,
             &allowed,
@@ -673,7 +750,40 @@ mod tests {
         ));
         assert!(matches!(
             parse_service(br#"{"frontend":"[::1]:80"}"#, &allowed, 1),
-            Err(Invalid::Ipv6(_))
+            Err(Invalid::FrontendNotAllowed(..))
+        ));
+        // Several frontends, IPv6 among them; v4-mapped is IPv4.
+        let both = ["127.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()];
+        let d = parse_service(
+            br#"{"frontend":["127.0.0.1:80","[::1]:80"],"protocol":"both"}"#,
+            &both,
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            d.frontends,
+            ["127.0.0.1:80".parse().unwrap(), "[::1]:80".parse().unwrap()]
+        );
+        assert_eq!(d.keys().count(), 4);
+        assert!(matches!(
+            parse_service(
+                br#"{"frontend":["127.0.0.1:80","[::ffff:127.0.0.1]:80"]}"#,
+                &both,
+                1
+            ),
+            Err(Invalid::DuplicateFrontend(_))
+        ));
+        assert!(matches!(
+            parse_service(br#"{"frontend":[]}"#, &both, 1),
+            Err(Invalid::NoFrontend)
+        ));
+        assert!(matches!(
+            parse_service(
+                br#"{"frontend":["127.0.0.1:1","127.0.0.1:2","127.0.0.1:3","127.0.0.1:4","127.0.0.1:5"]}"#,
+                &both,
+                1
+            ),
+            Err(Invalid::TooManyFrontends(5))
         ));
         assert!(matches!(
             parse_service(
@@ -757,8 +867,22 @@ mod tests {
                 .weight,
             0
         );
-        assert!(matches!(parse_backend(b"::1"), Err(Invalid::Ipv6(_))));
-        assert!(matches!(parse_backend(b"[::1]:80"), Err(Invalid::Ipv6(_))));
+        assert!(matches!(parse_backend(b"::1"), Err(Invalid::Addr(_))));
+        assert_eq!(
+            parse_backend(b"[2001:db8::5]:11211").unwrap().addr,
+            "[2001:db8::5]:11211".parse().unwrap()
+        );
+        assert_eq!(
+            parse_backend(br#"{"addr":"[::ffff:10.0.0.5]:80"}"#)
+                .unwrap()
+                .addr,
+            "10.0.0.5:80".parse().unwrap(),
+            "v4-mapped is IPv4"
+        );
+        assert!(matches!(
+            parse_backend(b"[fe80::1%2]:80"),
+            Err(Invalid::Scope(_))
+        ));
         assert!(matches!(parse_backend(b"host:80"), Err(Invalid::Addr(_))));
         assert!(matches!(
             parse_backend(b"0.0.0.0:80"),

@@ -57,6 +57,18 @@ pub struct Snapshot {
     /// previous state in the kernel.
     #[serde(default)]
     pub not_applied: Vec<SnapNotApplied>,
+    /// Frontends that reach only some of their backends, or with a limit,
+    /// because of address families.
+    #[serde(default)]
+    pub family: Vec<SnapFamily>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapFamily {
+    pub service: String,
+    /// `addr:port/proto`.
+    pub frontend: String,
+    pub detail: String,
 }
 
 /// Invalid keys listed in the status file; the rest are only counted.
@@ -106,7 +118,11 @@ pub struct SnapRefused {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapService {
     pub name: String,
+    /// The first frontend (see `frontends`).
     pub frontend: String,
+    /// Every frontend, IPv4 and IPv6.
+    #[serde(default)]
+    pub frontends: Vec<String>,
     pub protocol: String,
     pub policy: String,
     /// False when an older service holds the same frontend.
@@ -205,6 +221,7 @@ pub struct AgentInfo {
     pub invalid: Vec<SnapInvalid>,
     pub invalid_total: usize,
     pub not_applied: Vec<SnapNotApplied>,
+    pub family: Vec<SnapFamily>,
 }
 
 #[derive(Debug, Serialize)]
@@ -254,12 +271,19 @@ pub fn report(snap: Option<Snapshot>, k: &KernelView, paths: &HashMap<u64, Strin
     let mut by_frontend: HashMap<(String, String), &SnapService> = HashMap::new();
     if let Some(s) = &snap {
         for svc in s.services.iter().filter(|s| s.routed) {
-            for proto in match svc.protocol.as_str() {
-                "both" => &["tcp", "udp"][..],
-                "udp" => &["udp"],
-                _ => &["tcp"],
-            } {
-                by_frontend.insert((svc.frontend.clone(), (*proto).to_owned()), svc);
+            let frontends = if svc.frontends.is_empty() {
+                std::slice::from_ref(&svc.frontend)
+            } else {
+                &svc.frontends[..]
+            };
+            for f in frontends {
+                for proto in match svc.protocol.as_str() {
+                    "both" => &["tcp", "udp"][..],
+                    "udp" => &["udp"],
+                    _ => &["tcp"],
+                } {
+                    by_frontend.insert((f.clone(), (*proto).to_owned()), svc);
+                }
             }
         }
     }
@@ -354,6 +378,7 @@ pub fn report(snap: Option<Snapshot>, k: &KernelView, paths: &HashMap<u64, Strin
             invalid: s.invalid,
             invalid_total: s.invalid_total,
             not_applied: s.not_applied,
+            family: s.family,
         }),
         services,
         counters: k
@@ -428,6 +453,12 @@ pub fn render(r: &Report) -> String {
                 out.push_str("\nnot applied (the kernel keeps the previous state):\n");
                 for n in &a.not_applied {
                     let _ = writeln!(out, "  {} {}: {}", n.service, n.frontend, n.error);
+                }
+            }
+            if !a.family.is_empty() {
+                out.push_str("\naddress families:\n");
+                for n in &a.family {
+                    let _ = writeln!(out, "  {} {}: {}", n.service, n.frontend, n.detail);
                 }
             }
             if a.invalid_total > 0 {
@@ -642,6 +673,7 @@ mod tests {
                 policy: "least_conn".into(),
                 routed: true,
                 fallback: false,
+                frontends: vec![],
                 backends: vec![SnapBackend {
                     instance: "a".into(),
                     addr: "127.0.0.2:80".into(),

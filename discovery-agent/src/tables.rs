@@ -143,7 +143,7 @@ pub fn maglev_table(backends: &[BackendDef], m: usize) -> Vec<usize> {
 }
 
 fn addr_of(b: &BackendDef) -> Addr {
-    crate::addr::from_v4(b.addr)
+    crate::addr::from_socket(b.addr)
 }
 
 /// The slot table a desired service should have, resolved to addresses.

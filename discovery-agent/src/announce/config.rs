@@ -19,7 +19,7 @@
 //!
 //! A bad file is rejected at start with the file, line and reason; unknown
 //! fields are errors here (a typo in a check must not silently disable it).
-use std::{collections::BTreeSet, net::SocketAddrV4, path::Path, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
@@ -39,7 +39,7 @@ pub const DEFAULT_FALL: u32 = crate::health::ANNOUNCER.fall;
 pub struct Instance {
     pub service: String,
     pub id: String,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub weight: u32,
     pub check: Check,
 }
@@ -315,7 +315,7 @@ command = "true"
             f(&mut r);
             r.validate().unwrap_err().to_string()
         };
-        assert!(bad(|r| r.addr = "[::1]:80".into()).contains("IPv6"));
+        assert!(bad(|r| r.addr = "[fe80::1%2]:80".into()).contains("zone"));
         assert!(bad(|r| r.id = Some("a/b".into())).contains("instance id"));
         assert!(bad(|r| r.weight = Some(70_000)).contains("weight"));
         assert!(bad(|r| r.check.kind = Some("icmp".into())).contains("unknown check type"));

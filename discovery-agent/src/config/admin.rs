@@ -32,9 +32,12 @@ pub enum ServiceCommand {
     /// Write <prefix>services/NAME.
     Put {
         name: String,
-        /// Loopback address clients connect to, e.g. 127.0.0.1:11211.
-        #[arg(long)]
-        frontend: String,
+        /// Loopback address clients connect to, e.g. 127.0.0.1:11211 or
+        /// [::1]:11211; repeat it (up to 4) for one service on several,
+        /// e.g. both, so `localhost:11211` works whichever a client's
+        /// resolver returns first.
+        #[arg(long, required = true)]
+        frontend: Vec<String>,
         #[arg(long, value_enum, default_value = "tcp")]
         protocol: Protocol,
         /// How backends are chosen: random (weighted), consistent (sticky

@@ -272,7 +272,11 @@ mod tests {
         let flag = format!("--config={}", flag_file.display());
         let a = run_args(parse_with(file, &["discovery-agent", "run", &flag]));
         assert_eq!(a.max_services, 9);
-        assert_eq!(a.allowed_frontends.len(), 1, "the other file is not read");
+        assert_eq!(
+            a.allowed_frontends,
+            ["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            "the other file is not read: the defaults hold"
+        );
     }
 
     #[test]

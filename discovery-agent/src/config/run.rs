@@ -60,7 +60,8 @@ pub struct RunArgs {
 
     /// Frontends services may claim, comma separated: networks, addresses
     /// and port ranges (`127.0.0.0/8`, `127.0.0.1:11211-11299`,
-    /// `127.0.0.0/8:10000-19999`). A service whose frontend is outside them
+    /// `127.0.0.0/8:10000-19999`; IPv6 `::1/128`, `[::1]:11211`,
+    /// `[fd00::/8]:10000-19999`). A service whose frontend is outside them
     /// is rejected, so a bad etcd write cannot hijack traffic to real
     /// hosts. Within them, this node's etcd endpoints and metrics address
     /// are never routed, nor is an address where a socket listens (unless
@@ -69,7 +70,7 @@ pub struct RunArgs {
         long,
         env = "DISCOVERY_ALLOWED_FRONTENDS",
         value_delimiter = ',',
-        default_value = "127.0.0.0/8"
+        default_value = "127.0.0.0/8,::1/128"
     )]
     pub allowed_frontends: Vec<crate::guard::AllowedFrontend>,
 
@@ -142,7 +143,10 @@ mod tests {
         assert_eq!(args.etcd.endpoints, vec![DEFAULT_ETCD.to_owned()]);
         assert_eq!(args.etcd.prefix, DEFAULT_PREFIX);
         assert_eq!(args.pin.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
-        assert_eq!(args.allowed_frontends, vec!["127.0.0.0/8".parse().unwrap()]);
+        assert_eq!(
+            args.allowed_frontends,
+            vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]
+        );
         assert_eq!(args.max_services, DEFAULT_MAX_SERVICES);
         assert_eq!(
             args.metrics_addr,

@@ -2,6 +2,7 @@
 //! datagrams to an address and prints one JSON line per attempt.
 //!
 //! discovery-probe tcp|udp|udp-connected ADDR COUNT
+//!   (ADDR `[::ffff:127.0.0.1]:80` or `[::1]:80`: an AF_INET6 socket)
 //! discovery-probe load ADDR MILLIS   (TCP connections back to back)
 //! discovery-probe hold ADDR COUNT NAME (TCP; connections answered by NAME
 //!                                      stay open until the end, like hung
@@ -16,6 +17,15 @@ use std::{
 
 use discovery_tests::{Outcome, now_ms};
 
+/// The wildcard of `addr`'s family: an IPv6 target (v4-mapped ones too)
+/// gets an AF_INET6 socket, as a JVM or `socket.AF_INET6` would use.
+fn any_of(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
+        SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
+    }
+}
+
 fn once(mode: &str, addr: SocketAddr) -> std::io::Result<(String, String)> {
     let timeout = Some(Duration::from_secs(2));
     match mode {
@@ -27,7 +37,7 @@ fn once(mode: &str, addr: SocketAddr) -> std::io::Result<(String, String)> {
             Ok((buf.trim().to_owned(), s.peer_addr()?.to_string()))
         }
         "udp" => {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let s = UdpSocket::bind(any_of(addr))?;
             s.set_read_timeout(timeout)?;
             s.send_to(b"ping", addr)?;
             let mut buf = [0u8; 256];
@@ -38,7 +48,7 @@ fn once(mode: &str, addr: SocketAddr) -> std::io::Result<(String, String)> {
             ))
         }
         "udp-connected" => {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let s = UdpSocket::bind(any_of(addr))?;
             s.set_read_timeout(timeout)?;
             s.connect(addr)?;
             s.send(b"ping")?;
