@@ -380,9 +380,26 @@ fn service_put_and_rm_write_the_documented_json() {
         String::from_utf8_lossy(&out.stderr).contains("invalid service name"),
         "{out:?}"
     );
-    let out = cli(&["service", "put", "v6", "--frontend", "[::1]:53"]);
+    // IPv6, and one service on both loopbacks.
+    let out = cli(&[
+        "service",
+        "put",
+        "v6",
+        "--frontend",
+        "127.0.0.1:53",
+        "--frontend",
+        "[::1]:53",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value =
+        serde_json::from_str(&etcd.get("/discovery/services/v6").unwrap()).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"frontend": ["127.0.0.1:53", "[::1]:53"], "protocol": "tcp"})
+    );
+    let out = cli(&["service", "put", "v6", "--frontend", "[fe80::1%2]:53"]);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("IPv6"),
+        String::from_utf8_lossy(&out.stderr).contains("zone"),
         "{out:?}"
     );
     assert!(cli(&["service", "rm", "dns"]).status.success());

@@ -3,11 +3,12 @@
 //! kernel cannot do (failing at once, and said in the status file).
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use discovery_tests::{Agent, Backend, Outcome, World, tally};
+use discovery_tests::{Agent, Backend, Outcome, World, clients, tally, wait_until};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_discovery-probe");
 const ECONNREFUSED: i32 = 111;
 const EAFNOSUPPORT: i32 = 97;
+const ENETUNREACH: i32 = 101;
 
 fn world(tag: &str) -> World {
     World::start(PROBE, tag, &[])
@@ -168,4 +169,163 @@ fn an_ipv4_frontend_leaves_ipv6_backends_out_and_says_so() {
         let t = tally(&w.probe("tcp", fe, 3));
         assert_eq!(t, all(&format!("errno {ECONNREFUSED}"), 3), "{fe}");
     }
+}
+
+// ---------------------------------------------------------- real clients
+
+#[test]
+fn a_jvm_client_reaches_an_ipv4_frontend_over_tcp_and_udp() {
+    let w = world("jvm");
+    let (a, _ua) = both("a", "127.0.0.2");
+    w.service("web", "127.0.0.1:8080", "both");
+    w.backend("web", "a", &a.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8080", 3, |t| t == &all("a", 3));
+    // The JVM's default sockets are AF_INET6: connect6 and, for datagrams
+    // to a v4-mapped destination, sendmsg4 then recvmsg6.
+    let tcp = clients::java(&w.cg, "tcp", "127.0.0.1", 8080, 5);
+    assert_eq!(tally(&tcp), all("a", 5), "{tcp:?}");
+    let udp = clients::java(&w.cg, "udp", "127.0.0.1", 8080, 5);
+    // The reply's real source, as the JVM saw it: the frontend.
+    assert_all(&udp, "a", "127.0.0.1:8080");
+    let connected = clients::java(&w.cg, "udp-connected", "127.0.0.1", 8080, 5);
+    assert_eq!(tally(&connected), all("a", 5), "{connected:?}");
+}
+
+#[test]
+fn python_af_inet6_sockets_to_v4_mapped_and_ipv6_frontends() {
+    let w = world("python6");
+    let (a, _ua) = both("a", "127.0.0.2");
+    let (a6, _ua6) = both("a6", "[::1]");
+    w.service("web", "127.0.0.1:8080", "both");
+    w.backend("web", "a", &a.addr().to_string());
+    w.service("web6", "[::1]:8081", "both");
+    w.backend("web6", "a6", &a6.addr().to_string());
+    w.converge("tcp", "127.0.0.1:8080", 3, |t| t == &all("a", 3));
+    w.converge("tcp", "[::1]:8081", 3, |t| t == &all("a6", 3));
+    let mapped = "[::ffff:127.0.0.1]:8080";
+    for mode in ["tcp", "udp", "udp-connected"] {
+        let o = clients::python6(&w.cg, mode, "::ffff:127.0.0.1", 8080, 5, false);
+        assert_all(&o, "a", mapped);
+        let o = clients::python6(&w.cg, mode, "::1", 8081, 5, false);
+        assert_all(&o, "a6", "[::1]:8081");
+    }
+    // IPV6_V6ONLY: the kernel refuses a v4-mapped destination on such a
+    // socket (ENETUNREACH) before any program runs; nothing to redirect.
+    let o = clients::python6(&w.cg, "tcp", "::ffff:127.0.0.1", 8080, 2, true);
+    assert_eq!(tally(&o), all(&format!("errno {ENETUNREACH}"), 2), "{o:?}");
+    // Nor can such a socket reach an IPv4 backend of an IPv6 frontend.
+    w.service("web64", "[::1]:8082", "tcp");
+    w.backend("web64", "a", &a.addr().to_string());
+    w.converge("tcp", "[::1]:8082", 3, |t| t == &all("a", 3));
+    let o = clients::python6(&w.cg, "tcp", "::1", 8082, 2, true);
+    assert_eq!(tally(&o), all(&format!("errno {ENETUNREACH}"), 2), "{o:?}");
+}
+
+#[test]
+fn curl_to_localhost_reaches_a_service_on_ipv6_loopback() {
+    let w = world("curl");
+    let http = clients::HttpBackend::start("web-1", addr("127.0.0.2:0"));
+    // Only [::1]: curl tries 127.0.0.1:8080 first, is refused, and falls
+    // back to [::1]:8080, the frontend.
+    w.service("web", "[::1]:8080", "tcp");
+    w.backend("web", "a", &http.addr().to_string());
+    w.converge("tcp", "[::1]:8080", 3, |t| t.get("errno 111").is_none());
+    let r = clients::curl(&w.cg, "http://localhost:8080/");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("web-1"), "{r:?}");
+    assert_eq!(r.remote_ip, "::1", "curl dialled the frontend: {r:?}");
+    // On both loopbacks: whichever address curl tries, it is served.
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":["127.0.0.1:8080","[::1]:8080"]}"#,
+    );
+    w.converge("tcp", "127.0.0.1:8080", 3, |t| t.get("errno 111").is_none());
+    for args in [&["-4"][..], &["-6"][..], &[][..]] {
+        let r = clients::curl_with(&w.cg, args, "http://localhost:8080/");
+        assert_eq!(r.status, 200, "curl {args:?}: {r:?}");
+        assert!(r.body.contains("web-1"), "{r:?}");
+    }
+}
+
+#[test]
+fn dig_at_ipv6_loopback_is_answered_by_a_real_dns_server() {
+    let w = world("dig");
+    let dns6 = clients::Dnsmasq::start(
+        addr("[::1]:0"),
+        &[("svc.test", "10.1.2.3".parse().unwrap())],
+    );
+    let dns4 = clients::Dnsmasq::start(
+        addr("127.0.0.2:0"),
+        &[("svc.test", "10.9.9.9".parse().unwrap())],
+    );
+    w.service("dns6", "[::1]:5353", "udp");
+    w.backend("dns6", "a", &dns6.addr().to_string());
+    // An IPv6 frontend with an IPv4 server: dig's socket is IPV6_V6ONLY
+    // (bind9's tools set it), and such a socket cannot reach a v4-mapped
+    // backend: the kernel fails it at once, as README's table says.
+    w.service("dns4", "[::1]:5354", "udp");
+    w.backend("dns4", "a", &dns4.addr().to_string());
+    w.agent
+        .wait_status("dns4's backend", Duration::from_secs(5), |v| {
+            Agent::service_status(v, "dns4")
+                .is_some_and(|s| s["backends"].as_array().is_some_and(|b| b.len() == 1))
+        });
+    let d = clients::dig(&w.cg, "::1", 5354, "svc.test");
+    assert!(d.output.contains("network unreachable"), "{d:?}");
+    assert!(d.answers.is_empty(), "{d:?}");
+    let d = wait_until(Duration::from_secs(5), || {
+        let d = clients::dig(&w.cg, "::1", 5353, "svc.test");
+        (d.answers == ["10.1.2.3"]).then_some(d)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no answer via [::1]:5353: {:?}",
+            clients::dig(&w.cg, "::1", 5353, "svc.test")
+        )
+    });
+    // dig accepted the reply because it came from where it asked.
+    assert_eq!(d.from.as_deref(), Some("[::1]:5353"), "{d:?}");
+    assert_eq!(d.status.as_deref(), Some("NOERROR"), "{d:?}");
+    // The IPv4 server through an IPv4 frontend: what such clients need.
+    w.service("dns4", "127.0.0.1:5354", "udp");
+    let d = wait_until(Duration::from_secs(5), || {
+        let d = clients::dig(&w.cg, "127.0.0.1", 5354, "svc.test");
+        (d.answers == ["10.9.9.9"]).then_some(d)
+    })
+    .unwrap_or_else(|| panic!("no answer via 127.0.0.1:5354"));
+    assert_eq!(d.from.as_deref(), Some("127.0.0.1:5354"), "{d:?}");
+}
+
+#[test]
+fn active_checks_work_over_ipv6() {
+    let w = World::start(PROBE, "check6", &["--passive-failures", "0"]);
+    let a = Backend::tcp("a6", addr("[::1]:0"));
+    let b = Backend::tcp("b6", addr("[::1]:0"));
+    let at = a.addr();
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":"[::1]:8080","check":{"type":"tcp","interval":"100ms","timeout":"80ms","rise":2,"fall":2}}"#,
+    );
+    w.backend("web", "a", &at.to_string());
+    w.backend("web", "b", &b.addr().to_string());
+    w.converge("tcp", "[::1]:8080", 20, |t| t.len() == 2);
+    drop(a);
+    let health = |v: &serde_json::Value| {
+        Agent::service_status(v, "web").and_then(|s| {
+            s["backends"]
+                .as_array()?
+                .iter()
+                .find(|b| b["instance"] == "a")
+                .map(|b| b["health"].clone())
+        })
+    };
+    w.agent
+        .wait_status("a6 failing its check", Duration::from_secs(5), |v| {
+            health(v).is_some_and(|h| h == "check failing")
+        });
+    w.converge("tcp", "[::1]:8080", 20, |t| t == &all("b6", 20));
+    let _a = Backend::tcp("a6", at);
+    w.agent.wait_status("a6 back", Duration::from_secs(5), |v| {
+        health(v).is_some_and(|h| h == "ok")
+    });
 }

@@ -23,13 +23,22 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
+/// The wildcard of `to`'s family: IPv6 targets (v4-mapped too) get an
+/// AF_INET6 socket.
+fn any_of(to: SocketAddr) -> SocketAddr {
+    match to {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
+        SocketAddr::V6(_) => "[::]:0".parse().unwrap(),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let addr = |s: &str| -> SocketAddr { s.parse().unwrap_or_else(|_| usage()) };
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         [_, "udp-send", a, ms, how] => {
             let to = addr(a);
-            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let s = UdpSocket::bind(any_of(to)).expect("bind");
             let connected = match how {
                 "connected" => true,
                 "unconnected" => false,
@@ -60,7 +69,7 @@ fn main() {
         [_, "reconnect", a, n] => {
             let to = addr(a);
             let n: u64 = n.parse().unwrap_or_else(|_| usage());
-            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            let s = UdpSocket::bind(any_of(to)).expect("bind");
             // Warm up (socket storage, caches) before timing.
             for _ in 0..1000 {
                 s.connect(to).expect("connect");

@@ -174,11 +174,26 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
         "/discovery/backends/bench-udp/u",
         &format!("127.0.0.3:{udp_port}"),
     );
-    let mut udp_key = tcp_key(fe_udp);
-    udp_key.proto = discovery_common::IPPROTO_UDP;
+    // IPv6: a frontend on ::1 with a backend on ::1 (connect() on UDP
+    // needs no listener, so the hook's cost needs no IPv6 server).
+    let fe6_udp: SocketAddr = format!("[::1]:{}", free_udp_port("::1")).parse()?;
+    etcd.put(
+        "/discovery/services/bench-udp6",
+        &format!(r#"{{"frontend":"{fe6_udp}","protocol":"udp"}}"#),
+    );
+    etcd.put(
+        "/discovery/backends/bench-udp6/u",
+        &format!("[::1]:{udp_port}"),
+    );
+    let udp = |fe: SocketAddr| {
+        let mut k = tcp_key(fe);
+        k.proto = discovery_common::IPPROTO_UDP;
+        k
+    };
+    let (udp_key, udp6_key) = (udp(fe_udp), udp(fe6_udp));
     wait_until(Duration::from_secs(10), || {
         let ok = |k| maps.service(&k).is_some_and(|s| s.count > 0);
-        (ok(tcp_key(fe_tcp)) && ok(udp_key)).then_some(())
+        (ok(tcp_key(fe_tcp)) && ok(udp_key) && ok(udp6_key)).then_some(())
     })
     .context("the agent did not install the bench services")?;
 
@@ -308,6 +323,27 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
                 format!("127.0.0.3:{udp_port}"),
             ),
             ("programs, frontend (redirected)", true, fe_udp.to_string()),
+            // AF_INET6 sockets: dual stack to a v4-mapped frontend, and IPv6.
+            (
+                "AF_INET6 v4-mapped: no programs, direct",
+                false,
+                format!("[::ffff:127.0.0.3]:{udp_port}"),
+            ),
+            (
+                "AF_INET6 v4-mapped: programs, frontend (redirected)",
+                true,
+                format!("[::ffff:127.0.0.1]:{}", fe_udp.port()),
+            ),
+            (
+                "IPv6: no programs, direct",
+                false,
+                format!("[::1]:{udp_port}"),
+            ),
+            (
+                "IPv6: programs, frontend (redirected)",
+                true,
+                fe6_udp.to_string(),
+            ),
         ];
         for (case, in_cg, target) in cases {
             let mut xs = Vec::new();

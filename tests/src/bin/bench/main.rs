@@ -259,12 +259,12 @@ impl KernelMaps {
 }
 
 pub fn tcp_key(addr: SocketAddr) -> ServiceKey {
-    let SocketAddr::V4(a) = addr else {
-        panic!("IPv4 only")
-    };
     ServiceKey {
-        addr: v4_mapped(a.ip().octets()),
-        port: a.port(),
+        addr: match addr {
+            SocketAddr::V4(a) => v4_mapped(a.ip().octets()),
+            SocketAddr::V6(a) => discovery_common::Addr16(a.ip().octets()),
+        },
+        port: addr.port(),
         proto: discovery_common::IPPROTO_TCP,
         pad: 0,
     }
