@@ -329,3 +329,25 @@ fn active_checks_work_over_ipv6() {
         health(v).is_some_and(|h| h == "ok")
     });
 }
+
+#[test]
+fn an_announcer_registers_an_ipv6_instance_while_its_check_passes() {
+    let w = world("announce6");
+    let b = Backend::tcp("a6", addr("[::1]:0"));
+    let at = b.addr();
+    w.service("web", "[::1]:8080", "tcp");
+    let _ann =
+        discovery_tests::Proc::spawn(discovery_tests::announce_args(&w.etcd.url, "web", "a6", at));
+    let key = "/discovery/backends/web/a6";
+    let v = wait_until(Duration::from_secs(5), || w.etcd.get(key))
+        .unwrap_or_else(|| panic!("{key} never appeared"));
+    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(v["addr"], at.to_string());
+    w.converge("tcp", "[::1]:8080", 3, |t| t == &all("a6", 3));
+    // Its tcp check over IPv6 fails once the instance is gone.
+    drop(b);
+    let gone = wait_until(Duration::from_secs(5), || {
+        w.etcd.get(key).is_none().then_some(())
+    });
+    assert!(gone.is_some(), "{key} still registered");
+}
