@@ -351,3 +351,63 @@ fn an_announcer_registers_an_ipv6_instance_while_its_check_passes() {
     });
     assert!(gone.is_some(), "{key} still registered");
 }
+
+#[test]
+fn policies_socket_options_and_passive_ejection_hold_for_ipv6() {
+    let w = World::start(
+        PROBE,
+        "policy6",
+        &["--passive-failures", "3", "--passive-ejection", "30s"],
+    );
+    let a = Backend::tcp_holding("a6", addr("[::1]:0"));
+    let b = Backend::tcp("b6", addr("[::1]:0"));
+    // consistent: this workload (one cgroup) sticks to one backend.
+    w.etcd.put(
+        "/discovery/services/sticky",
+        r#"{"frontend":"[::1]:8081","policy":"consistent"}"#,
+    );
+    w.backend("sticky", "a", &b.addr().to_string());
+    w.backend(
+        "sticky",
+        "c",
+        &Backend::tcp("c6", addr("[::1]:0")).addr().to_string(),
+    );
+    w.converge("tcp", "[::1]:8081", 20, |t| t.len() == 1);
+    // sock_ops sets the service's TCP options on AF_INET6 sockets too.
+    w.etcd.put(
+        "/discovery/services/held",
+        r#"{"frontend":"[::1]:8080","keepalive":{"idle":"7s","interval":"3s","probes":4},"user_timeout":"20s"}"#,
+    );
+    w.backend("held", "a", &a.addr().to_string());
+    let (_idle, opts) = wait_until(Duration::from_secs(10), || {
+        let mut p = w.start_probe(&["idle", "[::1]:8080"]);
+        let line = p.next_line(Duration::from_secs(5))?;
+        let o: serde_json::Value = serde_json::from_str(&line).unwrap();
+        Some((p, o))
+    })
+    .expect("an idle connection to [::1]:8080");
+    assert_eq!(opts["backend"], "a6", "{opts}");
+    let got = ["keepalive", "idle", "interval", "probes", "user_timeout"].map(|k| opts[k].as_i64());
+    assert_eq!(
+        got,
+        [Some(1), Some(7), Some(3), Some(4), Some(20_000)],
+        "{opts}"
+    );
+    // Passive ejection of an IPv6 backend that refuses connections.
+    let gone = Backend::tcp("gone", addr("[::1]:0")).addr();
+    w.service("web", "[::1]:8082", "tcp");
+    w.backend("web", "gone", &gone.to_string());
+    w.backend("web", "b", &b.addr().to_string());
+    w.converge("tcp", "[::1]:8082", 20, |t| t == &all("b6", 20));
+    let st = w
+        .agent
+        .wait_status("gone ejected", Duration::from_secs(5), |v| {
+            Agent::service_status(v, "web").is_some_and(|s| {
+                s["backends"].as_array().is_some_and(|l| {
+                    l.iter()
+                        .any(|b| b["instance"] == "gone" && b["health"] == "ejected")
+                })
+            })
+        });
+    assert!(st.to_string().contains(&gone.to_string()), "{st}");
+}
