@@ -964,9 +964,10 @@ impl PacketDrop {
 
     fn matching(addr: SocketAddr, extra: &str) -> Self {
         let table = unique("drop").replace('-', "_");
+        let family = if addr.is_ipv6() { "ip6" } else { "ip" };
         let script = format!(
             "table inet {table} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  \
-             ip daddr {} tcp dport {} {extra} drop\n }}\n}}\n",
+             {family} daddr {} tcp dport {} {extra} drop\n }}\n}}\n",
             addr.ip(),
             addr.port()
         );

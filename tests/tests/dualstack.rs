@@ -411,3 +411,147 @@ fn policies_socket_options_and_passive_ejection_hold_for_ipv6() {
         });
     assert!(st.to_string().contains(&gone.to_string()), "{st}");
 }
+
+#[test]
+fn http_checks_reach_ipv6_backends() {
+    let w = World::start(PROBE, "http6", &["--passive-failures", "0"]);
+    let h = clients::HttpBackend::start("h6", addr("[::1]:0"));
+    let at = h.addr();
+    let b = Backend::tcp("b6", addr("[::1]:0"));
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":"[::1]:8080","check":{"type":"http","path":"/health","interval":"100ms","timeout":"80ms","rise":1,"fall":1}}"#,
+    );
+    w.backend("web", "h", &at.to_string());
+    w.backend("web", "b", &b.addr().to_string());
+    let health = |v: &serde_json::Value, who: &str| {
+        Agent::service_status(v, "web").and_then(|s| {
+            s["backends"]
+                .as_array()?
+                .iter()
+                .find(|b| b["instance"] == who)
+                .map(|b| b["health"].as_str().unwrap_or_default().to_owned())
+        })
+    };
+    // The HTTP server passes GET http://[::1]:P/health; the plain TCP one
+    // fails it.
+    w.agent
+        .wait_status("h ok and b failing", Duration::from_secs(5), |v| {
+            health(v, "h").as_deref() == Some("ok")
+                && health(v, "b").as_deref() == Some("check failing")
+        });
+    assert!(
+        h.seen().iter().any(|c| c.is_ipv6()),
+        "the check came over IPv6"
+    );
+    drop(h);
+    w.agent
+        .wait_status("h failing once gone", Duration::from_secs(5), |v| {
+            health(v, "h").as_deref() == Some("check failing")
+        });
+}
+
+#[test]
+fn least_conn_counts_live_af_inet6_connections() {
+    let w = world("leastconn6");
+    let fast = Backend::tcp("fast", addr("[::1]:0"));
+    let slow = Backend::tcp_holding("slow", addr("[::1]:0"));
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":"[::1]:8080","policy":"least_conn"}"#,
+    );
+    w.backend("web", "fast", &fast.addr().to_string());
+    w.backend("web", "slow", &slow.addr().to_string());
+    w.agent
+        .wait_status("both backends", Duration::from_secs(5), |v| {
+            Agent::service_status(v, "web")
+                .is_some_and(|s| s["backends"].as_array().is_some_and(|b| b.len() == 2))
+        });
+    // The client keeps the slow backend's connections open; sock_ops
+    // counts them live by the AF_INET6 peer, and new connects avoid it.
+    let n = 200;
+    let out = w.cg.output(std::process::Command::new(PROBE).args([
+        "hold",
+        "[::1]:8080",
+        &n.to_string(),
+        "slow",
+    ]));
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), n);
+    let slow_share = text.lines().filter(|l| *l == "slow").count() as f64 / n as f64;
+    // Random would give 50%; two choices about 25% (see redirect.rs).
+    assert!(slow_share < 0.38, "slow share {slow_share}");
+}
+
+#[test]
+fn connect_timeout_applies_to_af_inet6_sockets() {
+    const ETIMEDOUT: i32 = 110;
+    let w = world("ctimeout6");
+    // Nothing answers: SYNs to this address are dropped silently.
+    let dead = {
+        let l = std::net::TcpListener::bind("[::1]:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let _drop = discovery_tests::PacketDrop::syns(dead);
+    w.etcd.put(
+        "/discovery/services/web",
+        r#"{"frontend":"[::1]:8080","connect_timeout":"1500ms"}"#,
+    );
+    w.backend("web", "dead", &dead.to_string());
+    let o = wait_until(Duration::from_secs(15), || {
+        let o = w.probe("tcp", "[::1]:8080", 1).remove(0);
+        (o.errno == Some(ETIMEDOUT)).then_some(o)
+    })
+    .unwrap_or_else(|| panic!("connect never timed out early:\n{}", w.agent.log()));
+    assert!(
+        (1_400_000..2_500_000).contains(&o.micros),
+        "timed out after {} ms, configured 1500 ms",
+        o.micros / 1000
+    );
+}
+
+#[test]
+fn an_ipv6_frontend_is_counted_in_status_metrics_and_consumers() {
+    let w = World::start(
+        PROBE,
+        "observe6",
+        &["--consumers-interval", "1s", "--node", "node-6"],
+    );
+    let a = Backend::tcp("a6", addr("[::1]:0"));
+    w.service("web", "[::1]:8080", "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.converge("tcp", "[::1]:8080", 3, |t| t == &all("a6", 3));
+    assert_eq!(tally(&w.probe("tcp", "[::1]:8080", 10)), all("a6", 10));
+    let st = w.agent.status();
+    let web = &st["services"][0];
+    assert_eq!(web["frontend"], "[::1]:8080", "{st}");
+    assert!(web["connects"].as_u64() >= Some(13), "{st}");
+    let cgroup = format!("/{}", w.cg.path.file_name().unwrap().to_string_lossy());
+    assert!(
+        web["consumers"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|c| c["cgroup"] == cgroup.as_str())),
+        "{st}"
+    );
+    let connects = w
+        .agent
+        .metric(r#"discovery_service_connects_total{service="web",frontend="[::1]:8080/tcp"}"#);
+    assert!(connects >= Some(13.0), "{connects:?}");
+    let backend = w.agent.metric(&format!(
+        r#"discovery_backend_connects_total{{backend="{}"}}"#,
+        a.addr()
+    ));
+    assert!(backend >= Some(13.0), "{backend:?}");
+    // Published to etcd by service name, like IPv4 ones.
+    let key = "/discovery/consumers/web/node-6";
+    let published = wait_until(Duration::from_secs(10), || {
+        let v: serde_json::Value = serde_json::from_str(&w.etcd.get(key)?).ok()?;
+        v["workloads"]
+            .as_array()?
+            .iter()
+            .any(|c| c["cgroup"] == cgroup.as_str())
+            .then_some(())
+    });
+    assert!(published.is_some(), "{key} never named {cgroup}");
+}
