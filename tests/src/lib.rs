@@ -1464,6 +1464,22 @@ impl World {
         self.cg.start_load(&self.probe, addr, millis)
     }
 
+    /// `discovery-probe hold FRONTEND N HELD` in the test cgroup: N
+    /// connections, those answered by `held` kept open to the end (hung
+    /// requests), the others closed at once. Returns `held`'s share.
+    pub fn held_share(&self, frontend: &str, n: usize, held: &str) -> f64 {
+        let out = self.cg.output(Command::new(&self.probe).args([
+            "hold",
+            frontend,
+            &n.to_string(),
+            held,
+        ]));
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.lines().count(), n, "{text}");
+        text.lines().filter(|l| *l == held).count() as f64 / n as f64
+    }
+
     /// Starts `discovery-probe ARGS...` in the test cgroup.
     pub fn start_probe(&self, args: &[&str]) -> Load {
         self.cg.start(&self.probe, args)

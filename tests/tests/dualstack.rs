@@ -469,17 +469,7 @@ fn least_conn_counts_live_af_inet6_connections() {
         });
     // The client keeps the slow backend's connections open; sock_ops
     // counts them live by the AF_INET6 peer, and new connects avoid it.
-    let n = 200;
-    let out = w.cg.output(std::process::Command::new(PROBE).args([
-        "hold",
-        "[::1]:8080",
-        &n.to_string(),
-        "slow",
-    ]));
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.lines().count(), n);
-    let slow_share = text.lines().filter(|l| *l == "slow").count() as f64 / n as f64;
+    let slow_share = w.held_share("[::1]:8080", 200, "slow");
     // Random would give 50%; two choices about 25% (see redirect.rs).
     assert!(slow_share < 0.38, "slow share {slow_share}");
 }
@@ -534,9 +524,12 @@ fn an_ipv6_frontend_is_counted_in_status_metrics_and_consumers() {
             .is_some_and(|l| l.iter().any(|c| c["cgroup"] == cgroup.as_str())),
         "{st}"
     );
-    let connects = w
-        .agent
-        .metric(r#"discovery_service_connects_total{service="web",frontend="[::1]:8080/tcp"}"#);
+    // Names reach the metrics with the next status tick (at most 1 s).
+    let connects = wait_until(Duration::from_secs(5), || {
+        w.agent
+            .metric(r#"discovery_service_connects_total{service="web",frontend="[::1]:8080/tcp"}"#)
+            .filter(|n| *n >= 13.0)
+    });
     assert!(connects >= Some(13.0), "{connects:?}");
     let backend = w.agent.metric(&format!(
         r#"discovery_backend_connects_total{{backend="{}"}}"#,

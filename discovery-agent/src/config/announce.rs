@@ -43,7 +43,7 @@ pub struct InstanceArgs {
     /// Service name.
     #[arg(long, required_unless_present = "config", requires = "addr")]
     pub service: Option<String>,
-    /// Instance address (ip:port) clients are sent to.
+    /// Instance address clients are sent to: ip:port, or [ipv6]:port.
     #[arg(long, requires = "service")]
     pub addr: Option<String>,
     /// Instance id (default <hostname>-<port>).
