@@ -40,6 +40,9 @@ use crate::{
 /// every this many listener scans.
 const EXEMPT_PRUNE_EVERY: u32 = 10;
 
+/// The longest the status file waits for a rewrite after a slow one.
+const STATUS_MAX_GAP: Duration = Duration::from_secs(2);
+
 /// Frontend → service name, for the metrics and the consumers publisher.
 pub type Names = HashMap<ServiceKey, String>;
 
@@ -296,8 +299,10 @@ impl Controller {
         }
         self.status_dirty = false;
         // A big table takes a while to write: keep it under 5% of the
-        // agent's time.
-        self.status_next = began + began.elapsed() * 20;
+        // agent's time, but never let the file (the readiness and state
+        // signal) lag more than STATUS_MAX_GAP: one slow rename on a busy
+        // disk must not hide the next changes for many seconds.
+        self.status_next = began + (began.elapsed() * 20).min(STATUS_MAX_GAP);
     }
 
     /// Feeds one etcd update into the model; returns whether the model

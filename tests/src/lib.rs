@@ -1240,6 +1240,20 @@ impl Agent {
         })
     }
 
+    /// A backend's `health` in the status file (`ok`, `check failing`,
+    /// `ejected`), by service and instance.
+    pub fn backend_health(
+        snapshot: &serde_json::Value,
+        service: &str,
+        instance: &str,
+    ) -> Option<String> {
+        Self::service_status(snapshot, service)?["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["instance"] == instance)
+            .and_then(|b| b["health"].as_str().map(str::to_owned))
+    }
+
     /// One service of the status file, by name.
     pub fn service_status(snapshot: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
         snapshot["services"]

@@ -310,15 +310,7 @@ fn active_checks_work_over_ipv6() {
     w.backend("web", "b", &b.addr().to_string());
     w.converge("tcp", "[::1]:8080", 20, |t| t.len() == 2);
     drop(a);
-    let health = |v: &serde_json::Value| {
-        Agent::service_status(v, "web").and_then(|s| {
-            s["backends"]
-                .as_array()?
-                .iter()
-                .find(|b| b["instance"] == "a")
-                .map(|b| b["health"].clone())
-        })
-    };
+    let health = |v: &serde_json::Value| Agent::backend_health(v, "web", "a");
     w.agent
         .wait_status("a6 failing its check", Duration::from_secs(5), |v| {
             health(v).is_some_and(|h| h == "check failing")
@@ -402,12 +394,7 @@ fn policies_socket_options_and_passive_ejection_hold_for_ipv6() {
     let st = w
         .agent
         .wait_status("gone ejected", Duration::from_secs(5), |v| {
-            Agent::service_status(v, "web").is_some_and(|s| {
-                s["backends"].as_array().is_some_and(|l| {
-                    l.iter()
-                        .any(|b| b["instance"] == "gone" && b["health"] == "ejected")
-                })
-            })
+            Agent::backend_health(v, "web", "gone").as_deref() == Some("ejected")
         });
     assert!(st.to_string().contains(&gone.to_string()), "{st}");
 }
@@ -424,15 +411,7 @@ fn http_checks_reach_ipv6_backends() {
     );
     w.backend("web", "h", &at.to_string());
     w.backend("web", "b", &b.addr().to_string());
-    let health = |v: &serde_json::Value, who: &str| {
-        Agent::service_status(v, "web").and_then(|s| {
-            s["backends"]
-                .as_array()?
-                .iter()
-                .find(|b| b["instance"] == who)
-                .map(|b| b["health"].as_str().unwrap_or_default().to_owned())
-        })
-    };
+    let health = |v: &serde_json::Value, who: &str| Agent::backend_health(v, "web", who);
     // The HTTP server passes GET http://[::1]:P/health; the plain TCP one
     // fails it.
     w.agent

@@ -880,15 +880,7 @@ fn passive_checks_eject_a_backend_that_refuses_connections() {
         "refusing backend not ejected:\n{}",
         w.agent.log()
     );
-    let health = |v: &serde_json::Value| {
-        Agent::service_status(v, "web").and_then(|s| {
-            s["backends"]
-                .as_array()?
-                .iter()
-                .find(|b| b["instance"] == "gone")
-                .map(|b| b["health"].clone())
-        })
-    };
+    let health = |v: &serde_json::Value| Agent::backend_health(v, "web", "gone");
     w.agent
         .wait_status("gone ejected", Duration::from_secs(5), |v| {
             health(v).is_some_and(|h| h == "ejected")
