@@ -12,6 +12,18 @@ pub fn from_v4(a: SocketAddrV4) -> Addr {
     (Addr16::v4_mapped(a.ip().octets()), a.port())
 }
 
+/// A v4-mapped IPv6 address as the IPv4 one it maps (scope and flow info
+/// dropped): how addresses are compared and shown.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => SocketAddr::new(IpAddr::V6(*v6.ip()), v6.port()),
+        },
+        v4 => v4,
+    }
+}
+
 /// Any socket address as the maps hold it (IPv4 v4-mapped).
 pub fn from_socket(a: SocketAddr) -> Addr {
     match a {

@@ -197,7 +197,7 @@ impl NodeGuard {
             match hp.to_socket_addrs() {
                 Ok(addrs) => {
                     for a in addrs {
-                        reserved.push((canonical(a), format!("etcd endpoint {e}")));
+                        reserved.push((crate::addr::canonical(a), format!("etcd endpoint {e}")));
                     }
                 }
                 Err(err) => tracing::warn!(endpoint = %e, error = %err,
@@ -205,7 +205,7 @@ impl NodeGuard {
             }
         }
         if let Some(m) = metrics {
-            reserved.push((canonical(m), "metrics address".to_owned()));
+            reserved.push((crate::addr::canonical(m), "metrics address".to_owned()));
         }
         Self {
             reserved,
@@ -233,17 +233,6 @@ impl NodeGuard {
         self.listeners
             .shadowed(proto, frontend.ip(), frontend.port())
             .map(|ip| Refusal::Shadows(SocketAddr::new(ip, frontend.port())))
-    }
-}
-
-/// A v4-mapped IPv6 address as the IPv4 one (how frontends are compared).
-fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => SocketAddr::new(IpAddr::V6(*v6.ip()), v6.port()),
-        },
-        v4 => v4,
     }
 }
 

@@ -264,11 +264,7 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, Invalid> {
     }
     match a {
         SocketAddr::V6(v6) if v6.scope_id() != 0 => Err(Invalid::Scope(a.to_string())),
-        SocketAddr::V6(v6) => Ok(match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => SocketAddr::new(IpAddr::V6(*v6.ip()), v6.port()),
-        }),
-        v4 => Ok(v4),
+        a => Ok(crate::addr::canonical(a)),
     }
 }
 
