@@ -96,6 +96,10 @@ fn wanted(nightly: bool, linker: bool) -> Vec<(&'static str, &'static str)> {
             "tests drop SYNs to a loopback address to prove connect timeouts",
         ),
         (
+            "iproute2",
+            "ip: each integration test runs in a network namespace of its own",
+        ),
+        (
             "openssl",
             "tests make a private CA and certificates for etcd TLS",
         ),
