@@ -91,7 +91,6 @@ impl TestNet {
         let name = crate::unique("net");
         let home = fs::File::open("/proc/thread-self/ns/net").expect("open this thread's netns");
         ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
         let ns = fs::File::open(format!("/run/netns/{name}")).expect("open the new netns");
         // SAFETY: setns on a namespace fd we hold open; it affects only the
         // calling thread.
@@ -101,6 +100,10 @@ impl TestNet {
             ip(&["netns", "del", &name]);
             panic!("entering netns {name}: {e}");
         }
+        // From inside (the child inherits this thread's namespace): `ip -n`
+        // would remount /sys, which fails where / is not a mount point
+        // (the fresh-check chroot).
+        ip(&["link", "set", "lo", "up"]);
         Self { name, home }
     }
 }
