@@ -118,3 +118,34 @@ impl Drop for TestNet {
             .output();
     }
 }
+
+/// Gives the calling test's namespace a host address `cidr` (for example
+/// `198.18.0.5/15` or `2001:db8::5/64`) on a veth link whose peer is left
+/// unused (these kernels have no dummy links), with the default
+/// route of that family through it: a stand-in for a host's real network,
+/// reachable only inside the namespace.
+pub fn add_host_address(cidr: &str) {
+    isolate();
+    assert!(current().is_some(), "add_host_address outside a test netns");
+    // Not /sys/class/net: sysfs shows the namespace that mounted it.
+    let exists = Command::new("ip")
+        .args(["link", "show", "host0"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !exists {
+        ip(&[
+            "link", "add", "host0", "type", "veth", "peer", "name", "host0p",
+        ]);
+        ip(&["link", "set", "host0p", "up"]);
+        ip(&["link", "set", "host0", "up"]);
+    }
+    let v6 = cidr.contains(':');
+    let family = if v6 { "-6" } else { "-4" };
+    let mut addr = vec![family, "addr", "add", cidr, "dev", "host0"];
+    if v6 {
+        // No duplicate address detection: the address is usable at once.
+        addr.push("nodad");
+    }
+    ip(&addr);
+    ip(&[family, "route", "add", "default", "dev", "host0"]);
+}

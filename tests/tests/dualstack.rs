@@ -527,3 +527,69 @@ fn an_ipv6_frontend_is_counted_in_status_metrics_and_consumers() {
     });
     assert!(published.is_some(), "{key} never named {cgroup}");
 }
+
+#[test]
+fn an_announcer_given_the_unspecified_address_registers_this_hosts_own() {
+    // This test's namespace stands in for a host: 198.18.0.5 and
+    // 2001:db8::5 on its network, default routes through it, and etcd on
+    // loopback (a local member, as the classic deployment runs).
+    discovery_tests::net::add_host_address("198.18.0.5/15");
+    discovery_tests::net::add_host_address("2001:db8::5/64");
+    let w = world("own-addr");
+    let b4 = Backend::tcp("own4", addr("198.18.0.5:0"));
+    let _b6 = Backend::tcp("own6", addr(&format!("[2001:db8::5]:{}", b4.addr().port())));
+    w.service("web4", "127.0.0.1:8080", "tcp");
+    w.service("web6", "[::1]:8080", "tcp");
+    let port = b4.addr().port();
+    let _a4 = discovery_tests::Proc::spawn(discovery_tests::announce_args(
+        &w.etcd.url,
+        "web4",
+        "own4",
+        addr(&format!("0.0.0.0:{port}")),
+    ));
+    let _a6 = discovery_tests::Proc::spawn(discovery_tests::announce_args(
+        &w.etcd.url,
+        "web6",
+        "own6",
+        addr(&format!("[::]:{port}")),
+    ));
+    for (key, want) in [
+        (
+            "/discovery/backends/web4/own4",
+            format!("198.18.0.5:{port}"),
+        ),
+        (
+            "/discovery/backends/web6/own6",
+            format!("[2001:db8::5]:{port}"),
+        ),
+    ] {
+        // The value appears only once the check toward the detected
+        // address passes.
+        let v = wait_until(Duration::from_secs(5), || w.etcd.get(key))
+            .unwrap_or_else(|| panic!("{key} never appeared"));
+        let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+        assert_eq!(v["addr"], want, "{key}");
+    }
+    w.converge("tcp", "127.0.0.1:8080", 3, |t| t == &all("own4", 3));
+    w.converge("tcp", "[::1]:8080", 3, |t| t == &all("own6", 3));
+}
+
+#[test]
+fn an_announcer_without_a_route_names_what_it_could_not_find() {
+    let w = world("no-route");
+    let out = std::process::Command::new(discovery_tests::agent_bin())
+        .args(discovery_tests::announce_args(
+            &w.etcd.url,
+            "web",
+            "x",
+            addr("[::]:8080"),
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cannot find this host's IPv6 address") && err.contains("default IPv6 route"),
+        "{err}"
+    );
+}

@@ -3,7 +3,7 @@
 //! ```toml
 //! [[instance]]
 //! service = "memcached"
-//! addr = "10.0.0.5:11211"
+//! addr = "10.0.0.5:11211"      # or "0.0.0.0:11211" / "[::]:11211": this host's address
 //! # id = "host-a-11211"        # default <hostname>-<port>
 //! # weight = 1
 //! [instance.check]
@@ -19,7 +19,12 @@
 //!
 //! A bad file is rejected at start with the file, line and reason; unknown
 //! fields are errors here (a typo in a check must not silently disable it).
-use std::{collections::BTreeSet, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
@@ -87,6 +92,9 @@ struct File {
 
 pub use crate::util::hostname;
 
+/// Maps an unspecified address (its family) to this host's address.
+pub type OwnAddress<'a> = dyn Fn(IpAddr) -> anyhow::Result<IpAddr> + 'a;
+
 impl RawInstance {
     /// The one instance given by flags (without --config).
     pub fn from_args(a: &crate::config::InstanceArgs) -> anyhow::Result<Self> {
@@ -113,10 +121,14 @@ impl RawInstance {
 }
 
 impl RawInstance {
-    /// Checks every field and fills in defaults.
-    pub fn validate(self) -> anyhow::Result<Instance> {
+    /// Checks every field and fills in defaults. `own` gives this host's
+    /// address for an address written as `0.0.0.0:P` or `[::]:P`.
+    pub fn validate(self, own: &OwnAddress<'_>) -> anyhow::Result<Instance> {
         check_name(&self.service)?;
-        let addr = parse_addr(&self.addr).map_err(|e| anyhow::anyhow!("addr: {e}"))?;
+        let mut addr = parse_addr(&self.addr).map_err(|e| anyhow::anyhow!("addr: {e}"))?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(own(addr.ip()).map_err(|e| anyhow::anyhow!("addr: {e:#}"))?);
+        }
         let id = self
             .id
             .unwrap_or_else(|| format!("{}-{}", hostname(), addr.port()));
@@ -179,10 +191,10 @@ impl RawInstance {
 }
 
 /// Reads a TOML file of instances; errors name the file and line.
-pub fn load_file(path: &Path) -> anyhow::Result<Vec<Instance>> {
+pub fn load_file(path: &Path, own: &OwnAddress<'_>) -> anyhow::Result<Vec<Instance>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    parse_file(&text).map_err(|(line, e)| match line {
+    parse_file(&text, own).map_err(|(line, e)| match line {
         Some(line) => anyhow::anyhow!("{}:{line}: {e:#}", path.display()),
         None => anyhow::anyhow!("{}: {e:#}", path.display()),
     })
@@ -192,7 +204,10 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-fn parse_file(text: &str) -> Result<Vec<Instance>, (Option<usize>, anyhow::Error)> {
+fn parse_file(
+    text: &str,
+    own: &OwnAddress<'_>,
+) -> Result<Vec<Instance>, (Option<usize>, anyhow::Error)> {
     let file: File = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start));
         (line, anyhow::anyhow!("{}", e.message()))
@@ -205,7 +220,7 @@ fn parse_file(text: &str) -> Result<Vec<Instance>, (Option<usize>, anyhow::Error
         let line = line_of(text, spanned.span().start);
         let inst = spanned
             .into_inner()
-            .validate()
+            .validate(own)
             .map_err(|e| (Some(line), e))?;
         out.push(inst);
     }
@@ -230,6 +245,43 @@ pub fn check_unique(instances: &[Instance]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stands in for the route lookup: 0.0.0.0 is 198.18.0.5, :: is
+    /// 2001:db8::5.
+    fn own(want: IpAddr) -> anyhow::Result<IpAddr> {
+        Ok(if want.is_ipv4() {
+            "198.18.0.5".parse()?
+        } else {
+            "2001:db8::5".parse()?
+        })
+    }
+
+    fn parse(text: &str) -> Result<Vec<Instance>, (Option<usize>, anyhow::Error)> {
+        parse_file(text, &own)
+    }
+
+    #[test]
+    fn unspecified_addresses_are_this_host() {
+        let text = "[[instance]]\nservice = \"a\"\naddr = \"0.0.0.0:11211\"\n[[instance]]\nservice = \"b\"\naddr = \"[::]:80\"\n[instance.check]\ntype = \"http\"\n";
+        let v = parse(text).unwrap();
+        assert_eq!(v[0].addr, "198.18.0.5:11211".parse().unwrap());
+        assert_eq!(
+            v[0].check.kind,
+            CheckKind::Tcp {
+                target: "198.18.0.5:11211".parse().unwrap()
+            }
+        );
+        assert_eq!(v[1].addr, "[2001:db8::5]:80".parse().unwrap());
+        assert_eq!(
+            v[1].check.kind,
+            CheckKind::Http {
+                url: "http://[2001:db8::5]:80/".into()
+            }
+        );
+        let none = |_: IpAddr| -> anyhow::Result<IpAddr> { anyhow::bail!("no default route") };
+        let (_, e) = parse_file(text, &none).unwrap_err();
+        assert!(e.to_string().contains("addr: no default route"), "{e}");
+    }
 
     #[test]
     fn file_with_defaults_and_all_check_kinds() {
@@ -258,7 +310,7 @@ addr = "127.0.0.4:9"
 type = "command"
 command = "true"
 "#;
-        let v = parse_file(text).unwrap();
+        let v = parse(text).unwrap();
         assert_eq!(v.len(), 3);
         assert_eq!(v[0].id, format!("{}-11211", hostname()));
         assert_eq!(
@@ -286,7 +338,7 @@ command = "true"
     #[test]
     fn errors_name_the_line() {
         let text = "[[instance]]\nservice = \"ok\"\naddr = \"127.0.0.2:1\"\n\n[[instance]]\nservice = \"Bad\"\naddr = \"127.0.0.2:2\"\n";
-        let (line, e) = parse_file(text).unwrap_err();
+        let (line, e) = parse(text).unwrap_err();
         assert_eq!(line, Some(5));
         assert!(
             e.to_string().contains("invalid service name \"Bad\""),
@@ -294,12 +346,12 @@ command = "true"
         );
 
         let text = "[[instance]]\nservice = \"a\"\naddr = \"127.0.0.2:1\"\n[instance.check]\ntimout = \"1s\"\n";
-        let (line, e) = parse_file(text).unwrap_err();
+        let (line, e) = parse(text).unwrap_err();
         assert_eq!(line, Some(5));
         assert!(e.to_string().contains("timout"), "{e}");
 
         let text = "[[instance]]\nservice = \"a\"\naddr = \"127.0.0.2:1\"\n[instance.check]\ninterval = \"soon\"\n";
-        let (line, e) = parse_file(text).unwrap_err();
+        let (line, e) = parse(text).unwrap_err();
         assert_eq!(line, Some(5));
         assert!(e.to_string().contains("invalid duration"), "{e}");
     }
@@ -313,7 +365,7 @@ command = "true"
                 ..Default::default()
             };
             f(&mut r);
-            r.validate().unwrap_err().to_string()
+            r.validate(&own).unwrap_err().to_string()
         };
         assert!(bad(|r| r.addr = "[fe80::1%2]:80".into()).contains("zone"));
         assert!(bad(|r| r.id = Some("a/b".into())).contains("instance id"));
@@ -330,7 +382,7 @@ command = "true"
     #[test]
     fn duplicates_are_rejected() {
         let text = "[[instance]]\nservice = \"a\"\naddr = \"127.0.0.2:1\"\nid = \"x\"\n[[instance]]\nservice = \"a\"\naddr = \"127.0.0.3:1\"\nid = \"x\"\n";
-        let (_, e) = parse_file(text).unwrap_err();
+        let (_, e) = parse(text).unwrap_err();
         assert!(e.to_string().contains("listed twice"), "{e}");
     }
 }

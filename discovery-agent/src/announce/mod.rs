@@ -8,6 +8,7 @@
 //! weight 0, held for the drain period (a second signal skips the wait),
 //! then deleted, and the process exits once the delete is confirmed.
 pub mod config;
+pub mod detect;
 pub mod health;
 
 use std::{collections::BTreeMap, time::Duration};
@@ -185,9 +186,11 @@ impl Announcer {
 }
 
 fn instances(args: &AnnounceArgs) -> anyhow::Result<Vec<Instance>> {
+    let endpoints = &args.etcd.endpoints;
+    let own = |want| detect::own_address(want, endpoints);
     let v = match &args.config {
-        Some(path) => config::load_file(path)?,
-        None => vec![config::RawInstance::from_args(&args.instance)?.validate()?],
+        Some(path) => config::load_file(path, &own)?,
+        None => vec![config::RawInstance::from_args(&args.instance)?.validate(&own)?],
     };
     config::check_unique(&v)?;
     if v.len() > MAX_INSTANCES {

@@ -43,7 +43,9 @@ pub struct InstanceArgs {
     /// Service name.
     #[arg(long, required_unless_present = "config", requires = "addr")]
     pub service: Option<String>,
-    /// Instance address clients are sent to: ip:port, or [ipv6]:port.
+    /// Instance address clients are sent to: ip:port, or [ipv6]:port;
+    /// 0.0.0.0:port or [::]:port for this host's own address (the source
+    /// toward an etcd endpoint off loopback, else of the default route).
     #[arg(long, requires = "service")]
     pub addr: Option<String>,
     /// Instance id (default <hostname>-<port>).
