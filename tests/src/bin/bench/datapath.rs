@@ -22,6 +22,9 @@ use crate::report::{Micro, PathSample, Results};
 
 pub const PATHS: [&str; 4] = ["direct", "discovery", "nft DNAT", "HAProxy"];
 
+/// A redis-benchmark target: (index in [`PATHS`], host, port).
+type Target = (usize, String, u16);
+
 /// (name, redis-benchmark flags). connect-heavy stays far below local port
 /// exhaustion: 8000 connections per run, and a pause after each.
 const WORKLOADS: [(&str, &[&str]); 3] = [
@@ -148,11 +151,32 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
     for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
         wait_tcp(format!("{ip}:{port}").parse()?, "redis-server")?;
     }
+    // IPv6 has one loopback address: the direct and the discovery paths
+    // get a redis-server each, on ports of their own.
+    let port6 = [free_tcp_port("::1"), free_tcp_port("::1")];
+    let _redis6 = port6
+        .iter()
+        .map(|p| {
+            let child = Command::new("redis-server")
+                .args(["--port", &p.to_string(), "--bind", "::1"])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(["--logfile", "/dev/null"])
+                .spawn()
+                .context("starting redis-server on ::1")?;
+            wait_tcp(format!("[::1]:{p}").parse()?, "redis-server on ::1")?;
+            Ok(Owned(child))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let udp_port = free_udp_port("127.0.0.2");
+    let udp6_port = [free_udp_port("::1"), free_udp_port("::1")];
     let sinks = [
         Sink::new(format!("127.0.0.2:{udp_port}").parse()?)?,
         Sink::new(format!("127.0.0.3:{udp_port}").parse()?)?,
         Sink::new(format!("127.0.0.4:{udp_port}").parse()?)?,
+    ];
+    let sinks6 = [
+        Sink::new(format!("[::1]:{}", udp6_port[0]).parse()?)?,
+        Sink::new(format!("[::1]:{}", udp6_port[1]).parse()?)?,
     ];
 
     // B: discovery.
@@ -174,16 +198,24 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
         "/discovery/backends/bench-udp/u",
         &format!("127.0.0.3:{udp_port}"),
     );
-    // IPv6: a frontend on ::1 with a backend on ::1 (connect() on UDP
-    // needs no listener, so the hook's cost needs no IPv6 server).
+    // IPv6: frontends on ::1 with backends on ::1.
+    let fe6_tcp: SocketAddr = format!("[::1]:{}", free_tcp_port("::1")).parse()?;
     let fe6_udp: SocketAddr = format!("[::1]:{}", free_udp_port("::1")).parse()?;
+    etcd.put(
+        "/discovery/services/bench-redis6",
+        &format!(r#"{{"frontend":"{fe6_tcp}"}}"#),
+    );
+    etcd.put(
+        "/discovery/backends/bench-redis6/r",
+        &format!("[::1]:{}", port6[1]),
+    );
     etcd.put(
         "/discovery/services/bench-udp6",
         &format!(r#"{{"frontend":"{fe6_udp}","protocol":"udp"}}"#),
     );
     etcd.put(
         "/discovery/backends/bench-udp6/u",
-        &format!("[::1]:{udp_port}"),
+        &format!("[::1]:{}", udp6_port[1]),
     );
     let udp = |fe: SocketAddr| {
         let mut k = tcp_key(fe);
@@ -193,7 +225,7 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
     let (udp_key, udp6_key) = (udp(fe_udp), udp(fe6_udp));
     wait_until(Duration::from_secs(10), || {
         let ok = |k| maps.service(&k).is_some_and(|s| s.count > 0);
-        (ok(tcp_key(fe_tcp)) && ok(udp_key) && ok(udp6_key)).then_some(())
+        (ok(tcp_key(fe_tcp)) && ok(tcp_key(fe6_tcp)) && ok(udp_key) && ok(udp6_key)).then_some(())
     })
     .context("the agent did not install the bench services")?;
 
@@ -249,29 +281,62 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
             plain.output(cmd)
         }
     };
+    // AF_INET6 sockets, against direct of the same family: dual stack to
+    // the IPv4 frontend (v4-mapped), and IPv6 end to end. Paths without a
+    // target here (DNAT, HAProxy) are AF_INET only.
+    let mapped = |a: &str| format!("::ffff:{a}");
+    let tcp_families: [(&str, Vec<Target>); 3] = [
+        (
+            "",
+            targets
+                .iter()
+                .enumerate()
+                .map(|(p, t)| {
+                    let a: SocketAddr = t.parse().expect("ip:port");
+                    (p, a.ip().to_string(), a.port())
+                })
+                .collect(),
+        ),
+        (
+            "AF_INET6 v4-mapped: ",
+            vec![
+                (0, mapped("127.0.0.2"), port),
+                (1, mapped("127.0.0.1"), fe_tcp.port()),
+            ],
+        ),
+        (
+            "IPv6: ",
+            vec![
+                (0, "::1".into(), port6[0]),
+                (1, "::1".into(), fe6_tcp.port()),
+            ],
+        ),
+    ];
     for round in 0..plan.rounds {
-        for (w, (_, flags)) in WORKLOADS.iter().enumerate() {
-            for (p, target) in targets.iter().enumerate() {
-                let (host, port) = target.rsplit_once(':').expect("ip:port");
-                let mut cmd = Command::new("redis-benchmark");
-                cmd.args(["-h", host, "-p", port, "-t", "get", "--csv"])
-                    .args(*flags);
-                let out = run_client(p, &mut cmd);
-                let rps = redis_rps(&out)?;
-                eprintln!(
-                    "bench: round {} {} {}: {rps:.0} req/s",
-                    round + 1,
-                    WORKLOADS[w].0,
-                    PATHS[p]
-                );
-                results.tcp.push(PathSample {
-                    workload: WORKLOADS[w].0.to_owned(),
-                    path: PATHS[p].to_owned(),
-                    value: rps,
-                });
-                if flags.contains(&"-k") {
-                    // Let TIME_WAIT drain a little between connect-heavy runs.
-                    thread::sleep(Duration::from_secs(1));
+        for (family, family_targets) in &tcp_families {
+            for (w, (_, flags)) in WORKLOADS.iter().enumerate() {
+                for (p, host, port) in family_targets {
+                    let p = *p;
+                    let mut cmd = Command::new("redis-benchmark");
+                    cmd.args(["-h", host, "-p", &port.to_string(), "-t", "get", "--csv"])
+                        .args(*flags);
+                    let out = run_client(p, &mut cmd);
+                    let rps = redis_rps(&out)?;
+                    let workload = format!("{family}{}", WORKLOADS[w].0);
+                    eprintln!(
+                        "bench: round {} {workload} {}: {rps:.0} req/s",
+                        round + 1,
+                        PATHS[p]
+                    );
+                    results.tcp.push(PathSample {
+                        workload,
+                        path: PATHS[p].to_owned(),
+                        value: rps,
+                    });
+                    if flags.contains(&"-k") {
+                        // Let TIME_WAIT drain a little between connect-heavy runs.
+                        thread::sleep(Duration::from_secs(1));
+                    }
                 }
             }
         }
@@ -281,9 +346,33 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
             fe_udp.to_string(),
             format!("127.0.0.1:{dnat_udp}"),
         ];
+        // (family, path, target, sink): AF_INET; AF_INET6 to the v4-mapped
+        // frontend (the kernel runs the IPv4 hooks for it); IPv6.
+        let mut udp_cases: Vec<(&str, usize, String, &Sink)> = udp_targets
+            .iter()
+            .enumerate()
+            .map(|(p, t)| ("", p, t.clone(), &sinks[p]))
+            .collect();
+        udp_cases.extend([
+            (
+                "AF_INET6 v4-mapped: ",
+                0,
+                format!("[::ffff:127.0.0.2]:{udp_port}"),
+                &sinks[0],
+            ),
+            (
+                "AF_INET6 v4-mapped: ",
+                1,
+                format!("[::ffff:127.0.0.1]:{}", fe_udp.port()),
+                &sinks[1],
+            ),
+            ("IPv6: ", 0, format!("[::1]:{}", udp6_port[0]), &sinks6[0]),
+            ("IPv6: ", 1, fe6_udp.to_string(), &sinks6[1]),
+        ]);
         for how in ["unconnected", "connected"] {
-            for (p, target) in udp_targets.iter().enumerate() {
-                let before = sinks[p].count.load(Ordering::Relaxed);
+            for (family, p, target, sink) in &udp_cases {
+                let (p, target) = (*p, target.as_str());
+                let before = sink.count.load(Ordering::Relaxed);
                 let t = Instant::now();
                 let mut cmd = Command::new(&bins.load);
                 cmd.args(["udp-send", target, "2000", how]);
@@ -293,15 +382,15 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
                 }
                 // Datagrams still in the socket buffer arrive right after.
                 thread::sleep(Duration::from_millis(100));
-                let got = sinks[p].count.load(Ordering::Relaxed) - before;
+                let got = sink.count.load(Ordering::Relaxed) - before;
                 let rate = got as f64 / (t.elapsed().as_secs_f64() - 0.1);
                 eprintln!(
-                    "bench: round {} udp {how} {}: {rate:.0} datagrams/s delivered",
+                    "bench: round {} {family}udp {how} {}: {rate:.0} datagrams/s delivered",
                     round + 1,
                     PATHS[p]
                 );
                 results.udp.push(PathSample {
-                    workload: format!("UDP {how}"),
+                    workload: format!("{family}UDP {how}"),
                     path: PATHS[p].to_owned(),
                     value: rate,
                 });
@@ -337,7 +426,7 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
             (
                 "IPv6: no programs, direct",
                 false,
-                format!("[::1]:{udp_port}"),
+                format!("[::1]:{}", udp6_port[1]),
             ),
             (
                 "IPv6: programs, frontend (redirected)",

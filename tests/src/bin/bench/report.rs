@@ -370,6 +370,9 @@ impl Results {
         // Left: throughput per path, relative to direct, per workload.
         let mut groups = Self::by_path(&self.tcp);
         groups.extend(Self::by_path(&self.udp));
+        // AF_INET only: the AF_INET6 rows ("FAMILY: workload") are in the
+        // tables.
+        groups.retain(|(w, _)| !w.contains(": "));
         let mut chart = ChartBuilder::on(&left)
             .caption("Throughput relative to direct (median)", ("sans-serif", 20))
             .margin(12)
