@@ -24,6 +24,7 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
             keepalive_interval,
             keepalive_probes,
             takeover,
+            shutdown_sessions,
             etcd,
         } => {
             check_name(&name)?;
@@ -49,6 +50,7 @@ pub async fn service(cmd: ServiceCommand) -> anyhow::Result<()> {
                     probes: keepalive_probes,
                 }),
                 takeover,
+                shutdown_sessions,
             };
             // The agents would skip an invalid definition; say so here.
             json.tcp_opts()?;

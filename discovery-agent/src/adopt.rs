@@ -158,7 +158,7 @@ mod tests {
             addr: Addr16([last; 16]),
             port: 80,
             flags: BACKEND_F_VALID,
-            pad: 0,
+            ejected: 0,
         }
     }
 

@@ -73,7 +73,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let _own = exempt::Registration::register(&pin_dir)
         .context("exempting the agent's own connections from redirection")?;
-    let maps = BpfMaps::open(&pin_dir)?.with_fresh(loaded.fresh);
+    let mut maps = BpfMaps::open(&pin_dir)?.with_fresh(loaded.fresh);
+    maps.set_config(discovery_common::Config {
+        passive_failures: args.passive_ejector.kernel_threshold(args.passive_failures),
+        pad: 0,
+    })?;
     // The previous run's names, until this one has applied etcd.
     let last_run = if loaded.fresh {
         None
@@ -97,6 +101,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             node: node.clone(),
             passive_failures: args.passive_failures,
             passive_ejection: args.passive_ejection,
+            ejection: args.passive_ejector,
             metrics_addr,
             programs: loaded
                 .programs
@@ -109,7 +114,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         // What this node never routes: its etcd endpoints, its metrics
         // address and, unless a service takes over, where something listens.
         NodeGuard::new(&args.etcd.endpoints, args.metrics_addr.0),
-        ActiveChecks::new(health_tx)?,
+        ActiveChecks::new(health_tx, args.passive_ejector)?,
         reconciler,
         metrics,
         names_tx,

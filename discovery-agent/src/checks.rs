@@ -29,12 +29,61 @@ use crate::{
 /// sockets and CPU the checks take on a node with thousands of backends.
 const MAX_CONCURRENT_PROBES: usize = 64;
 
+/// Who takes a backend out after `--passive-failures` failed connects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ejection {
+    /// The sock_ops program, on the failure itself: the next connect()
+    /// already skips the backend. The agent then takes it out of the set
+    /// and owns the back-off and the return.
+    #[default]
+    Kernel,
+    /// The agent, on its next poll of the kernel's failure counts (every
+    /// 200 ms):
+    /// connects keep failing until then. For comparison.
+    Agent,
+}
+
+impl Ejection {
+    pub fn by(self) -> &'static str {
+        match self {
+            Ejection::Kernel => "kernel",
+            Ejection::Agent => "agent",
+        }
+    }
+
+    /// The threshold the programs eject at (0: they never do).
+    pub fn kernel_threshold(self, passive_failures: u32) -> u32 {
+        match self {
+            Ejection::Kernel => passive_failures,
+            Ejection::Agent => 0,
+        }
+    }
+}
+
+/// What a passive tick changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Passive {
+    /// Newly ejected.
+    pub ejected: Vec<SocketAddr>,
+    /// Back-off over: back in rotation, their kernel ejection to be lifted
+    /// and their streak set one short of the threshold (a trial connect).
+    pub returned: Vec<SocketAddr>,
+}
+
+impl Passive {
+    pub fn changed(&self) -> bool {
+        !self.ejected.is_empty() || !self.returned.is_empty()
+    }
+}
+
 pub struct ActiveChecks {
     tasks: HashMap<SocketAddr, (Check, JoinHandle<()>)>,
     down: HashSet<SocketAddr>,
     /// Passive ejections: backends whose connects kept failing, until when.
     ejected_until: HashMap<SocketAddr, Instant>,
     falling_back: BTreeSet<String>,
+    /// Who ejects passively (for status).
+    ejector: Ejection,
     tx: mpsc::Sender<(SocketAddr, Check, bool)>,
     http: reqwest::Client,
     limit: Arc<Semaphore>,
@@ -49,12 +98,16 @@ impl Drop for ActiveChecks {
 }
 
 impl ActiveChecks {
-    pub fn new(tx: mpsc::Sender<(SocketAddr, Check, bool)>) -> anyhow::Result<Self> {
+    pub fn new(
+        tx: mpsc::Sender<(SocketAddr, Check, bool)>,
+        ejector: Ejection,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             tasks: HashMap::new(),
             down: HashSet::new(),
             ejected_until: HashMap::new(),
             falling_back: BTreeSet::new(),
+            ejector,
             tx,
             http: reqwest::Client::builder().no_proxy().build()?,
             limit: Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES)),
@@ -74,6 +127,13 @@ impl ActiveChecks {
         }
     }
 
+    /// Who ejected a passively ejected backend: `kernel` or `agent`.
+    pub fn ejected_by(&self, addr: SocketAddr) -> Option<&'static str> {
+        self.ejected_until
+            .contains_key(&addr)
+            .then(|| self.ejector.by())
+    }
+
     /// Whether every backend of `service` fails its check from this node,
     /// so all of them are used.
     pub fn falling_back(&self, service: &str) -> bool {
@@ -88,35 +148,35 @@ impl ActiveChecks {
     }
 
     /// Passive checks: ejects backends whose connects failed `threshold`
-    /// times in a row (counted in the kernel) for `backoff`, and re-admits
-    /// those whose back-off is over. Returns the backends newly ejected, whose
-    /// kernel streak the caller resets, and whether anything changed.
+    /// times in a row (counted in the kernel, which with kernel ejection
+    /// has already steered connects away) for `backoff`, and re-admits
+    /// those whose back-off is over.
     pub fn passive(
         &mut self,
         failing: &[(SocketAddr, u32)],
         backoff: Duration,
         now: Instant,
-    ) -> (Vec<SocketAddr>, bool) {
-        let before = self.ejected_until.len();
+    ) -> Passive {
+        let mut out = Passive::default();
         self.ejected_until.retain(|addr, until| {
             let keep = *until > now;
             if !keep {
-                info!(backend = %addr, "passive ejection over; back in rotation on this node");
+                info!(backend = %addr, "passive ejection over; back in rotation on this node for a trial connect");
+                out.returned.push(*addr);
             }
             keep
         });
-        let mut newly = Vec::new();
         for (addr, streak) in failing {
-            if self.ejected_until.contains_key(addr) {
+            // A backend just re-admitted still shows its old streak.
+            if self.ejected_until.contains_key(addr) || out.returned.contains(addr) {
                 continue;
             }
             warn!(backend = %addr, consecutive_failures = streak, ejection = ?backoff,
                   "connects keep failing; out of rotation on this node");
             self.ejected_until.insert(*addr, now + backoff);
-            newly.push(*addr);
+            out.ejected.push(*addr);
         }
-        let changed = !newly.is_empty() || self.ejected_until.len() != before;
-        (newly, changed)
+        out
     }
 
     /// Starts and stops checkers to match the services that define checks.
@@ -251,7 +311,7 @@ mod tests {
             m.put(k, v.as_bytes(), 2);
         }
         let (tx, _rx) = mpsc::channel(8);
-        let mut c = ActiveChecks::new(tx).unwrap();
+        let mut c = ActiveChecks::new(tx, Ejection::Kernel).unwrap();
         let d = m.desired();
         c.sync(&d);
         assert_eq!(c.tasks.len(), 2, "one checker per backend address");
@@ -294,15 +354,17 @@ mod tests {
         m.put("/d/backends/plain/a", b"127.0.0.2:80", 2);
         m.put("/d/backends/plain/b", b"127.0.0.3:80", 2);
         let (tx, _rx) = mpsc::channel(8);
-        let mut c = ActiveChecks::new(tx).unwrap();
+        let mut c = ActiveChecks::new(tx, Ejection::Kernel).unwrap();
         let a: SocketAddr = "127.0.0.2:80".parse().unwrap();
         let t0 = Instant::now();
         let backoff = Duration::from_secs(10);
-        assert_eq!(c.passive(&[(a, 3)], backoff, t0), (vec![a], true));
+        let p = c.passive(&[(a, 3)], backoff, t0);
+        assert_eq!(p.ejected, [a]);
+        assert!(p.changed());
         // Still failing while ejected: nothing new.
-        assert_eq!(
-            c.passive(&[(a, 5)], backoff, t0 + Duration::from_secs(1)),
-            (vec![], false)
+        assert!(
+            !c.passive(&[(a, 5)], backoff, t0 + Duration::from_secs(1))
+                .changed()
         );
         let mut d = m.desired();
         c.apply(&mut d);
@@ -317,8 +379,10 @@ mod tests {
             .collect();
         assert_eq!(only, ["127.0.0.3:80".parse::<SocketAddr>().unwrap()]);
         assert_eq!(c.ejected(), 1);
-        // Back-off over: back in.
-        assert_eq!(c.passive(&[], backoff, t0 + backoff), (vec![], true));
+        // Back-off over: back in, though its streak (not yet set back by
+        // the caller) still reads as failing this once.
+        let p = c.passive(&[(a, 5)], backoff, t0 + backoff);
+        assert_eq!((p.ejected, p.returned), (vec![], vec![a]));
         assert_eq!(c.ejected(), 0);
     }
 }

@@ -54,6 +54,7 @@ pub struct Settings {
     /// Passive checks: consecutive failed connects that eject (0: off).
     pub passive_failures: u32,
     pub passive_ejection: Duration,
+    pub ejection: crate::checks::Ejection,
     /// The bound metrics address, for the status file.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How each program was put in place at start, for the status file.
@@ -191,14 +192,28 @@ impl Controller {
             .reconciler
             .dataplane()
             .failing_backends(s.passive_failures);
-        let (newly, changed) = self
+        let threshold = s.passive_failures;
+        let p = self
             .checks
             .passive(&failing, s.passive_ejection, Instant::now());
-        for addr in newly {
-            // A re-admitted backend must fail anew to go out again.
-            self.reconciler.dataplane_mut().reset_failures(addr);
+        let by = self.settings.ejection.by();
+        for _ in &p.ejected {
+            self.metrics
+                .passive_ejections
+                .get_or_create(&crate::metrics::EjectorLabels { by: by.to_owned() })
+                .inc();
         }
-        if changed {
+        for addr in &p.returned {
+            // One failure short of the threshold: the first connect is the
+            // trial, and a failure ejects it again at once.
+            self.reconciler
+                .dataplane_mut()
+                .set_failures(*addr, threshold.saturating_sub(1));
+            if let Err(e) = self.reconciler.lift_ejection(*addr) {
+                warn!(backend = %addr, error = %e, "could not lift the kernel's ejection");
+            }
+        }
+        if p.changed() {
             self.reconcile(true);
         }
     }
@@ -611,6 +626,7 @@ fn snapshot(
                     }
                     .to_owned(),
                     health: checks.health(b.addr).to_owned(),
+                    ejected_by: checks.ejected_by(b.addr).map(str::to_owned),
                 })
                 .collect(),
         })

@@ -22,6 +22,8 @@ pub struct DesiredService {
     pub policy: Policy,
     pub check: Option<ServiceCheck>,
     pub tcp: TcpOpts,
+    /// Reset redirected TCP connections to backends that leave.
+    pub shutdown_sessions: bool,
     /// Sorted, so the same set always gives the same slot table.
     pub backends: Vec<BackendDef>,
 }
@@ -235,6 +237,7 @@ impl Definitions {
                     policy: def.policy,
                     check: def.check.clone(),
                     tcp: def.tcp,
+                    shutdown_sessions: def.shutdown_sessions,
                     backends,
                 },
             );

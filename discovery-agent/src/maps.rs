@@ -77,6 +77,10 @@ pub struct BpfMaps {
     slots: HashMap<MapData, SlotKey, Slot>,
     backends: Array<MapData, Backend>,
     counters: PerCpuArray<MapData, u64>,
+    config: Array<MapData, discovery_common::Config>,
+    /// The socket storage, read over sock_diag (see `sockets`).
+    #[allow(dead_code)] // read by re-steering, which lands next
+    revnat: MapData,
 }
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -119,7 +123,27 @@ impl BpfMaps {
             slots: open(pin_dir, names::SLOTS)?.try_into()?,
             backends: open(pin_dir, names::BACKENDS)?.try_into()?,
             counters: open(pin_dir, names::COUNTERS)?.try_into()?,
+            config: open(pin_dir, names::CONFIG)?.try_into()?,
+            revnat: {
+                let path = pin_dir.join(names::REVNAT);
+                MapData::from_pin(&path)
+                    .with_context(|| format!("opening pinned map {}", path.display()))?
+            },
         })
+    }
+
+    /// The socket storage map, for sock_diag dumps of redirected sockets.
+    #[allow(dead_code)] // used by re-steering, which lands next
+    pub fn revnat_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.revnat.fd().as_fd()
+    }
+
+    /// Writes the programs' settings ([`names::CONFIG`]).
+    pub fn set_config(&mut self, c: discovery_common::Config) -> anyhow::Result<()> {
+        self.config
+            .set(0, c, 0)
+            .with_context(|| format!("writing map {}", names::CONFIG))
     }
 
     /// Marks the maps as created empty by this agent: the reconciler then
@@ -145,12 +169,12 @@ impl BpfMaps {
             .collect()
     }
 
-    /// Starts a backend's failure streak over.
-    pub fn reset_failures(&mut self, addr: SocketAddr) {
+    /// Sets a backend's failure streak (for a trial after its ejection).
+    pub fn set_failures(&mut self, addr: SocketAddr, streak: u32) {
         let (addr, port) = crate::addr::from_socket(addr);
         let key = BackendKey { addr, port, pad: 0 };
         if let Ok(mut h) = self.bhealth.get(&key, 0) {
-            h.consecutive_failures = 0;
+            h.consecutive_failures = streak;
             let _ = self.bhealth.insert(key, h, 0);
         }
     }
@@ -338,7 +362,7 @@ impl Dataplane for BpfMaps {
             addr: discovery_common::Addr16::default(),
             port: 0,
             flags: 0,
-            pad: 0,
+            ejected: 0,
         };
         self.backends
             .set(id, empty, 0)

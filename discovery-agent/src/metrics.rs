@@ -11,7 +11,7 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, text::encode},
     metrics::{
         MetricType,
-        counter::ConstCounter,
+        counter::{ConstCounter, Counter},
         family::Family,
         gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
@@ -28,6 +28,13 @@ pub struct NotApplied {
     pub frontend: String,
     /// The map that refused the write (full, out of memory).
     pub map: String,
+}
+
+/// Who ejected a backend passively.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct EjectorLabels {
+    /// `kernel` or `agent` (`--passive-ejector`).
+    pub by: String,
 }
 
 /// A frontend this node refuses to route.
@@ -48,6 +55,7 @@ pub struct Metrics {
     pub etcd_connected: Gauge,
     pub services: Gauge,
     pub ejected: Gauge,
+    pub passive_ejections: Family<EjectorLabels, Counter>,
     pub last_reconcile: Gauge,
     pub reconcile_duration: Histogram,
 }
@@ -287,11 +295,19 @@ impl Metrics {
         let ejected = Gauge::default();
         registry.register(
             "backends_ejected",
-            "backends out of rotation on this node because their active check fails",
+            "backends out of rotation on this node: their active check fails, or passively ejected",
             ejected.clone(),
+        );
+        let passive_ejections = Family::<EjectorLabels, Counter>::default();
+        registry.register(
+            "passive_ejections",
+            "backends taken out on this node after --passive-failures failed connects in a row, \
+             by who decided (the kernel's sock_ops program or the agent's poll)",
+            passive_ejections.clone(),
         );
         Self {
             registry,
+            passive_ejections,
             not_applied,
             refused,
             invalid_keys,

@@ -30,6 +30,16 @@ use crate::{
     tables::desired_slots,
 };
 
+/// The entry of a backend in use, not ejected.
+fn live_backend(addr: Addr) -> Backend {
+    Backend {
+        addr: addr.0,
+        port: addr.1,
+        flags: BACKEND_F_VALID,
+        ejected: 0,
+    }
+}
+
 /// `ip:port/proto` of a map key, for messages.
 pub fn frontend_of(key: &ServiceKey) -> String {
     crate::addr::frontend(key)
@@ -99,6 +109,16 @@ impl<D: Dataplane> Reconciler<D> {
             stats_pool: a.stats_pool,
             set_ids: a.set_ids,
         })
+    }
+
+    /// Lifts the kernel's ejection of a backend (rewrites its entry with
+    /// `ejected` 0), if it has an id.
+    pub fn lift_ejection(&mut self, addr: std::net::SocketAddr) -> Result<(), MapError> {
+        let addr = crate::addr::from_socket(addr);
+        match self.backend_ids.get(&addr) {
+            Some(&id) => self.dp.set_backend(id, live_backend(addr)),
+            None => Ok(()),
+        }
     }
 
     pub fn dataplane_mut(&mut self) -> &mut D {
@@ -265,12 +285,7 @@ impl<D: Dataplane> Reconciler<D> {
                             });
                             break;
                         };
-                        let entry = Backend {
-                            addr: addr.0,
-                            port: addr.1,
-                            flags: BACKEND_F_VALID,
-                            pad: 0,
-                        };
+                        let entry = live_backend(addr);
                         // Counters first, so the first connect is counted.
                         if used_before {
                             self.dp.reset_stats(StatsSlot::Backend(id));
@@ -759,7 +774,7 @@ mod tests {
                 addr: discovery_common::Addr16([9; 16]),
                 port: 9,
                 flags: BACKEND_F_VALID,
-                pad: 0,
+                ejected: 0,
             },
         );
         let id = maps.services[&web()].stats_id;

@@ -80,6 +80,9 @@ pub struct ServiceDef {
     /// Route it even over a socket listening on the frontend (see
     /// `ServiceJson::takeover`).
     pub takeover: bool,
+    /// Reset redirected TCP connections to a backend that leaves (see
+    /// `ServiceJson::shutdown_sessions`).
+    pub shutdown_sessions: bool,
     /// etcd create revision: the oldest definition wins a frontend.
     pub create_revision: i64,
 }
@@ -324,6 +327,12 @@ pub struct ServiceJson {
     /// gap. Without it such a frontend is refused on that node.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub takeover: bool,
+    /// Reset the established TCP connections that the programs redirected
+    /// to a backend when it leaves the service or is ejected, so
+    /// connection pools reconnect instead of waiting on a dead host
+    /// (HAProxy's `on-marked-down shutdown-sessions`). Off: they stay.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shutdown_sessions: bool,
 }
 
 /// A service's `frontend`: one address or a list of them.
@@ -626,6 +635,7 @@ pub fn parse_service(
         check,
         tcp,
         takeover: j.takeover,
+        shutdown_sessions: j.shutdown_sessions,
         create_revision,
     })
 }

@@ -143,6 +143,10 @@ pub struct SnapBackend {
     pub state: String,
     /// This node's verdict: `ok`, `check failing` or `ejected`.
     pub health: String,
+    /// For `ejected`: `kernel` (the sock_ops program, on the failing
+    /// connect) or `agent` (on its poll); see `--passive-ejector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected_by: Option<String>,
 }
 
 pub use crate::util::unix_now;
@@ -312,13 +316,11 @@ pub fn report(snap: Option<Snapshot>, k: &KernelView, paths: &HashMap<u64, Strin
         };
         if let Some(s) = snap_svc {
             for b in &s.backends {
-                rows.push(row(
-                    &b.addr,
-                    &b.instance,
-                    Some(b.weight),
-                    &b.state,
-                    &b.health,
-                ));
+                let health = match &b.ejected_by {
+                    Some(by) => format!("{} by {by}", b.health),
+                    None => b.health.clone(),
+                };
+                rows.push(row(&b.addr, &b.instance, Some(b.weight), &b.state, &health));
             }
         }
         for r in &routed {
@@ -680,6 +682,7 @@ mod tests {
                     weight: 3,
                     state: "active".into(),
                     health: "ok".into(),
+                    ejected_by: None,
                 }],
             }],
             ..Default::default()

@@ -50,6 +50,8 @@ pub mod names {
     /// Per-CPU array of one `u64`: calls to a frontend from exempt
     /// processes, left alone.
     pub const EXEMPT_CALLS: &str = "disc_exempt_calls";
+    /// Array of one [`crate::Config`]: settings the agent writes at start.
+    pub const CONFIG: &str = "disc_config";
 
     /// The cgroup/sock_addr programs: (program name, pinned link name).
     pub const PROGRAMS: [(&str, &str); 8] = [
@@ -144,7 +146,7 @@ const fn spec<K, V>(name: &'static str, kind: MapKind, size: MapSize) -> MapSpec
 }
 
 /// Every map the agent pins, in the order it creates them.
-pub const MAPS: [MapSpec; 12] = [
+pub const MAPS: [MapSpec; 13] = [
     spec::<ServiceKey, Service>(names::SERVICES, MapKind::Hash, MapSize::Services),
     spec::<SlotKey, Slot>(names::SLOTS, MapKind::Hash, MapSize::Slots),
     spec::<u32, Backend>(names::BACKENDS, MapKind::Array, MapSize::BackendsPlusOne),
@@ -181,6 +183,7 @@ pub const MAPS: [MapSpec; 12] = [
     ),
     spec::<u32, Exempt>(names::EXEMPT, MapKind::Hash, MapSize::Fixed(MAX_EXEMPT)),
     spec::<u32, u64>(names::EXEMPT_CALLS, MapKind::PerCpuArray, MapSize::Fixed(1)),
+    spec::<u32, Config>(names::CONFIG, MapKind::Array, MapSize::Fixed(1)),
 ];
 
 /// The spec of map `name`, at compile time (the programs size their maps
@@ -401,7 +404,13 @@ pub struct Backend {
     pub port: u16,
     /// [`BACKEND_F_VALID`] when in use.
     pub flags: u16,
-    pub pad: u32,
+    /// Nonzero: ejected in the kernel. The sock_ops program sets it when
+    /// the backend's failure streak reaches [`Config::passive_failures`]
+    /// and clears it when a connect to it succeeds; the agent clears it
+    /// when it puts the backend back after the ejection's back-off. While
+    /// set, connect() steers to another backend of the set. Read in the
+    /// same lookup as the address, so ejection costs connect() nothing.
+    pub ejected: u32,
 }
 
 pub const BACKEND_F_VALID: u16 = 1;
@@ -420,7 +429,9 @@ pub struct RevNatEntry {
 }
 
 /// Socket-local storage value: lives and dies with the socket, so there is
-/// nothing to garbage-collect and no LRU to evict live entries.
+/// nothing to garbage-collect and no LRU to evict live entries. The agent
+/// reads it over sock_diag (`INET_DIAG_REQ_SK_BPF_STORAGES`) to find the
+/// sockets connect() redirected to a backend that left.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockRevNat {
@@ -431,6 +442,23 @@ pub struct SockRevNat {
     pub stats_id: u32,
     /// The service's socket options, for the sock_ops program (TCP).
     pub tcp: TcpOpts,
+    /// 1 + the index in `entries` of the pair the last redirected
+    /// connect() wrote (TCP, connected UDP); 0 if connect() never went
+    /// through a frontend (a socket that only sent datagrams).
+    pub connected: u32,
+    /// The backend id that connect() chose, for the sock_ops program's
+    /// ejection (it checks the id still names the socket's peer).
+    pub backend_id: u32,
+}
+
+/// Settings the agent writes into [`names::CONFIG`] at start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Failed connects in a row after which the sock_ops program ejects a
+    /// backend ([`Backend::ejected`]); 0: the kernel never ejects.
+    pub passive_failures: u32,
+    pub pad: u32,
 }
 
 /// A backend address as a map key.
@@ -544,10 +572,14 @@ pub enum Counter {
     RevNatAllocFailed = 6,
     /// Redirected TCP connects that failed (refused or timed out).
     ConnectFailed = 7,
+    /// connect() calls steered away from a backend ejected in the kernel.
+    EjectedSkip = 8,
+    /// Backends the sock_ops program ejected.
+    KernelEjection = 9,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::ConnectRedirected,
         Counter::SendmsgRedirected,
@@ -557,6 +589,8 @@ impl Counter {
         Counter::StaleRetry,
         Counter::RevNatAllocFailed,
         Counter::ConnectFailed,
+        Counter::EjectedSkip,
+        Counter::KernelEjection,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -569,6 +603,8 @@ impl Counter {
             Counter::StaleRetry => "stale_retry",
             Counter::RevNatAllocFailed => "revnat_alloc_failed",
             Counter::ConnectFailed => "connect_failed",
+            Counter::EjectedSkip => "ejected_skip",
+            Counter::KernelEjection => "kernel_ejection",
         }
     }
 }
@@ -607,6 +643,7 @@ mod user {
         ConsumerKey,
         ConsumerCache,
         Exempt,
+        Config,
         Addr16
     );
 }
@@ -625,7 +662,8 @@ mod tests {
         assert_eq!(size_of::<Slot>(), 16);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<RevNatEntry>(), 40);
-        assert_eq!(size_of::<SockRevNat>(), 40 * REVNAT_ENTRIES + 8 + 16);
+        assert_eq!(size_of::<SockRevNat>(), 40 * REVNAT_ENTRIES + 8 + 16 + 8);
+        assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<BackendKey>(), 20);
         assert_eq!(size_of::<BackendHealth>(), 24);
         assert_eq!(size_of::<ServiceStats>(), 32);

@@ -101,24 +101,22 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
     while attempt < 2 {
         attempt += 1;
         let slot = ((u64::from(r1) * u64::from(count)) >> 32) as u32;
-        // SAFETY: as above; the slot is copied before the next lookup.
-        if let Some(slot) = unsafe { SLOTS.get(SlotKey { set_id, slot }) } {
-            let id = if r2 < slot.threshold {
-                slot.backend
+        if let Some((id, b)) = backend_at(set_id, slot, r2) {
+            let (id, backend) = if b.ejected == 0 {
+                (id, b)
             } else {
-                slot.alias
+                // Ejected in the kernel: the next live slot, or this one if
+                // every slot looked at is out (all ejected: use them all,
+                // as the agent's fallback does).
+                live_after(set_id, count, slot, r2).unwrap_or((id, b))
             };
-            if let Some(b) = BACKENDS.get(id)
-                && b.flags & BACKEND_F_VALID != 0
-            {
-                return Pick::Backend(Picked {
-                    backend: *b,
-                    backend_id: id,
-                    tcp,
-                    flags,
-                    stats_id,
-                });
-            }
+            return Pick::Backend(Picked {
+                backend,
+                backend_id: id,
+                tcp,
+                flags,
+                stats_id,
+            });
         }
         stats::bump(Counter::StaleRetry);
         // SAFETY: as above.
@@ -129,6 +127,45 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
         }
     }
     Pick::NoBackend(stats_id)
+}
+
+/// Slots looked at past an ejected backend before falling back to it:
+/// the agent takes an ejected backend out of the set within one poll, so
+/// this only bridges that gap.
+const MAX_PROBES: u32 = 8;
+
+/// The valid backend a slot names for the draw `r2` (its backend or its
+/// alias), with its id.
+#[inline(always)]
+fn backend_at(set_id: u32, slot: u32, r2: u32) -> Option<(u32, Backend)> {
+    // SAFETY: a lookup with a key on our stack; the slot is copied before
+    // the next lookup.
+    let slot = unsafe { SLOTS.get(SlotKey { set_id, slot }) }?;
+    let id = if r2 < slot.threshold {
+        slot.backend
+    } else {
+        slot.alias
+    };
+    let b = BACKENDS.get(id)?;
+    (b.flags & BACKEND_F_VALID != 0).then_some((id, *b))
+}
+
+/// The first backend after `slot` (wrapping, at most [`MAX_PROBES`] slots)
+/// that is not ejected. Counted as an ejected skip when found.
+#[inline(always)]
+fn live_after(set_id: u32, count: u32, slot: u32, r2: u32) -> Option<(u32, Backend)> {
+    let mut k = 1;
+    while k <= MAX_PROBES && k < count {
+        let s = (slot + k) % count;
+        if let Some((id, b)) = backend_at(set_id, s, r2)
+            && b.ejected == 0
+        {
+            stats::bump(Counter::EjectedSkip);
+            return Some((id, b));
+        }
+        k += 1;
+    }
+    None
 }
 
 /// Two u32s for a weighted draw from one helper call: the kernel's

@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use discovery_common::{
-    BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendKey, BackendStats, ConsumerCache,
+    BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendKey, BackendStats, Config, ConsumerCache,
     ConsumerKey, Exempt, Service, ServiceKey, ServiceStats, Slot, SlotKey, SockRevNat, map_entries,
     names,
 };
@@ -74,6 +74,9 @@ pub static BHEALTH: HashMap<
     { map_entries(names::BHEALTH) as usize },
     BPF_F_NO_PREALLOC,
 > = HashMap::new();
+
+#[btf_map(name = "disc_config")]
+pub static CONFIG: Array<Config, { map_entries(names::CONFIG) as usize }> = Array::new();
 
 /// Kernel ticks per second (CONFIG_HZ), set by the agent at load time: the
 /// initial RTO a sock_ops program returns is in jiffies. 0: unknown, so

@@ -3,12 +3,14 @@
 //! frontend. Lives and dies with the socket.
 use aya_ebpf::programs::SockAddrContext;
 use discovery_common::{
-    Addr16, Backend, Counter, REVNAT_ENTRIES, RevNatEntry, ServiceKey, TcpOpts,
+    Addr16, Backend, Counter, REVNAT_ENTRIES, RevNatEntry, ServiceKey, SockRevNat, TcpOpts,
 };
 
 use crate::{maps::REVNAT, stats};
 
-/// Remember that this socket talks to `backend` on behalf of `frontend`.
+/// Remember that this socket talks to `backend` on behalf of `frontend`;
+/// `connected` is the backend id when connect() chose it (the socket is
+/// then connected to it, which the agent's re-steering looks for).
 #[inline(always)]
 pub fn remember(
     ctx: &SockAddrContext,
@@ -16,6 +18,7 @@ pub fn remember(
     backend: &Backend,
     tcp: &TcpOpts,
     stats_id: u32,
+    connected: Option<u32>,
 ) {
     // SAFETY: the hook's own socket; the kernel returns null or a pointer
     // to this socket's storage, valid while the program runs.
@@ -29,13 +32,24 @@ pub fn remember(
     let st = unsafe { &mut *st };
     st.tcp = *tcp;
     st.stats_id = stats_id;
+    let i = slot_for(st, frontend, backend);
+    if let Some(id) = connected {
+        st.connected = i as u32 + 1;
+        st.backend_id = id;
+    }
+}
+
+/// Writes the pair into the socket's entry for `backend` (or a free one,
+/// or the oldest) and returns its index.
+#[inline(always)]
+fn slot_for(st: &mut SockRevNat, frontend: &ServiceKey, backend: &Backend) -> usize {
     let mut i = 0;
     while i < REVNAT_ENTRIES {
         let e = &mut st.entries[i];
         if e.backend_port == backend.port && e.backend_addr == backend.addr {
             e.frontend_addr = frontend.addr;
             e.frontend_port = frontend.port;
-            return;
+            return i;
         }
         if e.backend_port == 0 {
             break;
@@ -55,6 +69,7 @@ pub fn remember(
             pad: 0,
         };
     }
+    i
 }
 
 /// The frontend this socket was redirected for, if `peer` is one of its

@@ -2,7 +2,8 @@
 //! service's connect timeout while connecting (the kernel clamps SYN
 //! retransmits to TCP_USER_TIMEOUT), then its keepalive and user timeout
 //! once established, and records connect outcomes and live connections per
-//! backend for passive checks and `least_conn`. Those counters are shared by
+//! backend for passive checks and `least_conn`, ejecting a backend whose
+//! connects keep failing. Those counters are shared by
 //! every CPU, so they change atomically.
 use aya_ebpf::{
     bindings::{
@@ -13,11 +14,11 @@ use aya_ebpf::{
     helpers::generated::{bpf_setsockopt, bpf_sk_storage_get},
     programs::SockOpsContext,
 };
-use discovery_common::{Addr16, BackendHealth, BackendKey, Counter, SockRevNat};
+use discovery_common::{Addr16, Backend, BackendHealth, BackendKey, Counter, SockRevNat};
 
 use crate::{
     atomic,
-    maps::{BHEALTH, HZ, REVNAT},
+    maps::{BACKENDS, BHEALTH, CONFIG, HZ, REVNAT},
     stats,
 };
 
@@ -79,7 +80,8 @@ pub fn handle(ctx: &SockOpsContext) {
                 failures: 0,
                 established: 1,
             };
-            with_health(&peer(ctx), fresh, |h| {
+            let peer = peer(ctx);
+            with_health(&peer, fresh, |h| {
                 // SAFETY: `h` points at a live map value (see `with_health`).
                 unsafe {
                     atomic::store_u32(&raw mut (*h).consecutive_failures, 0);
@@ -87,6 +89,14 @@ pub fn handle(ctx: &SockOpsContext) {
                     atomic::add_u32(&raw mut (*h).live, 1);
                 }
             });
+            // A backend that accepts connections is not dead.
+            if let Some(b) = own_backend(st.backend_id, &peer)
+                // SAFETY: a live map value; other CPUs change it too.
+                && unsafe { core::ptr::read_volatile(&raw const (*b).ejected) } != 0
+            {
+                // SAFETY: as above.
+                unsafe { atomic::store_u32(&raw mut (*b).ejected, 0) };
+            }
         }
         BPF_SOCK_OPS_STATE_CB => {
             // Only sockets that got the flag above: redirected ones.
@@ -109,13 +119,17 @@ pub fn handle(ctx: &SockOpsContext) {
                     failures: 1,
                     established: 0,
                 };
-                with_health(&peer(ctx), fresh, |h| {
+                let peer = peer(ctx);
+                with_health(&peer, fresh, |h| {
                     // SAFETY: `h` points at a live map value.
                     unsafe {
                         atomic::add_u32(&raw mut (*h).consecutive_failures, 1);
                         atomic::add_u64(&raw mut (*h).failures, 1);
                     }
                 });
+                if let Some(st) = redirected(ctx) {
+                    eject_if_failing(st.backend_id, &peer);
+                }
             }
         }
         _ => {}
@@ -155,6 +169,41 @@ unsafe fn dec_live(h: *mut BackendHealth) {
             return;
         }
     }
+}
+
+/// Ejects the backend (sets [`discovery_common::Backend::ejected`]) once
+/// its failure streak reaches the agent's threshold: from the next
+/// connect() on, no round trip through the agent.
+#[inline(always)]
+fn eject_if_failing(backend_id: u32, peer: &BackendKey) {
+    let threshold = CONFIG.get(0).map_or(0, |c| c.passive_failures);
+    if threshold == 0 {
+        return;
+    }
+    // SAFETY: a lookup with a key on our stack; one u32 is read.
+    let streak = unsafe { BHEALTH.get(peer) }.map_or(0, |h| h.consecutive_failures);
+    if streak < threshold {
+        return;
+    }
+    if let Some(b) = own_backend(backend_id, peer)
+        // SAFETY: a live map value; other CPUs change it too.
+        && unsafe { core::ptr::read_volatile(&raw const (*b).ejected) } == 0
+    {
+        // SAFETY: as above.
+        unsafe { atomic::store_u32(&raw mut (*b).ejected, 1) };
+        stats::bump(Counter::KernelEjection);
+    }
+}
+
+/// The backends-array entry `id` if it still names `peer` (the agent may
+/// have given the id to another address since the socket connected).
+#[inline(always)]
+fn own_backend(id: u32, peer: &BackendKey) -> Option<*mut Backend> {
+    let b = BACKENDS.get_ptr_mut(id)?;
+    // SAFETY: a live map value; the address is only written by the agent
+    // when it gives the id to an address.
+    let (addr, port) = unsafe { ((*b).addr, (*b).port) };
+    (port == peer.port && addr == peer.addr).then_some(b)
 }
 
 /// Applies `f` to a backend's entry, or creates it as `fresh` (the values

@@ -43,13 +43,13 @@ pub fn fwd(
     }
     match hook {
         Hook::Connect => {
-            revnat::remember(ctx, key, &p.backend, &p.tcp, p.stats_id);
+            revnat::remember(ctx, key, &p.backend, &p.tcp, p.stats_id, Some(p.backend_id));
             stats::bump(Counter::ConnectRedirected);
             stats::service(p.stats_id, |s| s.connects += 1);
             stats::backend(p.backend_id, |s| s.connects += 1);
         }
         Hook::Sendmsg => {
-            revnat::remember(ctx, key, &p.backend, &TcpOpts::default(), p.stats_id);
+            revnat::remember(ctx, key, &p.backend, &TcpOpts::default(), p.stats_id, None);
             stats::bump(Counter::SendmsgRedirected);
             stats::service(p.stats_id, |s| s.datagrams += 1);
             stats::backend(p.backend_id, |s| s.datagrams += 1);

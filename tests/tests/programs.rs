@@ -133,7 +133,7 @@ impl Programs {
                 addr: v4_mapped(b.ip().octets()),
                 port: b.port(),
                 flags: BACKEND_F_VALID,
-                pad: 0,
+                ejected: 0,
             };
             array.set(i as u32 + 1, entry, 0).expect("write a backend");
         }

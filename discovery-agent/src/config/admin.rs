@@ -64,6 +64,10 @@ pub enum ServiceCommand {
         /// (the step that moves clients off a local HAProxy with no gap).
         #[arg(long)]
         takeover: bool,
+        /// Reset redirected TCP connections to a backend when it leaves or
+        /// is ejected (HAProxy's on-marked-down shutdown-sessions).
+        #[arg(long)]
+        shutdown_sessions: bool,
         #[command(flatten)]
         etcd: EtcdArgs,
     },

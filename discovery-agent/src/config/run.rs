@@ -96,6 +96,11 @@ pub struct RunArgs {
     #[arg(long, env = "DISCOVERY_PASSIVE_FAILURES", default_value_t = 3)]
     pub passive_failures: u32,
 
+    /// Who ejects: `kernel` (the sock_ops program, on the failing connect
+    /// itself) or `agent` (on its next poll of the kernel's counts).
+    #[arg(long, env = "DISCOVERY_PASSIVE_EJECTOR", value_enum, default_value_t = crate::checks::Ejection::Kernel)]
+    pub passive_ejector: crate::checks::Ejection,
+
     /// How long a passively ejected backend stays out before it is tried
     /// again.
     #[arg(long, env = "DISCOVERY_PASSIVE_EJECTION", default_value = "10s", value_parser = humantime::parse_duration)]
