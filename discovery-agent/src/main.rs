@@ -22,6 +22,7 @@ mod metrics;
 mod model;
 mod reconcile;
 mod schema;
+mod sockets;
 mod status;
 mod tables;
 mod util;
@@ -139,6 +140,7 @@ mod layering {
         ("health", 1),
         ("lease", 1),
         ("listeners", 1),
+        ("sockets", 1),
         ("loader", 1),
         ("maps", 1),
         // The etcd contract.
