@@ -97,6 +97,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut ctl = Controller::new(
         Settings {
             pin_dir: pin_dir.clone(),
+            cgroup: cgroup.clone(),
             status_file: args.status.status_file.clone(),
             node: node.clone(),
             passive_failures: args.passive_failures,

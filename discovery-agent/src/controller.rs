@@ -30,6 +30,8 @@ use crate::{
     metrics::{Metrics, NotApplied, RefusedLabels},
     model::{Applied, Model},
     reconcile::{ApplyError, Change, Reconciler, frontend_of},
+    resteer::Resteer,
+    sockets::{self, Redirected},
     status::{
         self, EtcdStatus, SnapBackend, SnapFamily, SnapInvalid, SnapNotApplied, SnapRefused,
         SnapService, Snapshot,
@@ -49,6 +51,9 @@ pub type Names = HashMap<ServiceKey, String>;
 /// What the controller needs that does not change while it runs.
 pub struct Settings {
     pub pin_dir: PathBuf,
+    /// The cgroup the programs are attached to: re-steering also looks at
+    /// the network namespaces of its processes.
+    pub cgroup: PathBuf,
     pub status_file: PathBuf,
     pub node: String,
     /// Passive checks: consecutive failed connects that eject (0: off).
@@ -69,6 +74,7 @@ pub struct Controller {
     model: Model,
     guard: NodeGuard,
     checks: ActiveChecks,
+    resteer: Resteer,
     reconciler: Reconciler<BpfMaps>,
     metrics: Arc<Metrics>,
     names: watch::Sender<Names>,
@@ -115,6 +121,7 @@ impl Controller {
             model,
             guard,
             checks,
+            resteer: Resteer::default(),
             reconciler,
             metrics,
             names,
@@ -453,6 +460,7 @@ impl Controller {
             Some(keys) => self.reconciler.reconcile_keys(&desired, keys),
             None => self.reconciler.reconcile(&desired),
         };
+        self.resteer.applied(&desired, scope.as_ref());
         let m = &self.metrics;
         m.reconcile_duration
             .observe(started.elapsed().as_secs_f64());
@@ -466,11 +474,119 @@ impl Controller {
         m.invalid_keys.set(self.model.invalid_keys().len() as i64);
         m.etcd_revision.set(self.revision);
         m.ejected.set(self.checks.ejected() as i64);
+        // Only once etcd is applied in full: before that, a backend missing
+        // from the maps may just not be read yet.
+        if (self.ready || self.ready_pending) && self.resteer.due() {
+            self.sweep();
+        }
         if std::mem::take(&mut self.ready_pending) {
             self.ready = true;
             self.settings.last_run = None;
             self.on_status_tick();
         }
+    }
+}
+
+/// One namespace's sweep.
+struct Swept {
+    /// Sockets found stale (and destroyed, but for `errors`).
+    stale: Vec<Redirected>,
+    errors: Vec<std::io::Error>,
+    udp_cookies: Vec<u64>,
+}
+
+impl Controller {
+    /// Destroys the redirected sockets whose backend left their frontend
+    /// (see `resteer`): in the agent's network namespace and in those of
+    /// the cgroup's processes (containers). Then prunes the UDP tracking
+    /// map of sockets that are gone.
+    fn sweep(&mut self) {
+        let began = Instant::now();
+        self.resteer.swept();
+        let maps = self.reconciler.dataplane();
+        let fd = maps.revnat_fd();
+        let lookup = |c: u64| maps.udp_conn(c);
+        let resteer = &self.resteer;
+        let work = || -> std::io::Result<Swept> {
+            let found = sockets::dump_redirected(fd, &lookup)?;
+            let stale: Vec<Redirected> = resteer
+                .stale(&found.redirected)
+                .into_iter()
+                .cloned()
+                .collect();
+            let (_, errors) = sockets::destroy_all(&stale);
+            Ok(Swept {
+                stale,
+                errors,
+                udp_cookies: found.udp_cookies,
+            })
+        };
+        let own = sockets::netns_id(std::path::Path::new("/proc/thread-self/ns/net"));
+        let others = match sockets::netns_of_cgroup(&self.settings.cgroup) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(cgroup = %self.settings.cgroup.display(), error = %e,
+                      "cannot list the network namespaces of the cgroup's processes; \
+                       re-steering sees this namespace only");
+                Vec::new()
+            }
+        };
+        let mut results = vec![work()];
+        for ns in others
+            .iter()
+            .filter(|f| sockets::netns_id_of(f).ok() != own.as_ref().ok().copied())
+        {
+            results.push(sockets::in_netns(ns, work).and_then(|r| r));
+        }
+        let mut live = std::collections::HashSet::new();
+        let mut complete = true;
+        let mut destroyed = Vec::new();
+        for r in results {
+            match r {
+                Ok(Swept {
+                    stale,
+                    errors,
+                    udp_cookies,
+                }) => {
+                    live.extend(udp_cookies);
+                    for e in errors {
+                        warn!(error = %e, "could not destroy a socket redirected to a backend that left");
+                    }
+                    destroyed.extend(stale);
+                }
+                Err(e) => {
+                    complete = false;
+                    warn!(error = %e, "cannot list redirected sockets (sock_diag); \
+                                       sockets of backends that left stay connected");
+                }
+            }
+        }
+        let routes = self.model.routes();
+        for s in &destroyed {
+            let key = crate::addr::service_key(s.frontend, s.proto);
+            let service = routes
+                .services
+                .get(&key)
+                .map_or("?", |d| d.service.as_str());
+            info!(service, frontend = %s.frontend, backend = %s.backend, client = %s.src,
+                  protocol = proto_name(s.proto),
+                  "destroyed a socket redirected to a backend that left: its next call fails \
+                   and its reconnect picks a live backend");
+            self.metrics
+                .sockets_destroyed
+                .get_or_create(&crate::metrics::ProtocolLabels {
+                    protocol: proto_name(s.proto).to_owned(),
+                })
+                .inc();
+        }
+        if complete {
+            let pruned = self.reconciler.dataplane_mut().prune_udp_conns(&live);
+            if pruned > 0 {
+                debug!(pruned, "UDP tracking entries of closed sockets");
+            }
+        }
+        debug!(destroyed = destroyed.len(), namespaces = 1 + others.len(), took = ?began.elapsed(),
+               "re-steering sweep");
     }
 }
 

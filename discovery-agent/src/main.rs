@@ -21,6 +21,7 @@ mod maps;
 mod metrics;
 mod model;
 mod reconcile;
+mod resteer;
 mod schema;
 mod sockets;
 mod status;
@@ -154,6 +155,7 @@ mod layering {
         // What the controller drives: map writes, checks, reports.
         ("adopt", 5),
         ("reconcile", 5),
+        ("resteer", 5),
         ("checks", 5),
         ("consumers", 5),
         ("metrics", 5),

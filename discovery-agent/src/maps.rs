@@ -78,8 +78,8 @@ pub struct BpfMaps {
     backends: Array<MapData, Backend>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, discovery_common::Config>,
+    udp_conns: HashMap<MapData, u64, discovery_common::RevNatEntry>,
     /// The socket storage, read over sock_diag (see `sockets`).
-    #[allow(dead_code)] // read by re-steering, which lands next
     revnat: MapData,
 }
 
@@ -124,6 +124,7 @@ impl BpfMaps {
             backends: open(pin_dir, names::BACKENDS)?.try_into()?,
             counters: open(pin_dir, names::COUNTERS)?.try_into()?,
             config: open(pin_dir, names::CONFIG)?.try_into()?,
+            udp_conns: open(pin_dir, names::UDP_CONNS)?.try_into()?,
             revnat: {
                 let path = pin_dir.join(names::REVNAT);
                 MapData::from_pin(&path)
@@ -133,10 +134,29 @@ impl BpfMaps {
     }
 
     /// The socket storage map, for sock_diag dumps of redirected sockets.
-    #[allow(dead_code)] // used by re-steering, which lands next
     pub fn revnat_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd as _;
         self.revnat.fd().as_fd()
+    }
+
+    /// What connect() redirected the connected UDP socket with this
+    /// cookie to, if it did ([`names::UDP_CONNS`]).
+    pub fn udp_conn(&self, cookie: u64) -> Option<discovery_common::RevNatEntry> {
+        self.udp_conns.get(&cookie, 0).ok()
+    }
+
+    /// Removes the UDP tracking entries of sockets not in `live` (closed
+    /// since); returns how many.
+    pub fn prune_udp_conns(&mut self, live: &std::collections::HashSet<u64>) -> usize {
+        let gone: Vec<u64> = self
+            .udp_conns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|c| !live.contains(c))
+            .collect();
+        gone.iter()
+            .filter(|c| self.udp_conns.remove(c).is_ok())
+            .count()
     }
 
     /// Writes the programs' settings ([`names::CONFIG`]).

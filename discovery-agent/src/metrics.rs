@@ -30,6 +30,13 @@ pub struct NotApplied {
     pub map: String,
 }
 
+/// A socket protocol.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}
+
 /// Who ejected a backend passively.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct EjectorLabels {
@@ -56,6 +63,7 @@ pub struct Metrics {
     pub services: Gauge,
     pub ejected: Gauge,
     pub passive_ejections: Family<EjectorLabels, Counter>,
+    pub sockets_destroyed: Family<ProtocolLabels, Counter>,
     pub last_reconcile: Gauge,
     pub reconcile_duration: Histogram,
 }
@@ -305,9 +313,17 @@ impl Metrics {
              by who decided (the kernel's sock_ops program or the agent's poll)",
             passive_ejections.clone(),
         );
+        let sockets_destroyed = Family::<ProtocolLabels, Counter>::default();
+        registry.register(
+            "sockets_destroyed",
+            "redirected sockets destroyed because their backend left (connected UDP; TCP of \
+             services with shutdown_sessions)",
+            sockets_destroyed.clone(),
+        );
         Self {
             registry,
             passive_ejections,
+            sockets_destroyed,
             not_applied,
             refused,
             invalid_keys,

@@ -20,7 +20,7 @@ use std::{
     path::Path,
 };
 
-use discovery_common::{Addr16, IPPROTO_TCP, IPPROTO_UDP, SockRevNat};
+use discovery_common::{Addr16, IPPROTO_TCP, IPPROTO_UDP, RevNatEntry, SockRevNat};
 use netlink_packet_core::{
     NLA_F_NESTED, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader,
     NetlinkMessage, NetlinkPayload, Nla as _, NlasIterator,
@@ -77,32 +77,72 @@ struct Diag {
     storage: Option<Vec<u8>>,
 }
 
-/// The redirected sockets of the caller's network namespace: TCP
-/// connected or connecting, connected UDP, IPv4 and IPv6, whose storage in
-/// `revnat` (the `disc_revnat` sk_storage map) says the last redirected
-/// connect() went to the address the socket is connected to. Four dumps.
-///
-/// UDP sockets come back without their storage (Linux 6.18 and earlier:
-/// `inet_sk_diag_fill` adds socket storage only for sockets with an
-/// `inet_connection_sock`, TCP), so connected UDP sockets are not found
-/// this way; the UDP dumps stay for a kernel that adds it.
-// Used by the re-steering controller (next commit).
-#[allow(dead_code)]
-pub fn dump_redirected(revnat: BorrowedFd<'_>) -> io::Result<Vec<Redirected>> {
-    let fd = u32::try_from(revnat.as_raw_fd()).map_err(io::Error::other)?;
-    Ok(dump(Some(fd))?.into_iter().filter_map(redirected).collect())
+#[cfg(test)]
+impl Redirected {
+    /// A socket as a dump would report it, for other modules' tests.
+    pub fn for_test(proto: u8, src: SocketAddr, backend: SocketAddr, frontend: SocketAddr) -> Self {
+        Self {
+            proto,
+            family: AF_INET,
+            src,
+            backend,
+            frontend,
+            id: SocketId::new_v4(),
+        }
+    }
 }
 
-/// The socket as a [`Redirected`], if its storage says connect() sent it
-/// to where it is connected.
-fn redirected(d: Diag) -> Option<Redirected> {
-    let st = revnat_of(d.storage.as_deref()?)?;
-    let frontend = frontend_of(&st, d.id.destination_address, d.id.destination_port)?;
+/// What a dump found.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub redirected: Vec<Redirected>,
+    /// The cookie of every connected UDP socket seen (redirected or not),
+    /// so the caller can prune the entries of closed sockets.
+    pub udp_cookies: Vec<u64>,
+}
+
+/// Looks a connected UDP socket up by its cookie in `disc_udp_conns`.
+pub type UdpConns<'a> = dyn Fn(u64) -> Option<RevNatEntry> + Sync + 'a;
+
+/// The redirected sockets of the caller's network namespace: TCP
+/// connected or connecting, connected UDP, IPv4 and IPv6. A TCP socket is
+/// one whose storage in `revnat` (the `disc_revnat` sk_storage map) says
+/// the last redirected connect() went to the address it is connected to;
+/// a UDP socket one whose entry in `udp_conns` says so. sock_diag adds
+/// socket storage only for sockets with an `inet_connection_sock` (TCP;
+/// Linux 6.18 and earlier), hence the second map. Four dumps.
+pub fn dump_redirected(revnat: BorrowedFd<'_>, udp_conns: &UdpConns<'_>) -> io::Result<Found> {
+    let fd = u32::try_from(revnat.as_raw_fd()).map_err(io::Error::other)?;
+    let mut found = Found::default();
+    for d in dump(Some(fd))? {
+        if d.proto == IPPROTO_UDP {
+            found.udp_cookies.push(u64::from_ne_bytes(d.id.cookie));
+        }
+        if let Some(r) = redirected(d, udp_conns) {
+            found.redirected.push(r);
+        }
+    }
+    Ok(found)
+}
+
+/// The socket as a [`Redirected`], if its storage (TCP) or its entry in
+/// `udp_conns` (UDP) says connect() sent it to where it is connected.
+fn redirected(d: Diag, udp_conns: &UdpConns<'_>) -> Option<Redirected> {
+    let (dst, port) = (d.id.destination_address, d.id.destination_port);
+    let frontend = match &d.storage {
+        Some(v) => frontend_of(&revnat_of(v)?, dst, port)?,
+        None if d.proto == IPPROTO_UDP => {
+            let e = udp_conns(u64::from_ne_bytes(d.id.cookie))?;
+            (e.backend_port == port && e.backend_addr == addr16(dst))
+                .then(|| canonical(e.frontend_addr, e.frontend_port))?
+        }
+        None => return None,
+    };
     Some(Redirected {
         proto: d.proto,
         family: d.family,
         src: canonical(addr16(d.id.source_address), d.id.source_port),
-        backend: canonical(addr16(d.id.destination_address), d.id.destination_port),
+        backend: canonical(addr16(dst), port),
         frontend,
         id: d.id,
     })
@@ -311,20 +351,10 @@ fn storage_value(storages: &[u8]) -> Option<Vec<u8>> {
         })
 }
 
-/// Destroys the socket; one that is already gone is no error.
-// Used by the re-steering controller (next commit).
-#[allow(dead_code)]
-pub fn destroy(s: &Redirected) -> io::Result<()> {
-    let (_, mut errors) = destroy_all(std::slice::from_ref(s));
-    errors.pop().map_or(Ok(()), Err)
-}
-
 /// Destroys the sockets over one netlink socket, up to 32 requests per
 /// datagram: how many it destroyed (those already gone do not count) and
 /// the errors, in the order of the sockets (one per socket that failed; a
 /// failed send or receive stands for its whole batch).
-// Used by the re-steering controller (next commit).
-#[allow(dead_code)]
 pub fn destroy_all(sockets: &[Redirected]) -> (usize, Vec<io::Error>) {
     let sock = match open() {
         Ok(s) => s,
@@ -419,8 +449,19 @@ fn read_acks(sock: &Socket, buf: &mut Vec<u8>, pending: &mut HashSet<u32>) -> io
 /// Runs `f` on a thread in network namespace `ns` (a `/proc/PID/ns/net`
 /// file): sockets it opens, sock_diag ones included, are that
 /// namespace's. The caller's threads stay where they are.
-// Used by the re-steering controller (next commit).
-#[allow(dead_code)]
+/// A network namespace's identity (device and inode of its nsfs file).
+pub fn netns_id_of(f: &File) -> io::Result<(u64, u64)> {
+    let m = f.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// [`netns_id_of`] of the namespace file at `path` (such as
+/// `/proc/thread-self/ns/net`).
+pub fn netns_id(path: &Path) -> io::Result<(u64, u64)> {
+    let m = fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
 pub fn in_netns<T: Send>(ns: &File, f: impl FnOnce() -> T + Send) -> io::Result<T> {
     let fd = ns.as_raw_fd();
     std::thread::scope(|scope| {
@@ -445,8 +486,6 @@ pub fn in_netns<T: Send>(ns: &File, f: impl FnOnce() -> T + Send) -> io::Result<
 /// One `/proc/PID/ns/net` file per network namespace that the processes of
 /// `cgroup_dir` and its descendants are in. Processes and cgroups that go
 /// away during the walk are skipped.
-// Used by the re-steering controller (next commit).
-#[allow(dead_code)]
 pub fn netns_of_cgroup(cgroup_dir: &Path) -> io::Result<Vec<File>> {
     // Reading a removed cgroup's files fails with ENODEV; a process that
     // exited has no /proc entry (ENOENT) or no namespaces (ESRCH).
@@ -503,6 +542,12 @@ mod tests {
     };
 
     use discovery_common::{REVNAT_ENTRIES, RevNatEntry, TcpOpts};
+
+    /// Destroys one socket; one already gone is no error.
+    fn destroy(s: &Redirected) -> io::Result<()> {
+        let (_, mut errors) = destroy_all(std::slice::from_ref(s));
+        errors.pop().map_or(Ok(()), Err)
+    }
 
     use super::*;
 
@@ -607,6 +652,25 @@ mod tests {
         }
     }
 
+    /// No UDP socket in `disc_udp_conns`.
+    const NONE: fn(u64) -> Option<RevNatEntry> = |_| None;
+
+    #[test]
+    fn udp_sockets_are_found_by_cookie_when_connected_where_their_entry_says() {
+        let src: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let be: SocketAddr = "10.0.0.5:8080".parse().unwrap();
+        let fe: SocketAddr = "127.0.0.9:80".parse().unwrap();
+        let cookie = u64::from_ne_bytes([1, 2, 3, 4, 5, 6, 7, 8]);
+        let conns = move |c: u64| (c == cookie).then(|| entry(be, fe));
+        let r = redirected(diag(AF_INET, src, be, None), &conns).expect("kept");
+        assert_eq!((r.proto, r.backend, r.frontend), (IPPROTO_UDP, be, fe));
+        // Connected elsewhere since (to the backend directly, say).
+        let other: SocketAddr = "10.0.0.7:8080".parse().unwrap();
+        assert!(redirected(diag(AF_INET, src, other, None), &conns).is_none());
+        let unknown = |_: u64| None;
+        assert!(redirected(diag(AF_INET, src, be, None), &unknown).is_none());
+    }
+
     #[test]
     fn only_sockets_connected_to_the_last_redirected_backend_are_kept() {
         let src: SocketAddr = "127.0.0.1:40000".parse().unwrap();
@@ -616,28 +680,29 @@ mod tests {
         let fe2: SocketAddr = "127.0.0.9:81".parse().unwrap();
         let two = revnat(&[entry(be, fe), entry(be2, fe2)], 2);
 
-        let r = redirected(diag(AF_INET, src, be2, Some(&two))).expect("kept");
+        let r = redirected(diag(AF_INET, src, be2, Some(&two)), &NONE).expect("kept");
         assert_eq!((r.src, r.backend, r.frontend), (src, be2, fe2));
         assert_eq!(r.family, AF_INET);
         assert_eq!(r.id.cookie, [1, 2, 3, 4, 5, 6, 7, 8]);
         // entries[0] matches but is not the last connect().
-        assert!(redirected(diag(AF_INET, src, be, Some(&two))).is_none());
+        assert!(redirected(diag(AF_INET, src, be, Some(&two)), &NONE).is_none());
         // Connected elsewhere since, or never through a frontend.
         let other: SocketAddr = "10.0.0.7:8080".parse().unwrap();
-        assert!(redirected(diag(AF_INET, src, other, Some(&two))).is_none());
+        assert!(redirected(diag(AF_INET, src, other, Some(&two)), &NONE).is_none());
         let port: SocketAddr = "10.0.0.6:8081".parse().unwrap();
-        assert!(redirected(diag(AF_INET, src, port, Some(&two))).is_none());
-        assert!(redirected(diag(AF_INET, src, be, Some(&revnat(&[entry(be, fe)], 0)))).is_none());
+        assert!(redirected(diag(AF_INET, src, port, Some(&two)), &NONE).is_none());
+        let never = revnat(&[entry(be, fe)], 0);
+        assert!(redirected(diag(AF_INET, src, be, Some(&never)), &NONE).is_none());
         let bad = revnat(&[entry(be, fe)], REVNAT_ENTRIES as u32 + 1);
-        assert!(redirected(diag(AF_INET, src, be, Some(&bad))).is_none());
+        assert!(redirected(diag(AF_INET, src, be, Some(&bad)), &NONE).is_none());
         // No storage.
-        assert!(redirected(diag(AF_INET, src, be, None)).is_none());
+        assert!(redirected(diag(AF_INET, src, be, None), &NONE).is_none());
 
         // An IPv6 socket connected to an IPv4 backend reports it v4-mapped:
         // the same backend, reported canonical.
         let src6: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
         let be_mapped: SocketAddr = "[::ffff:10.0.0.6]:8080".parse().unwrap();
-        let r = redirected(diag(AF_INET6, src6, be_mapped, Some(&two))).expect("kept");
+        let r = redirected(diag(AF_INET6, src6, be_mapped, Some(&two)), &NONE).expect("kept");
         assert_eq!((r.src, r.backend, r.frontend), (src, be2, fe2));
         assert_eq!(r.family, AF_INET6);
         // IPv6 proper.
@@ -645,7 +710,7 @@ mod tests {
         let fe6: SocketAddr = "[fd00:ff::1]:80".parse().unwrap();
         let src6: SocketAddr = "[fd00::1]:40000".parse().unwrap();
         let st6 = revnat(&[entry(be6, fe6)], 1);
-        let r = redirected(diag(AF_INET6, src6, be6, Some(&st6))).expect("kept");
+        let r = redirected(diag(AF_INET6, src6, be6, Some(&st6)), &NONE).expect("kept");
         assert_eq!((r.src, r.backend, r.frontend), (src6, be6, fe6));
     }
 
@@ -1040,9 +1105,10 @@ mod tests {
         map.set(&udp6, &revnat(&[entry(to, fe)], 1));
 
         // The map is new: only these sockets have storage in it.
-        let found = dump_redirected(map.fd()).expect("dump with storage");
+        let found = dump_redirected(map.fd(), &NONE).expect("dump with storage");
         let got = |proto: u8| -> Vec<_> {
             let mut v: Vec<_> = found
+                .redirected
                 .iter()
                 .filter(|r| r.proto == proto)
                 .map(|r| (r.family, r.src, r.backend, r.frontend, r.id.cookie))
@@ -1087,9 +1153,9 @@ mod tests {
             eprintln!("this kernel reports no socket storage for UDP sockets");
         }
 
-        let (n, errors) = destroy_all(&found);
+        let (n, errors) = destroy_all(&found.redirected);
         assert!(errors.is_empty(), "{errors:?}");
-        assert_eq!(n, found.len());
+        assert_eq!(n, found.redirected.len());
         let mut buf = [0u8; 4];
         for mut s in [&tcp, &tcp_mapped, &tcp6] {
             let e = s.read(&mut buf).unwrap_err();

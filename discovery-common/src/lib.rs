@@ -52,6 +52,11 @@ pub mod names {
     pub const EXEMPT_CALLS: &str = "disc_exempt_calls";
     /// Array of one [`crate::Config`]: settings the agent writes at start.
     pub const CONFIG: &str = "disc_config";
+    /// LRU hash of a socket cookie → [`crate::RevNatEntry`]: the UDP
+    /// sockets connect() redirected, and to what. sock_diag reports socket
+    /// storage for TCP sockets only, so this is how the agent finds the
+    /// connected UDP sockets of a backend that left.
+    pub const UDP_CONNS: &str = "disc_udp_conns";
 
     /// The cgroup/sock_addr programs: (program name, pinned link name).
     pub const PROGRAMS: [(&str, &str); 8] = [
@@ -146,7 +151,7 @@ const fn spec<K, V>(name: &'static str, kind: MapKind, size: MapSize) -> MapSpec
 }
 
 /// Every map the agent pins, in the order it creates them.
-pub const MAPS: [MapSpec; 13] = [
+pub const MAPS: [MapSpec; 14] = [
     spec::<ServiceKey, Service>(names::SERVICES, MapKind::Hash, MapSize::Services),
     spec::<SlotKey, Slot>(names::SLOTS, MapKind::Hash, MapSize::Slots),
     spec::<u32, Backend>(names::BACKENDS, MapKind::Array, MapSize::BackendsPlusOne),
@@ -184,7 +189,18 @@ pub const MAPS: [MapSpec; 13] = [
     spec::<u32, Exempt>(names::EXEMPT, MapKind::Hash, MapSize::Fixed(MAX_EXEMPT)),
     spec::<u32, u64>(names::EXEMPT_CALLS, MapKind::PerCpuArray, MapSize::Fixed(1)),
     spec::<u32, Config>(names::CONFIG, MapKind::Array, MapSize::Fixed(1)),
+    spec::<u64, RevNatEntry>(
+        names::UDP_CONNS,
+        MapKind::LruHash,
+        MapSize::Fixed(MAX_UDP_CONNS),
+    ),
 ];
+
+/// Entries of [`names::UDP_CONNS`]: connected UDP sockets tracked for
+/// re-steering. The agent prunes closed sockets' entries at each sweep;
+/// past this many live ones the oldest are evicted and no longer
+/// re-steered.
+pub const MAX_UDP_CONNS: u32 = 65_536;
 
 /// The spec of map `name`, at compile time (the programs size their maps
 /// with it).
@@ -635,6 +651,7 @@ mod user {
         Slot,
         Backend,
         SockRevNat,
+        RevNatEntry,
         BackendKey,
         BackendHealth,
         TcpOpts,

@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use discovery_common::{
     BPF_F_NO_PREALLOC, Backend, BackendHealth, BackendKey, BackendStats, Config, ConsumerCache,
-    ConsumerKey, Exempt, Service, ServiceKey, ServiceStats, Slot, SlotKey, SockRevNat, map_entries,
-    names,
+    ConsumerKey, Exempt, RevNatEntry, Service, ServiceKey, ServiceStats, Slot, SlotKey, SockRevNat,
+    map_entries, names,
 };
 
 #[btf_map(name = "disc_services")]
@@ -77,6 +77,10 @@ pub static BHEALTH: HashMap<
 
 #[btf_map(name = "disc_config")]
 pub static CONFIG: Array<Config, { map_entries(names::CONFIG) as usize }> = Array::new();
+
+#[btf_map(name = "disc_udp_conns")]
+pub static UDP_CONNS: LruHashMap<u64, RevNatEntry, { map_entries(names::UDP_CONNS) as usize }> =
+    LruHashMap::new();
 
 /// Kernel ticks per second (CONFIG_HZ), set by the agent at load time: the
 /// initial RTO a sock_ops program returns is in jiffies. 0: unknown, so

@@ -4,14 +4,14 @@
 //! address; everything else happens here on a 16-byte address, so IPv6
 //! hooks (with v4-mapped frontends) reuse the same path.
 use aya_ebpf::{
-    helpers::generated::{bpf_get_current_pid_tgid, bpf_set_retval},
+    helpers::generated::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
-use discovery_common::{Addr16, Counter, ServiceKey, TcpOpts};
+use discovery_common::{Addr16, Backend, Counter, IPPROTO_UDP, RevNatEntry, ServiceKey, TcpOpts};
 
 use crate::{
     lb::{self, Hook, Pick},
-    maps::{EXEMPT, EXEMPT_CALLS},
+    maps::{EXEMPT, EXEMPT_CALLS, UDP_CONNS},
     revnat, stats,
 };
 
@@ -44,6 +44,9 @@ pub fn fwd(
     match hook {
         Hook::Connect => {
             revnat::remember(ctx, key, &p.backend, &p.tcp, p.stats_id, Some(p.backend_id));
+            if key.proto == IPPROTO_UDP {
+                track_udp(ctx, key, &p.backend);
+            }
             stats::bump(Counter::ConnectRedirected);
             stats::service(p.stats_id, |s| s.connects += 1);
             stats::backend(p.backend_id, |s| s.connects += 1);
@@ -57,6 +60,23 @@ pub fn fwd(
     }
     stats::consumed(key);
     ALLOW
+}
+
+/// Records a connected UDP socket's (frontend, backend) by its cookie,
+/// for the agent's re-steering (sock_diag shows no socket storage for
+/// UDP). A full map evicts its oldest entry.
+#[inline(always)]
+fn track_udp(ctx: &SockAddrContext, key: &ServiceKey, backend: &Backend) {
+    // SAFETY: the hook's context, which this helper takes.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    let e = RevNatEntry {
+        backend_addr: backend.addr,
+        frontend_addr: key.addr,
+        backend_port: backend.port,
+        frontend_port: key.port,
+        pad: 0,
+    };
+    let _ = UDP_CONNS.insert(cookie, e, 0);
 }
 
 /// Rewrites the peer a socket sees (reply source, getpeername) back to the

@@ -407,6 +407,22 @@ impl Dnsmasq {
     /// AAAA for IPv6; a name may repeat) on `addr` (UDP and TCP). Port 0
     /// picks a free one. Returns once it answers.
     pub fn start(addr: SocketAddr, records: &[(&str, IpAddr)]) -> Self {
+        Self::spawn(addr, records, None)
+    }
+
+    /// A caching-off forwarder on `addr` whose one upstream is `upstream`
+    /// (a frontend), run inside `cg` so its queries are redirected: the
+    /// resolver of a node pointed at a service. Returns once it answers
+    /// (through the upstream).
+    pub fn forwarder(addr: SocketAddr, upstream: SocketAddr, cg: &crate::TestCgroup) -> Self {
+        Self::spawn(addr, &[], Some((upstream, cg)))
+    }
+
+    fn spawn(
+        addr: SocketAddr,
+        records: &[(&str, IpAddr)],
+        forward: Option<(SocketAddr, &crate::TestCgroup)>,
+    ) -> Self {
         net::isolate();
         let dnsmasq = require(
             "dnsmasq",
@@ -435,8 +451,15 @@ impl Dnsmasq {
             for (name, ip) in records {
                 cmd.arg(format!("--address=/{name}/{ip}"));
             }
+            let child = match forward {
+                Some((up, cg)) => {
+                    cmd.arg(format!("--server={}#{}", up.ip(), up.port()));
+                    cg.spawn(&mut cmd)
+                }
+                None => cmd.spawn().expect("start dnsmasq"),
+            };
             let mut d = Self {
-                child: Some(cmd.spawn().expect("start dnsmasq")),
+                child: Some(child),
                 addr,
                 dir,
             };

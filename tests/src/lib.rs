@@ -873,6 +873,21 @@ impl TestCgroup {
         Self { path }
     }
 
+    /// Starts `cmd` as a process inside this cgroup (a server that must be
+    /// redirected, such as a DNS forwarder). The caller ends it.
+    pub fn spawn(&self, cmd: &mut Command) -> Child {
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join("cgroup.procs"))
+            .expect("open cgroup.procs");
+        let fd = procs.as_raw_fd();
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe { cmd.pre_exec(move || move_self(fd)) };
+        let child = cmd.spawn().expect("spawn a process in the test cgroup");
+        drop(procs);
+        child
+    }
+
     /// Runs `cmd` to completion as a process inside this cgroup.
     pub fn output(&self, cmd: &mut Command) -> Output {
         let procs = fs::OpenOptions::new()

@@ -1,9 +1,12 @@
 //! A dead backend costs a handful of connects and holds no socket: ejection
 //! in the kernel, connected UDP sockets re-steered, and the opt-in reset of
 //! TCP connections, with real clients in the test cgroup.
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
-use discovery_tests::{Agent, Backend, World, tally};
+use discovery_tests::{Backend, Load, Outcome, World, clients, tally};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_discovery-probe");
 const ECONNREFUSED: i32 = 111;
@@ -18,7 +21,7 @@ fn refusing(ip: &str) -> SocketAddr {
     b.addr()
 }
 
-fn refused(outcomes: &[discovery_tests::Outcome]) -> usize {
+fn refused(outcomes: &[Outcome]) -> usize {
     outcomes
         .iter()
         .filter(|o| o.errno == Some(ECONNREFUSED))
@@ -130,12 +133,102 @@ fn backend<'a>(
         .find(|b| b["instance"] == instance)
 }
 
-#[allow(dead_code)]
-fn all(what: &str, n: usize) -> HashMap<String, usize> {
-    HashMap::from([(what.to_owned(), n)])
+/// Reads a running client's lines until one answered by `name` (within
+/// `timeout`); returns every outcome read so far.
+fn until_answered_by(load: &mut Load, name: &str, timeout: Duration) -> Vec<Outcome> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    while let Some(l) = load.next_line(deadline.saturating_duration_since(Instant::now())) {
+        let o: Outcome = serde_json::from_str(&l).expect("probe output is JSON");
+        let done = o.backend.as_deref() == Some(name);
+        seen.push(o);
+        if done {
+            return seen;
+        }
+    }
+    panic!("never answered by {name} within {timeout:?}: {seen:?}");
 }
 
-#[allow(dead_code)]
-fn agent_health(v: &serde_json::Value, service: &str, instance: &str) -> Option<String> {
-    Agent::backend_health(v, service, instance)
+fn errors(outcomes: &[Outcome]) -> Vec<i32> {
+    outcomes.iter().filter_map(|o| o.errno).collect()
+}
+
+#[test]
+fn a_connected_udp_socket_is_re_steered_and_no_other_socket_is_touched() {
+    let w = World::start(PROBE, "resteer-udp", &[]);
+    let a = Backend::udp("a", addr("127.0.0.2:0"));
+    let b = Backend::udp("b", addr("127.0.0.3:0"));
+    w.service("stats", "127.0.0.1:8125", "udp");
+    w.backend("stats", "a", &a.addr().to_string());
+    routed(&w, "stats", 1);
+    // Three long-lived sockets, all on `a`: one connected through the
+    // frontend (a statsd client), one sending with sendto through the
+    // frontend, and one connected to a's address directly.
+    let mut via = w.start_probe(&["udp-keep", "127.0.0.1:8125", "30000", "connected"]);
+    let mut unconnected = w.start_probe(&["udp-keep", "127.0.0.1:8125", "30000", "unconnected"]);
+    let direct_to = a.addr().to_string();
+    let mut direct = w.start_probe(&["udp-keep", &direct_to, "30000", "connected"]);
+    for l in [&mut via, &mut unconnected, &mut direct] {
+        until_answered_by(l, "a", Duration::from_secs(5));
+    }
+    // `a` leaves etcd but keeps answering: only re-steering moves the
+    // connected socket.
+    w.backend("stats", "b", &b.addr().to_string());
+    w.etcd.del("/discovery/backends/stats/a");
+    let moved = until_answered_by(&mut via, "b", Duration::from_secs(5));
+    // The destroyed socket's next call failed, and its reconnect landed
+    // on b: a few calls at most, no lost run of datagrams.
+    let errs = errors(&moved);
+    assert!(
+        !errs.is_empty() && errs.len() <= 3,
+        "the connected socket was not destroyed once: {moved:?}"
+    );
+    // The unconnected socket follows by itself (sendmsg picks per call)
+    // and never sees an error; the direct one stays on a.
+    let followed = until_answered_by(&mut unconnected, "b", Duration::from_secs(5));
+    let (rest_direct, rest_via) = (direct.stop(), via.stop());
+    let rest_unconnected = unconnected.stop();
+    assert_eq!(errors(&followed), Vec::<i32>::new(), "{followed:?}");
+    assert_eq!(errors(&rest_unconnected), Vec::<i32>::new());
+    assert!(
+        rest_direct
+            .iter()
+            .all(|o| o.backend.as_deref() == Some("a")),
+        "a socket connected to the backend directly was touched: {rest_direct:?}"
+    );
+    assert!(rest_via.iter().all(|o| o.backend.as_deref() == Some("b")));
+    let (_, metrics) = w.agent.scrape("/metrics");
+    assert!(
+        metrics.contains("discovery_sockets_destroyed_total{protocol=\"udp\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_dns_forwarder_keeps_answering_across_its_upstreams_removal() {
+    let w = World::start(PROBE, "resteer-dns", &[]);
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let one = clients::Dnsmasq::start(addr("127.0.0.2:0"), &[("svc.test", ip("198.18.0.1"))]);
+    let two = clients::Dnsmasq::start(
+        addr(&format!("127.0.0.3:{}", one.addr().port())),
+        &[("svc.test", ip("198.18.0.2"))],
+    );
+    w.service("dns", "127.0.0.1:5353", "udp");
+    w.backend("dns", "one", &one.addr().to_string());
+    routed(&w, "dns", 1);
+    let fwd = clients::Dnsmasq::forwarder(addr("127.0.0.4:0"), addr("127.0.0.1:5353"), &w.cg);
+    let port = fwd.addr().port();
+    let answer = || clients::dig(&w.cg, "127.0.0.4", port, "svc.test").answers;
+    assert_eq!(answer(), ["198.18.0.1"]);
+    w.backend("dns", "two", &two.addr().to_string());
+    w.etcd.del("/discovery/backends/dns/one");
+    // The forwarder moves to the other upstream without a restart.
+    let moved = discovery_tests::wait_until(Duration::from_secs(5), || {
+        (answer() == ["198.18.0.2"]).then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "the forwarder never reached the new upstream:\n{}",
+        fwd.log()
+    );
 }

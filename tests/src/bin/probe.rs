@@ -9,6 +9,10 @@
 //!                                      requests; the others close at once)
 //! discovery-probe idle ADDR  (TCP; one connection left idle: prints its
 //!                             socket options, then how it ended)
+//! discovery-probe udp-keep ADDR MILLIS connected|unconnected
+//!   (one UDP socket for the whole run, as a statsd or syslog client keeps
+//!   one: connected once, or sending with sendto; a failed call is printed
+//!   and a connected socket connects again, as such clients do)
 use std::{
     io::Read as _,
     net::{SocketAddr, TcpStream, UdpSocket},
@@ -129,8 +133,68 @@ fn idle(addr: SocketAddr) {
     );
 }
 
+/// `udp-keep` mode: one socket, one line per ping.
+fn udp_keep(addr: SocketAddr, millis: u64, connected: bool) {
+    let s = UdpSocket::bind(any_of(addr)).expect("bind");
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    if connected {
+        s.connect(addr).expect("connect");
+    }
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    while start.elapsed() < Duration::from_millis(millis) {
+        let at_ms = now_ms();
+        let t = Instant::now();
+        let r = if connected {
+            s.send(b"ping")
+                .and_then(|_| s.recv(&mut buf))
+                .and_then(|n| Ok((n, s.peer_addr()?)))
+        } else {
+            s.send_to(b"ping", addr).and_then(|_| s.recv_from(&mut buf))
+        };
+        let o = match r {
+            Ok((n, peer)) => Outcome {
+                backend: Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned()),
+                peer: Some(peer.to_string()),
+                errno: None,
+                micros: t.elapsed().as_micros() as u64,
+                at_ms,
+                error: None,
+            },
+            Err(e) => {
+                if connected {
+                    // The socket may have lost its peer: connect again.
+                    let _ = s.connect(addr);
+                }
+                Outcome {
+                    backend: None,
+                    peer: None,
+                    errno: Some(e.raw_os_error().unwrap_or(-1)),
+                    micros: t.elapsed().as_micros() as u64,
+                    at_ms,
+                    error: e.raw_os_error().is_none().then(|| e.to_string()),
+                }
+            }
+        };
+        println!("{}", serde_json::to_string(&o).expect("serialise"));
+        // A client's pace, not a test's wait: a ping every few ms.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let [_, mode, addr, millis, how] = &args[..]
+        && mode == "udp-keep"
+    {
+        udp_keep(
+            addr.parse().expect("ADDR"),
+            millis.parse().expect("MILLIS"),
+            how == "connected",
+        );
+        return;
+    }
     if let [_, mode, addr] = &args[..]
         && mode == "idle"
     {
