@@ -585,8 +585,20 @@ impl Controller {
                 debug!(pruned, "UDP tracking entries of closed sockets");
             }
         }
-        debug!(destroyed = destroyed.len(), namespaces = 1 + others.len(), took = ?began.elapsed(),
-               "re-steering sweep");
+        self.metrics
+            .resteer_duration
+            .observe(began.elapsed().as_secs_f64());
+        let took = began.elapsed();
+        if destroyed.is_empty() {
+            debug!(namespaces = 1 + others.len(), ?took, "re-steering sweep");
+        } else {
+            info!(
+                destroyed = destroyed.len(),
+                namespaces = 1 + others.len(),
+                ?took,
+                "re-steering sweep"
+            );
+        }
     }
 }
 

@@ -66,6 +66,7 @@ pub struct Metrics {
     pub sockets_destroyed: Family<ProtocolLabels, Counter>,
     pub last_reconcile: Gauge,
     pub reconcile_duration: Histogram,
+    pub resteer_duration: Histogram,
 }
 
 /// Reads the kernel's counters from the pinned maps at each scrape, so the
@@ -290,6 +291,14 @@ impl Metrics {
             Unit::Seconds,
             reconcile_duration.clone(),
         );
+        let resteer_duration = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        registry.register_with_unit(
+            "resteer_duration",
+            "time from the map write to the end of the re-steering sweep it started (listing \
+             redirected sockets in every namespace, destroying those of backends that left)",
+            Unit::Seconds,
+            resteer_duration.clone(),
+        );
         if let Some(mut k) = kernel {
             k.etcd_revision = etcd_revision.clone();
             registry.register_collector(Box::new(k));
@@ -333,6 +342,7 @@ impl Metrics {
             ejected,
             last_reconcile,
             reconcile_duration,
+            resteer_duration,
         }
     }
 

@@ -910,13 +910,20 @@ impl TestCgroup {
 
     /// Starts `discovery-probe ARGS...` in the cgroup, its stdout piped.
     pub fn start(&self, probe_bin: &str, args: &[&str]) -> Load {
+        let mut cmd = Command::new(probe_bin);
+        cmd.args(args);
+        self.start_command(cmd)
+    }
+
+    /// Starts `cmd` (a client printing one JSON outcome per line) in the
+    /// cgroup, its stdout piped.
+    pub fn start_command(&self, mut cmd: Command) -> Load {
         let procs = fs::OpenOptions::new()
             .write(true)
             .open(self.path.join("cgroup.procs"))
             .expect("open cgroup.procs");
         let fd = procs.as_raw_fd();
-        let mut cmd = Command::new(probe_bin);
-        cmd.args(args).stdout(std::process::Stdio::piped());
+        cmd.stdout(std::process::Stdio::piped());
         // SAFETY: as in `output`.
         unsafe { cmd.pre_exec(move || move_self(fd)) };
         Load {

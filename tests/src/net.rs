@@ -149,3 +149,43 @@ pub fn add_host_address(cidr: &str) {
     ip(&addr);
     ip(&[family, "route", "add", "default", "dev", "host0"]);
 }
+
+/// A network namespace of the test's own besides its main one (a
+/// container's, say), with loopback up; deleted on drop. Enter it with
+/// [`Netns::command`].
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = crate::unique(tag);
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        let out = ns
+            .command("ip")
+            .args(["link", "set", "lo", "up"])
+            .output()
+            .expect("nsenter (util-linux)");
+        assert!(out.status.success(), "lo up in {}: {out:?}", ns.name);
+        ns
+    }
+
+    /// `program` run inside the namespace, through nsenter (not `ip netns
+    /// exec`, which remounts /sys and hides the cgroup and bpffs mounts).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}

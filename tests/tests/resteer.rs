@@ -232,3 +232,148 @@ fn a_dns_forwarder_keeps_answering_across_its_upstreams_removal() {
         fwd.log()
     );
 }
+
+/// A process we started, ended by PID on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An idle pooled connection through `frontend` (`discovery-probe idle`):
+/// returns the client once it holds the connection, answered by `name`.
+fn pooled(w: &World, frontend: &str, name: &str) -> Load {
+    let mut c = w.start_probe(&["idle", frontend]);
+    let first = c
+        .next_line(Duration::from_secs(5))
+        .expect("the idle client connected");
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(v["backend"], name, "{first}");
+    c
+}
+
+/// Waits until the agent has applied everything written so far: a marker
+/// service written now shows in its status file only after the reconcile
+/// (and any sweep) of the earlier writes.
+fn applied(w: &World, marker: &str) {
+    w.service(marker, "127.0.0.1:9", "tcp");
+    w.agent
+        .wait_status(&format!("service {marker}"), Duration::from_secs(5), |v| {
+            discovery_tests::Agent::service_status(v, marker).is_some()
+        });
+}
+
+#[test]
+fn shutdown_sessions_resets_a_pooled_connection_to_a_backend_that_left() {
+    let w = World::start(PROBE, "shutdown", &[]);
+    let a = Backend::tcp_holding("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp_holding("b", addr("127.0.0.3:0"));
+    w.etcd.put(
+        "/discovery/services/db",
+        r#"{"frontend":"127.0.0.1:5432","shutdown_sessions":true}"#,
+    );
+    w.backend("db", "a", &a.addr().to_string());
+    routed(&w, "db", 1);
+    let mut conn = pooled(&w, "127.0.0.1:5432", "a");
+    w.backend("db", "b", &b.addr().to_string());
+    w.etcd.del("/discovery/backends/db/a");
+    // The connection is reset at once (not after a keepalive or a user
+    // timeout): the client's blocked read fails with ECONNABORTED.
+    let end = conn
+        .next_line(Duration::from_secs(5))
+        .expect("the pooled connection was never reset");
+    let v: serde_json::Value = serde_json::from_str(&end).unwrap();
+    assert_eq!(v["errno"], 103, "{end}");
+    // Its reconnect lands on b.
+    drop(pooled(&w, "127.0.0.1:5432", "b"));
+    let (_, metrics) = w.agent.scrape("/metrics");
+    assert!(
+        metrics.contains("discovery_sockets_destroyed_total{protocol=\"tcp\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn by_default_a_pooled_connection_outlives_its_backends_removal() {
+    let w = World::start(PROBE, "no-shutdown", &[]);
+    let a = Backend::tcp_holding("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp_holding("b", addr("127.0.0.3:0"));
+    w.service("db", "127.0.0.1:5432", "tcp");
+    w.backend("db", "a", &a.addr().to_string());
+    routed(&w, "db", 1);
+    let mut conn = pooled(&w, "127.0.0.1:5432", "a");
+    w.backend("db", "b", &b.addr().to_string());
+    w.etcd.del("/discovery/backends/db/a");
+    applied(&w, "marker");
+    drop(pooled(&w, "127.0.0.1:5432", "b"));
+    // Still open: nothing ended it.
+    assert_eq!(conn.next_line(Duration::ZERO), None);
+    let (_, metrics) = w.agent.scrape("/metrics");
+    assert!(!metrics.contains("discovery_sockets_destroyed_total{protocol=\"tcp\"} 1"));
+}
+
+#[test]
+fn a_connected_udp_socket_in_another_network_namespace_is_re_steered_too() {
+    // A container: a process of the cgroup in a namespace of its own, with
+    // its own loopback and the backends on it.
+    let w = World::start(PROBE, "resteer-netns", &[]);
+    let ns = discovery_tests::net::Netns::new("ctr");
+    let echo = env!("CARGO_BIN_EXE_discovery-echo");
+    let spawn_echo = |name: &str, at: &str| {
+        let mut c = ns.command(echo);
+        c.args([name, at, "udp"]);
+        Killed(c.spawn().expect("echo in the namespace"))
+    };
+    let _a = spawn_echo("a", "127.0.0.2:7001");
+    let _b = spawn_echo("b", "127.0.0.3:7001");
+    w.service("stats", "127.0.0.1:8125", "udp");
+    w.backend("stats", "a", "127.0.0.2:7001");
+    routed(&w, "stats", 1);
+    let mut cmd = ns.command(PROBE);
+    cmd.args(["udp-keep", "127.0.0.1:8125", "30000", "connected"]);
+    let mut client = w.cg.start_command(cmd);
+    until_answered_by(&mut client, "a", Duration::from_secs(5));
+    w.backend("stats", "b", "127.0.0.3:7001");
+    w.etcd.del("/discovery/backends/stats/a");
+    let moved = until_answered_by(&mut client, "b", Duration::from_secs(5));
+    assert!(!errors(&moved).is_empty(), "{moved:?}");
+}
+
+#[test]
+fn a_backend_dying_under_load_costs_at_most_the_threshold_in_failed_connects() {
+    let w = World::start(
+        PROBE,
+        "failover-load",
+        &["--passive-failures", "3", "--passive-ejection", "60s"],
+    );
+    let x = Backend::tcp("x", addr("127.0.0.2:0"));
+    let y = Backend::tcp("y", addr("127.0.0.3:0"));
+    w.service("web", "127.0.0.1:8080", "tcp");
+    w.backend("web", "x", &x.addr().to_string());
+    w.backend("web", "y", &y.addr().to_string());
+    routed(&w, "web", 2);
+    // One client opening connections back to back, as in `cargo xtask
+    // bench failover`.
+    let mut load = w.start_load("127.0.0.1:8080", 4_000);
+    load.wait_attempts(200, Duration::from_secs(5));
+    let killed = discovery_tests::now_ms();
+    drop(x);
+    load.wait_attempts(500, Duration::from_secs(5));
+    let after: Vec<Outcome> = load
+        .stop()
+        .into_iter()
+        .filter(|o| o.at_ms > killed)
+        .collect();
+    let failed = after.iter().filter(|o| o.errno.is_some()).count();
+    // Only x's refusals count; nothing is left unanswered.
+    assert!(failed <= 3, "{failed} failed connects after the kill");
+    assert!(
+        after
+            .iter()
+            .all(|o| o.errno.is_none() || o.errno == Some(ECONNREFUSED))
+    );
+    assert!(after.len() >= 400, "the load kept going: {}", after.len());
+}
