@@ -303,16 +303,82 @@ pub async fn pipeline(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow
     Ok(())
 }
 
-/// A backend dies under load: how long until new connections stop reaching
-/// it, with the announcer alone (passive checks off) and with passive
-/// ejection.
+/// How long the load runs, and when in it the backend dies.
+const FAILOVER_LOAD_MS: u64 = 7_000;
+const FAILOVER_KILL_AFTER: Duration = Duration::from_millis(1_500);
+
+/// A failed connect as the client sees it: an error, no greeting (through
+/// a proxy the connect to the proxy succeeds even when no backend is
+/// reached: `discovery-probe` then reads an empty greeting), or an answer
+/// from the dead backend `x`.
+fn failed(o: &Outcome) -> bool {
+    o.errno.is_some()
+        || o.backend
+            .as_deref()
+            .is_none_or(|b| b.is_empty() || b == "x")
+}
+
+/// Waits until connections to `addr` from `cg` reach both backends, runs
+/// the load, kills `x` in the middle of it and returns the kill's time
+/// (ms since the epoch) with every attempt.
+fn kill_under_load(
+    cg: &TestCgroup,
+    probe: &str,
+    addr: &str,
+    x: Backend,
+) -> anyhow::Result<(u64, Vec<Outcome>)> {
+    wait_until(Duration::from_secs(20), || {
+        let seen: std::collections::HashSet<String> = cg
+            .probe(probe, "tcp", addr, 10)
+            .into_iter()
+            .filter_map(|o| o.backend)
+            .filter(|b| !b.is_empty())
+            .collect();
+        (seen.len() == 2).then_some(())
+    })
+    .context("both backends never answered")?;
+    let load = cg.start_load(probe, addr, FAILOVER_LOAD_MS);
+    std::thread::sleep(FAILOVER_KILL_AFTER);
+    let killed = now_ms();
+    drop(x);
+    Ok((killed, load.finish()))
+}
+
+/// The row of one run: time to the last failed connect after the kill,
+/// their count, and the connects after the kill.
+fn failover_row(label: &str, killed: u64, outcomes: &[Outcome], note: Option<String>) -> Failover {
+    let after: Vec<&Outcome> = outcomes.iter().filter(|o| o.at_ms >= killed).collect();
+    let bad: Vec<&&Outcome> = after.iter().filter(|o| failed(o)).collect();
+    let last = bad.iter().map(|o| o.at_ms).max().unwrap_or(killed);
+    let slowest = after.iter().map(|o| o.micros).max().unwrap_or(0);
+    eprintln!(
+        "bench: failover, {label}: slowest connect after the kill {:.1} ms",
+        slowest as f64 / 1e3
+    );
+    Failover {
+        label: label.to_owned(),
+        ms: (last - killed) as f64,
+        failed_connects: bad.len(),
+        connects: after.len(),
+        note,
+    }
+}
+
+/// A backend dies under load: how many new connections fail, and for how
+/// long, with discovery (the announcer alone, ejection by the agent's
+/// poll, ejection in the kernel) and with HAProxy set up for fast
+/// failover.
 pub async fn failover(bins: &Bins, results: &mut Results) -> anyhow::Result<()> {
     for (label, flags) in [
         (
-            "announcer defaults (tcp check), passive checks off",
-            vec!["--passive-failures", "0"],
+            "announcer's check alone (passive off)",
+            &["--passive-failures", "0"][..],
         ),
-        ("announcer defaults + passive ejection (3 failures)", vec![]),
+        (
+            "agent-side ejection (3 failures, 200 ms poll)",
+            &["--passive-ejector", "agent"][..],
+        ),
+        ("ejection in the kernel (3 failures)", &[][..]),
     ] {
         eprintln!("bench: failover, {label}");
         let etcd_srv = Etcd::start();
@@ -343,37 +409,123 @@ pub async fn failover(bins: &Bins, results: &mut Results) -> anyhow::Result<()> 
         let _ax = announce(x.addr());
         let _ay = announce(y.addr());
         let probe = bins.probe.display().to_string();
-        wait_until(Duration::from_secs(20), || {
-            let seen: std::collections::HashSet<String> = cg
-                .probe(&probe, "tcp", &fe, 10)
-                .into_iter()
-                .filter_map(|o| o.backend)
-                .collect();
-            (seen.len() == 2).then_some(())
-        })
-        .context("both backends never answered")?;
-        let load = cg.start_load(&probe, &fe, 7_000);
-        std::thread::sleep(Duration::from_millis(1_500));
-        let killed = now_ms();
-        drop(x);
-        let outcomes: Vec<Outcome> = load.finish();
-        let bad: Vec<&Outcome> = outcomes
-            .iter()
-            .filter(|o| {
-                o.at_ms >= killed && (o.errno.is_some() || o.backend.as_deref() == Some("x"))
-            })
-            .collect();
-        let last = bad.iter().map(|o| o.at_ms).max().unwrap_or(killed);
-        let row = Failover {
-            label: label.to_owned(),
-            ms: (last - killed) as f64,
-            failed_connects: bad.len(),
-            connects: outcomes.iter().filter(|o| o.at_ms >= killed).count(),
-        };
+        let (killed, outcomes) = kill_under_load(&cg, &probe, &fe, x)?;
+        let row = failover_row(label, killed, &outcomes, None);
         eprintln!("bench: {row:?}");
         results.failover.push(row);
         drop((y, agent));
     }
+    failover_haproxy(bins, results)
+}
+
+/// HAProxy's per-server counters from `show stat` on its stats socket.
+fn haproxy_stat(sock: &Path, server: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("connecting to {}", sock.display()))?;
+    s.write_all(b"show stat\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .and_then(|h| h.strip_prefix("# "))
+        .context("show stat: no header")?
+        .split(',')
+        .collect();
+    lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|f| f.get(1) == Some(&server))
+        .map(|f| {
+            header
+                .iter()
+                .zip(f)
+                .map(|(k, v)| ((*k).to_owned(), v.to_owned()))
+                .collect()
+        })
+        .with_context(|| format!("show stat: no server {server}"))
+}
+
+/// The peer: HAProxy in TCP mode in front of the same two backends, set up
+/// as an operator would for fast failover (passive observation of layer 4
+/// errors marks a server down after 3, retries with redispatch, an active
+/// check every second). Its client runs in a sibling cgroup without
+/// programs.
+fn failover_haproxy(bins: &Bins, results: &mut Results) -> anyhow::Result<()> {
+    let label = "HAProxy: observe layer4, error-limit 3, mark-down; retries 3, redispatch";
+    eprintln!("bench: failover, {label}");
+    let x = Backend::tcp("x", "127.0.0.11:0".parse()?);
+    let y = Backend::tcp("y", "127.0.0.12:0".parse()?);
+    let hp = format!("127.0.0.13:{}", free_tcp_port("127.0.0.13"));
+    let dir = tempfile::tempdir()?;
+    let (cfg, sock) = (
+        dir.path().join("haproxy.cfg"),
+        dir.path().join("stats.sock"),
+    );
+    let server = |name: &str, addr: SocketAddr| {
+        format!(
+            "  server {name} {addr} check observe layer4 error-limit 3 on-error mark-down \
+             inter 1s\n"
+        )
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 5000\n  nbthread 2\n  stats socket {}\ndefaults\n  mode tcp\n  \
+             timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend f\n  \
+             bind {hp}\n  default_backend b\nbackend b\n  balance roundrobin\n  retries 3\n  \
+             option redispatch\n{}{}",
+            sock.display(),
+            server("x", x.addr()),
+            server("y", y.addr()),
+        ),
+    )?;
+    let check = Command::new("haproxy")
+        .args(["-c", "-q", "-f"])
+        .arg(&cfg)
+        .output()
+        .context("haproxy -c")?;
+    if !check.status.success() {
+        bail!(
+            "haproxy rejected its config: {}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    let log = dir.path().join("haproxy.log");
+    let haproxy = super::Owned(
+        Command::new("haproxy")
+            .args(["-db", "-f"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting haproxy")?,
+    );
+    super::wait_tcp(hp.parse()?, "haproxy")?;
+    let plain = TestCgroup::new("bench-fo-plain");
+    let probe = bins.probe.display().to_string();
+    let (killed, outcomes) = kill_under_load(&plain, &probe, &hp, x)?;
+    let stat = haproxy_stat(&sock, "x")?;
+    let field = |k: &str| stat.get(k).map_or("?", String::as_str).to_owned();
+    let after: Vec<&Outcome> = outcomes.iter().filter(|o| o.at_ms >= killed).collect();
+    let slowest = after.iter().map(|o| o.micros).max().unwrap_or(0) as f64 / 1e3;
+    let slow = after.iter().filter(|o| o.micros >= 100_000).count();
+    let note = format!(
+        "HAProxy redispatched {} connects from the dead server (`wredis`), retried {} on it \
+         (`wretr`) and gave up on {} (`econ`), status {}; the slowest connect after the kill \
+         took {slowest:.0} ms ({slow} over 100 ms)",
+        field("wredis"),
+        field("wretr"),
+        field("econ"),
+        field("status"),
+    );
+    for l in std::fs::read_to_string(&log).unwrap_or_default().lines() {
+        eprintln!("bench:   haproxy: {l}");
+    }
+    let row = failover_row(label, killed, &outcomes, Some(note));
+    eprintln!("bench: {row:?}");
+    results.failover.push(row);
+    drop((plain, haproxy, y));
     Ok(())
 }
 

@@ -48,6 +48,8 @@ pub struct Failover {
     pub ms: f64,
     pub failed_connects: usize,
     pub connects: usize,
+    /// What the row cost besides failed connects, printed under the table.
+    pub note: Option<String>,
 }
 
 pub struct Results {
@@ -319,9 +321,13 @@ impl Results {
         if !self.failover.is_empty() {
             let _ = writeln!(
                 o,
-                "## Failover\n\nTwo announced backends under a client opening connections back \
-                 to back; one backend's listener closes. Time from then to the last connection \
-                 that still went to it (and was refused).\n"
+                "## Failover\n\nFailed connects per backend death, on one node: two backends \
+                 under one client opening new TCP connections back to back; one backend's \
+                 listener closes. A failed connect is one the client saw fail: an error, no \
+                 greeting from a backend, or the dead backend's. Time from the kill to the \
+                 last connect that still went to the dead backend. The first rows are \
+                 discovery (client in the cgroup with the programs, backends announced with \
+                 a tcp check); HAProxy's client runs in a sibling cgroup without them.\n"
             );
             let _ = writeln!(
                 o,
@@ -336,6 +342,25 @@ impl Results {
                 );
             }
             o.push('\n');
+            for f in self.failover.iter().filter(|f| f.note.is_some()) {
+                let note = f.note.as_deref().unwrap_or_default();
+                if f.label.starts_with("HAProxy") {
+                    let _ = writeln!(
+                        o,
+                        "HAProxy: the client connects to HAProxy, which stays up, so a dead \
+                         server would show as a connection closed without a greeting, not as a \
+                         refused connect. With `retries 3` and `option redispatch` HAProxy \
+                         retries a refused connect itself, at once on the other server while \
+                         more than one is up (round robin), and the client sees no failure; \
+                         `observe layer4` counts each refused attempt and marks the server \
+                         down at the third. The cost is a wait instead: the retry that finds \
+                         one server left first waits the turn-around, min(`timeout connect`, \
+                         1 s). Measured: {note}.\n"
+                    );
+                } else {
+                    let _ = writeln!(o, "{}: {note}.\n", f.label);
+                }
+            }
         }
         if !self.checks.is_empty() {
             let _ = writeln!(
