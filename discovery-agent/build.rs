@@ -85,10 +85,17 @@ fn main() -> anyhow::Result<()> {
         unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
     }
     let ebpf_dir = ebpf_root()?;
+    // The programs share the agent's map layout.
+    let features: &[&str] = if env::var_os("CARGO_FEATURE_LAYOUT_TEST").is_some() {
+        &["layout-test"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [Package {
             name: "discovery-ebpf",
             root_dir: &ebpf_dir,
+            features,
             ..Default::default()
         }],
         Toolchain::Custom(&toolchain),

@@ -67,6 +67,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         args.replace_programs,
     )?;
+    if !loaded.migrated.is_empty() {
+        info!(pin_dir = %pin_dir.display(), maps = ?loaded.migrated,
+              "pinned maps migrated to this build's layout and sizes with no gap");
+    }
     // Our own connections (etcd, checks) are never redirected.
     if let Err(e) = exempt::prune(&pin_dir) {
         warn!(pin_dir = %pin_dir.display(), error = %format!("{e:#}"), "could not prune the exemption map");

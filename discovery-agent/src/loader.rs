@@ -13,6 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::migrate::{self, sys_bpf};
 use anyhow::{Context as _, bail};
 use aya::{
     EbpfLoader,
@@ -128,11 +129,50 @@ pub fn load_and_attach(
     fs::set_permissions(pin_dir, fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting pin dir {}", pin_dir.display()))?;
 
+    // A migration an earlier agent left: finish its renames, or drop the
+    // copy it had not started swapping to (see `migrate`).
+    let journal = migrate::Journal::read(pin_dir)?;
+    match journal {
+        migrate::Journal::Swapped => {
+            info!(pin_dir = %pin_dir.display(), "finishing an interrupted map migration (renames)");
+            migrate::commit(pin_dir)?;
+        }
+        migrate::Journal::None => migrate::abandon(pin_dir)?,
+        migrate::Journal::Swapping => {
+            info!(pin_dir = %pin_dir.display(), "resuming an interrupted map migration (swap)");
+        }
+    }
+    let resume = journal == migrate::Journal::Swapping;
     // Every map is pinned together, so one tells whether they existed.
     let had_pins = pin_dir.join(names::SERVICES).exists();
+    let want = |spec: &discovery_common::MapSpec| match spec.size {
+        discovery_common::MapSize::Fixed(n) => n,
+        s => sizes.entries(s),
+    };
+    let plan = if had_pins {
+        migrate::plan(pin_dir, want)?
+    } else {
+        Vec::new()
+    };
+    let migrating: Vec<&(&str, migrate::Step)> = plan
+        .iter()
+        .filter(|(_, step)| *step != migrate::Step::Keep)
+        .collect();
+    let staging = migrate::staging(pin_dir);
+    if !migrating.is_empty() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&staging)
+            .with_context(|| format!("creating {}", staging.display()))?;
+    }
     let paths: Vec<(&str, PathBuf)> = MAPS
         .iter()
-        .map(|m| (m.name, pin_dir.join(m.name)))
+        .map(|m| {
+            let moved = migrating.iter().any(|(n, _)| *n == m.name);
+            let dir = if moved { &staging } else { pin_dir };
+            (m.name, dir.join(m.name))
+        })
         .collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
@@ -155,6 +195,45 @@ pub fn load_and_attach(
     )?;
     check_pinned_maps(&ebpf, sizes, pin_dir)?;
     let fresh = !had_pins;
+    if !migrating.is_empty() && !resume {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        for (name, step) in &migrating {
+            let spec = MAPS
+                .iter()
+                .find(|m| m.name == *name)
+                .expect("a map of MAPS");
+            let new = map_data(&ebpf, name)?;
+            match step {
+                migrate::Step::Copy { from } => {
+                    let old = aya::maps::MapData::from_pin(pin_dir.join(name))
+                        .with_context(|| format!("opening pinned map {name}"))?;
+                    let n = migrate::copy(
+                        spec,
+                        old.fd().as_fd(),
+                        *from,
+                        new.fd().as_fd(),
+                        want(spec),
+                        cpus,
+                    )
+                    .inspect_err(|_| {
+                        let _ = migrate::abandon(pin_dir);
+                    })?;
+                    info!(map = name, from = %from, to_value = spec.value_size, to_entries = want(spec),
+                          entries = n, "map migrated: entries copied into the new layout");
+                }
+                migrate::Step::Fresh { from } => {
+                    warn!(map = name, from = %from, to_value = spec.value_size,
+                          "socket storage changed layout: sockets opened before the swap lose \
+                           their reverse NAT (UDP replies from the backend's address)");
+                }
+                migrate::Step::Keep => {}
+            }
+        }
+    }
+    if !migrating.is_empty() {
+        migrate::Journal::Swapping.write(pin_dir)?;
+        test_abort("before-swap");
+    }
 
     let cgroup_file =
         fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
@@ -182,17 +261,68 @@ pub fn load_and_attach(
             cgroup,
             cgroup_id,
             pin_dir,
-            replace,
+            // New maps (or an interrupted swap): every program moves, same
+            // code or not (a tag does not tell which maps it uses).
+            replace || !migrating.is_empty() || resume,
         )?;
         programs.push((prog_name, how));
+        if !migrating.is_empty() {
+            test_abort("mid-swap");
+        }
     }
-    Ok(Loaded { fresh, programs })
+    if migrating.is_empty() && resume {
+        // An interrupted migration to a layout this build does not have (a
+        // rollback): every link now runs this build's programs on the old
+        // maps, so the staging maps go.
+        migrate::abandon(pin_dir)?;
+        migrate::Journal::None.write(pin_dir)?;
+        info!(pin_dir = %pin_dir.display(), "rolled back an interrupted map migration");
+    }
+    if !migrating.is_empty() {
+        migrate::Journal::Swapped.write(pin_dir)?;
+        test_abort("after-swap");
+        migrate::commit(pin_dir)?;
+        info!(maps = ?migrating.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+              "map migration done: every program runs on the new maps");
+    }
+    Ok(Loaded {
+        fresh,
+        programs,
+        migrated: migrating.iter().map(|(n, _)| *n).collect(),
+    })
+}
+
+/// Crash drills for the migration tests: `DISCOVERY_TEST_ABORT_MIGRATION`
+/// names the step at which the agent aborts, as a SIGKILL would stop it.
+fn test_abort(step: &str) {
+    if std::env::var("DISCOVERY_TEST_ABORT_MIGRATION").is_ok_and(|s| s == step) {
+        eprintln!("aborting the migration at {step} (DISCOVERY_TEST_ABORT_MIGRATION)");
+        std::process::abort();
+    }
+}
+
+/// The map data of one of the object's maps.
+fn map_data<'a>(ebpf: &'a aya::Ebpf, name: &str) -> anyhow::Result<&'a aya::maps::MapData> {
+    match ebpf
+        .map(name)
+        .with_context(|| format!("map {name} missing"))?
+    {
+        aya::maps::Map::HashMap(d)
+        | aya::maps::Map::Array(d)
+        | aya::maps::Map::PerCpuArray(d)
+        | aya::maps::Map::PerCpuHashMap(d)
+        | aya::maps::Map::LruHashMap(d)
+        | aya::maps::Map::SkStorage(d) => Ok(d),
+        _ => bail!("map {name} has an unexpected type"),
+    }
 }
 
 /// What [`load_and_attach`] did.
 pub struct Loaded {
     /// The maps were created now (nothing was pinned before).
     pub fresh: bool,
+    /// Maps migrated to this build's layout or size at this start.
+    pub migrated: Vec<&'static str>,
     /// Each program, and how it was put in place.
     pub programs: Vec<(&'static str, Install)>,
 }
@@ -314,9 +444,9 @@ fn install(
     Ok(Install::Attached)
 }
 
-/// Pinned maps from an earlier run are reused as they are. A map whose key
-/// or value layout differs from this build's would be misread, so refuse
-/// it; a different size only means other limits, so say so.
+/// After the load (and any migration, which already refused what it cannot
+/// carry): every map the programs got has this build's layout and size.
+/// A mismatch here is a bug, never traffic misread.
 fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow::Result<()> {
     for spec in MAPS.iter().filter(|m| m.kind != MapKind::SkStorage) {
         let name = spec.name;
@@ -345,30 +475,14 @@ fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow:
         }
         let want = sizes.entries(spec.size);
         if spec.size.follows_flags() && info.max_entries() != want {
-            warn!(
-                map = name,
-                pinned = info.max_entries(),
-                requested = want,
-                "pinned map keeps its size from an earlier run; run `discovery-agent detach` to resize"
+            bail!(
+                "map {} has {} entries after the load, not the {want} asked for",
+                pin_dir.join(name).display(),
+                info.max_entries()
             );
         }
     }
     Ok(())
-}
-
-/// The bpf(2) syscall with one attribute struct.
-///
-/// # Safety
-/// `attr` must be the attribute layout the kernel expects for `cmd`, and
-/// any pointers in it valid for the call.
-unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
-    // SAFETY: upheld by the caller.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, std::mem::size_of::<T>()) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
 }
 
 /// A pinned cgroup link, read with raw bpf(2) calls: aya 0.14 exposes

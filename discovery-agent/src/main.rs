@@ -19,6 +19,7 @@ mod listeners;
 mod loader;
 mod maps;
 mod metrics;
+mod migrate;
 mod model;
 mod reconcile;
 mod resteer;
@@ -143,6 +144,7 @@ mod layering {
         ("listeners", 1),
         ("sockets", 1),
         ("loader", 1),
+        ("migrate", 1),
         ("maps", 1),
         // The etcd contract.
         ("schema", 2),

@@ -8,6 +8,17 @@
 //! (`::ffff:a.b.c.d`), so IPv6 needs no layout change. Ports are stored in
 //! host byte order so `bpftool` prints the number an operator expects.
 //!
+//! # Changing a layout
+//!
+//! A new agent migrates pinned maps of another layout or size with no gap
+//! (the agent's `migrate` module), by copying each entry and converting its
+//! value: zero-extended when the new layout is longer, truncated when it is
+//! shorter. So a change must keep every map's key and kind, and may only
+//! append fields to a value (zero meaning "unset") or drop its last ones.
+//! Anything else is refused at start with the map and both layouts named.
+//! The feature `layout-test` is such a change (a field appended to
+//! [`ServiceStats`]), for the migration tests.
+//!
 //! # Hitless updates
 //!
 //! A service entry points at a *backend set* (`set_id`) and says how many
@@ -512,6 +523,10 @@ pub struct ServiceStats {
     pub no_backend: u64,
     /// Redirected TCP connects that failed (refused or timed out).
     pub connect_failed: u64,
+    /// Only in the migration tests' other layout (feature `layout-test`):
+    /// a field appended, as an upgrade would.
+    #[cfg(feature = "layout-test")]
+    pub layout_test: u64,
 }
 
 /// Traffic to one backend address, per CPU, at its backend id, summed over
@@ -683,7 +698,14 @@ mod tests {
         assert_eq!(size_of::<Config>(), 8);
         assert_eq!(size_of::<BackendKey>(), 20);
         assert_eq!(size_of::<BackendHealth>(), 24);
-        assert_eq!(size_of::<ServiceStats>(), 32);
+        assert_eq!(
+            size_of::<ServiceStats>(),
+            if cfg!(feature = "layout-test") {
+                40
+            } else {
+                32
+            }
+        );
         assert_eq!(size_of::<BackendStats>(), 16);
         assert_eq!(size_of::<ConsumerKey>(), 32);
         assert_eq!(size_of::<ConsumerCache>(), 40);

@@ -106,6 +106,22 @@ pub fn agent_bin() -> PathBuf {
     p
 }
 
+/// The agent built with the other map layout (feature `layout-test`), for
+/// the migration tests: `DISCOVERY_AGENT_ALT_BIN`, else
+/// `target/layout-test/debug/discovery-agent` (`cargo xtask test` builds
+/// it).
+pub fn alt_agent_bin() -> PathBuf {
+    let p = std::env::var_os("DISCOVERY_AGENT_ALT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_target().join("layout-test/debug/discovery-agent"));
+    assert!(
+        p.exists(),
+        "the layout-test agent {} is not built: run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
 // ---------------------------------------------------------------- backends
 
 /// An in-process backend answering with its name: TCP connections get the
@@ -1025,6 +1041,9 @@ impl Drop for PacketDrop {
 pub struct Proc {
     child: Option<Child>,
     args: Vec<String>,
+    /// Another agent binary than [`agent_bin`] (see `set_binary`).
+    bin: Option<PathBuf>,
+    env: Vec<(String, String)>,
     /// A test cgroup to start (and restart) the process in.
     cgroup: Option<PathBuf>,
     log: PathBuf,
@@ -1044,6 +1063,8 @@ impl Proc {
         let mut p = Self {
             child: None,
             args,
+            bin: None,
+            env: Vec::new(),
             cgroup,
             log: dir.path().join("log"),
             _dir: dir,
@@ -1064,9 +1085,10 @@ impl Proc {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = Command::new(self.bin.clone().unwrap_or_else(agent_bin));
         cmd.process_group(0)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
@@ -1093,6 +1115,25 @@ impl Proc {
             let _ = f.read_to_string(&mut s);
         }
         strip_ansi(&s)
+    }
+
+    /// Runs another build of the agent from the next respawn on (None:
+    /// the one under test).
+    pub fn set_binary(&mut self, bin: Option<PathBuf>) {
+        self.bin = bin;
+    }
+
+    /// The binary it runs.
+    pub fn binary(&self) -> PathBuf {
+        self.bin.clone().unwrap_or_else(agent_bin)
+    }
+
+    /// Sets the environment the next respawns add (replacing the last).
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
     }
 
     /// Starts the process again with `extra` added to its arguments (for
@@ -1331,7 +1372,8 @@ impl Agent {
     /// `discovery-agent status --json` for this agent's pins and status
     /// file.
     pub fn status(&self) -> serde_json::Value {
-        let out = Command::new(agent_bin())
+        // The same build as the running agent: the maps have its layout.
+        let out = Command::new(self.proc.binary())
             .args(["status", "--json", "--pin-dir"])
             .arg(&self.pin_dir)
             .arg("--status-file")
@@ -1376,7 +1418,7 @@ impl Agent {
     }
 
     pub fn run_cmd(&self, sub: &str) -> Output {
-        Command::new(agent_bin())
+        Command::new(self.proc.binary())
             .args([sub, "--pin-dir"])
             .arg(&self.pin_dir)
             .env("NO_COLOR", "1")

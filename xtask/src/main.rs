@@ -221,10 +221,23 @@ fn main() -> anyhow::Result<()> {
                 .env("CARGO_TARGET_DIR", root().join("target/clippy-ebpf"))
                 .env("RUSTFLAGS", "-C panic=abort"))?;
             let dir = build(false)?;
+            // The migration tests' other map layout: the agent with the
+            // `layout-test` feature, in a target dir of its own.
+            let alt = root().join("target/layout-test");
+            run(cargo()
+                .args([
+                    "build",
+                    "-p",
+                    "discovery-agent",
+                    "--features",
+                    "layout-test",
+                ])
+                .env("CARGO_TARGET_DIR", &alt))?;
             let mut cmd = cargo();
             cmd.arg("test")
                 .args(args)
-                .env("DISCOVERY_AGENT_BIN", dir.join("discovery-agent"));
+                .env("DISCOVERY_AGENT_BIN", dir.join("discovery-agent"))
+                .env("DISCOVERY_AGENT_ALT_BIN", alt.join("debug/discovery-agent"));
             // The eBPF object build.rs just built, for the program-level
             // tests (tests/tests/programs.rs): the newest non-empty
             // build/discovery-agent-*/out/discovery (stub builds leave an
