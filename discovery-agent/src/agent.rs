@@ -80,7 +80,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut maps = BpfMaps::open(&pin_dir)?.with_fresh(loaded.fresh);
     maps.set_config(discovery_common::Config {
         passive_failures: args.passive_ejector.kernel_threshold(args.passive_failures),
-        pad: 0,
+        eject_secs: u32::try_from(args.passive_ejection.as_secs().max(1)).unwrap_or(u32::MAX),
     })?;
     // The previous run's names, until this one has applied etcd.
     let last_run = if loaded.fresh {

@@ -65,8 +65,8 @@ impl Ejection {
 pub struct Passive {
     /// Newly ejected.
     pub ejected: Vec<SocketAddr>,
-    /// Back-off over: back in rotation, their kernel ejection to be lifted
-    /// and their streak set one short of the threshold (a trial connect).
+    /// Back-off over: back in rotation (with kernel ejection, on trial:
+    /// their first failure ejects them again).
     pub returned: Vec<SocketAddr>,
 }
 

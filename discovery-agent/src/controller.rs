@@ -42,6 +42,10 @@ use crate::{
 /// every this many listener scans.
 const EXEMPT_PRUNE_EVERY: u32 = 10;
 
+/// The UDP tracking map is pruned of closed sockets every this many
+/// listener scans (seconds).
+const UDP_PRUNE_EVERY: u32 = 10;
+
 /// The longest the status file waits for a rewrite after a slow one.
 const STATUS_MAX_GAP: Duration = Duration::from_secs(2);
 
@@ -85,6 +89,8 @@ pub struct Controller {
     /// logged once when it starts and once when it ends.
     conflicts: BTreeSet<Conflict>,
     family: BTreeSet<FamilyNote>,
+    /// Keys with ignored fields, as last logged.
+    ignored: BTreeMap<String, Vec<crate::hints::Ignored>>,
     refused: BTreeMap<ServiceKey, Refused>,
     failing: BTreeMap<NotApplied, (String, ServiceKey)>,
     /// Frontends that would shadow a listener: a scan matters only when
@@ -129,6 +135,7 @@ impl Controller {
             applied_unix: 0,
             conflicts: BTreeSet::new(),
             family: BTreeSet::new(),
+            ignored: BTreeMap::new(),
             refused: BTreeMap::new(),
             failing: BTreeMap::new(),
             shadowing: BTreeSet::new(),
@@ -164,6 +171,7 @@ impl Controller {
         if !changed {
             return;
         }
+        self.report_ignored();
         // A service put now is checked against the listeners of now, not
         // of the last tick (a proxy that just started).
         let full = self.rescan();
@@ -195,29 +203,31 @@ impl Controller {
         if s.passive_failures == 0 {
             return;
         }
-        let failing = self
+        let mut failing = self
             .reconciler
             .dataplane()
             .failing_backends(s.passive_failures);
-        let threshold = s.passive_failures;
+        let kernel = s.ejection == crate::checks::Ejection::Kernel;
+        if kernel {
+            // The kernel decides: a streak without a mark in force is a
+            // backend whose ejection ran out (on trial, or it never got
+            // traffic since), not a fresh ejection.
+            let r = &self.reconciler;
+            failing.retain(|(addr, _)| r.kernel_ejected(*addr));
+        }
         let p = self
             .checks
             .passive(&failing, s.passive_ejection, Instant::now());
         let by = self.settings.ejection.by();
-        for _ in &p.ejected {
+        for addr in &p.ejected {
             self.metrics
                 .passive_ejections
                 .get_or_create(&crate::metrics::EjectorLabels { by: by.to_owned() })
                 .inc();
-        }
-        for addr in &p.returned {
-            // One failure short of the threshold: the first connect is the
-            // trial, and a failure ejects it again at once.
-            self.reconciler
-                .dataplane_mut()
-                .set_failures(*addr, threshold.saturating_sub(1));
-            if let Err(e) = self.reconciler.lift_ejection(*addr) {
-                warn!(backend = %addr, error = %e, "could not lift the kernel's ejection");
+            if !kernel {
+                // Without the kernel's trial mark, a re-admitted backend
+                // must fail anew to go out again.
+                self.reconciler.dataplane_mut().set_failures(*addr, 0);
             }
         }
         if p.changed() {
@@ -225,9 +235,15 @@ impl Controller {
         }
     }
 
-    /// Lists the listeners (and now and then prunes the exemption map).
+    /// Lists the listeners (and now and then prunes the exemption map and
+    /// the UDP tracking map).
     pub fn on_listener_tick(&mut self) {
         self.scans = self.scans.wrapping_add(1);
+        if self.ready && self.scans.is_multiple_of(UDP_PRUNE_EVERY) {
+            // Closed sockets' entries go, so a DNS client's socket per query
+            // does not evict a statsd client's one socket from the LRU.
+            self.sweep(false);
+        }
         if self.scans.is_multiple_of(EXEMPT_PRUNE_EVERY) {
             match exempt::prune(&self.settings.pin_dir) {
                 Ok(0) => {}
@@ -315,6 +331,19 @@ impl Controller {
                 reason: reason.to_string(),
             })
             .collect();
+        snap.ignored_fields = self
+            .model
+            .ignored_fields()
+            .iter()
+            .flat_map(|(key, fields)| {
+                fields.iter().map(move |f| status::SnapIgnored {
+                    key: key.clone(),
+                    field: f.field.clone(),
+                    did_you_mean: f.suggestion.map(str::to_owned),
+                })
+            })
+            .take(status::MAX_INVALID_LISTED)
+            .collect();
         if let Err(e) = status::write_snapshot(&self.settings.status_file, &snap) {
             warn!(path = %self.settings.status_file.display(), error = %format!("{e:#}"),
                   "could not write the status file");
@@ -377,6 +406,28 @@ impl Controller {
                 false
             }
         }
+    }
+
+    /// Logs each key applied with ignored fields once (again only when its
+    /// fields change), naming the field and what was probably meant.
+    fn report_ignored(&mut self) {
+        let now = self.model.ignored_fields();
+        for (key, fields) in now {
+            if self.ignored.get(key) != Some(fields) {
+                let list = fields
+                    .iter()
+                    .map(|f| f.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                warn!(
+                    key,
+                    fields = list,
+                    "etcd value applied, but these fields are not part of the contract and are \
+                       ignored"
+                );
+            }
+        }
+        self.ignored = now.clone();
     }
 
     /// Records the connection state for the status file.
@@ -477,7 +528,7 @@ impl Controller {
         // Only once etcd is applied in full: before that, a backend missing
         // from the maps may just not be read yet.
         if (self.ready || self.ready_pending) && self.resteer.due() {
-            self.sweep();
+            self.sweep(true);
         }
         if std::mem::take(&mut self.ready_pending) {
             self.ready = true;
@@ -497,23 +548,30 @@ struct Swept {
 
 impl Controller {
     /// Destroys the redirected sockets whose backend left their frontend
-    /// (see `resteer`): in the agent's network namespace and in those of
-    /// the cgroup's processes (containers). Then prunes the UDP tracking
-    /// map of sockets that are gone.
-    fn sweep(&mut self) {
+    /// (see `resteer`), in this namespace and in those of the cgroup's
+    /// processes (containers); with `destroy` false, only lists connected
+    /// UDP sockets. Either way, prunes the UDP tracking map of sockets
+    /// that are gone, when every namespace could be listed.
+    fn sweep(&mut self, destroy: bool) {
         let began = Instant::now();
-        self.resteer.swept();
         let maps = self.reconciler.dataplane();
+        // Keys from before the dumps: a socket connected after its
+        // namespace was listed must not be pruned.
+        let before = maps.udp_conn_keys();
         let fd = maps.revnat_fd();
         let lookup = |c: u64| maps.udp_conn(c);
         let resteer = &self.resteer;
         let work = || -> std::io::Result<Swept> {
-            let found = sockets::dump_redirected(fd, &lookup)?;
-            let stale: Vec<Redirected> = resteer
-                .stale(&found.redirected)
-                .into_iter()
-                .cloned()
-                .collect();
+            let found = sockets::dump_redirected(fd, &lookup, destroy)?;
+            let stale: Vec<Redirected> = if destroy {
+                resteer
+                    .stale(&found.redirected)
+                    .into_iter()
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let (_, errors) = sockets::destroy_all(&stale);
             Ok(Swept {
                 stale,
@@ -522,26 +580,29 @@ impl Controller {
             })
         };
         let own = sockets::netns_id(std::path::Path::new("/proc/thread-self/ns/net"));
+        let mut complete = true;
         let others = match sockets::netns_of_cgroup(&self.settings.cgroup) {
             Ok(v) => v,
             Err(e) => {
+                complete = false;
                 warn!(cgroup = %self.settings.cgroup.display(), error = %e,
                       "cannot list the network namespaces of the cgroup's processes; \
                        re-steering sees this namespace only");
                 Vec::new()
             }
         };
-        let mut results = vec![work()];
+        let mut results = vec![("this namespace".to_owned(), work())];
         for ns in others
             .iter()
             .filter(|f| sockets::netns_id_of(f).ok() != own.as_ref().ok().copied())
         {
-            results.push(sockets::in_netns(ns, work).and_then(|r| r));
+            let name =
+                sockets::netns_id_of(ns).map_or("?".to_owned(), |(_, ino)| format!("net:[{ino}]"));
+            results.push((name, sockets::in_netns(ns, work).and_then(|r| r)));
         }
         let mut live = std::collections::HashSet::new();
-        let mut complete = true;
         let mut destroyed = Vec::new();
-        for r in results {
+        for (ns, r) in results {
             match r {
                 Ok(Swept {
                     stale,
@@ -550,14 +611,16 @@ impl Controller {
                 }) => {
                     live.extend(udp_cookies);
                     for e in errors {
-                        warn!(error = %e, "could not destroy a socket redirected to a backend that left");
+                        warn!(namespace = ns, error = %e,
+                              "could not destroy a socket redirected to a backend that left");
                     }
                     destroyed.extend(stale);
                 }
                 Err(e) => {
                     complete = false;
-                    warn!(error = %e, "cannot list redirected sockets (sock_diag); \
-                                       sockets of backends that left stay connected");
+                    warn!(namespace = ns, error = %e,
+                          "cannot list redirected sockets (sock_diag); sockets of backends \
+                           that left stay connected there");
                 }
             }
         }
@@ -580,17 +643,29 @@ impl Controller {
                 .inc();
         }
         if complete {
-            let pruned = self.reconciler.dataplane_mut().prune_udp_conns(&live);
+            let gone: Vec<u64> = before.into_iter().filter(|c| !live.contains(c)).collect();
+            let pruned = self.reconciler.dataplane_mut().remove_udp_conns(&gone);
             if pruned > 0 {
                 debug!(pruned, "UDP tracking entries of closed sockets");
             }
         }
-        self.metrics
-            .resteer_duration
-            .observe(began.elapsed().as_secs_f64());
+        if destroy {
+            // A failed listing is tried again at the next change.
+            if complete {
+                self.resteer.swept();
+            }
+            self.metrics
+                .resteer_duration
+                .observe(began.elapsed().as_secs_f64());
+        }
         let took = began.elapsed();
         if destroyed.is_empty() {
-            debug!(namespaces = 1 + others.len(), ?took, "re-steering sweep");
+            debug!(
+                destroy,
+                namespaces = 1 + others.len(),
+                ?took,
+                "socket sweep"
+            );
         } else {
             info!(
                 destroyed = destroyed.len(),

@@ -158,6 +158,21 @@ pub fn load_and_attach(
         .iter()
         .filter(|(_, step)| *step != migrate::Step::Keep)
         .collect();
+    if resume && !migrating.is_empty() {
+        let was = migrate::Journal::maps(pin_dir)?;
+        let mut now: Vec<String> = migrating.iter().map(|(n, _)| (*n).to_owned()).collect();
+        now.sort();
+        if was != now {
+            bail!(
+                "an interrupted migration under {} was moving maps [{}], this start would move \
+                 [{}] (another build, or other --max-services/--max-backends): start the build \
+                 and flags of the interrupted migration to finish it",
+                pin_dir.display(),
+                was.join(", "),
+                now.join(", ")
+            );
+        }
+    }
     let staging = migrate::staging(pin_dir);
     if !migrating.is_empty() {
         fs::DirBuilder::new()
@@ -230,8 +245,11 @@ pub fn load_and_attach(
             }
         }
     }
+    if !migrating.is_empty() && !resume {
+        let names: Vec<&str> = migrating.iter().map(|(n, _)| *n).collect();
+        migrate::Journal::start(pin_dir, &names)?;
+    }
     if !migrating.is_empty() {
-        migrate::Journal::Swapping.write(pin_dir)?;
         test_abort("before-swap");
     }
 
@@ -485,6 +503,12 @@ fn check_pinned_maps(ebpf: &aya::Ebpf, sizes: &Sizes, pin_dir: &Path) -> anyhow:
     Ok(())
 }
 
+/// The cgroup id a pinned link is attached to (None: not a cgroup link,
+/// or its cgroup is gone).
+pub fn pinned_link_cgroup(pin: &Path) -> io::Result<Option<u64>> {
+    Ok(PinnedCgroupLink::open(pin)?.cgroup_id)
+}
+
 /// A pinned cgroup link, read with raw bpf(2) calls: aya 0.14 exposes
 /// neither a link's cgroup nor BPF_LINK_UPDATE.
 struct PinnedCgroupLink {
@@ -597,6 +621,24 @@ fn remove_pin(path: &Path) -> anyhow::Result<()> {
 /// CONFIG_HZ of the running kernel, from /proc/config.gz or
 /// /boot/config-<release>; 0 if neither says.
 pub fn kernel_hz() -> u32 {
+    kernel_config()
+        .and_then(|config| parse_hz(&config))
+        .unwrap_or(0)
+}
+
+/// One option of the running kernel's config (`y`, `m`, a number), if
+/// the config can be read and sets it.
+pub fn kernel_option(config: &str, name: &str) -> Option<String> {
+    config.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|r| r.strip_prefix('='))
+            .map(|v| v.trim().to_owned())
+    })
+}
+
+/// The running kernel's config, from /proc/config.gz or
+/// /boot/config-<release>.
+pub fn kernel_config() -> Option<String> {
     use std::io::Read as _;
     let from_gz = || -> Option<String> {
         let f = fs::File::open("/proc/config.gz").ok()?;
@@ -610,10 +652,7 @@ pub fn kernel_hz() -> u32 {
         let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
         fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()
     };
-    from_gz()
-        .or_else(from_boot)
-        .and_then(|config| parse_hz(&config))
-        .unwrap_or(0)
+    from_gz().or_else(from_boot)
 }
 
 fn parse_hz(config: &str) -> Option<u32> {

@@ -9,10 +9,12 @@ mod config;
 mod consumers;
 mod controller;
 mod desired;
+mod doctor;
 mod etcd;
 mod exempt;
 mod guard;
 mod health;
+mod hints;
 mod ids;
 mod lease;
 mod listeners;
@@ -101,6 +103,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => block_on(agent::run(args)),
         Command::Announce(args) => block_on(announce::run(args)),
+        Command::Doctor(args) => block_on(doctor::run(args)),
         Command::Service(cmd) => block_on(admin::service(cmd)),
         Command::Backend(cmd) => block_on(admin::backend(cmd)),
         Command::Detach(args) => loader::detach(&args.pin_dir),
@@ -148,6 +151,7 @@ mod layering {
         ("maps", 1),
         // The etcd contract.
         ("schema", 2),
+        ("hints", 2),
         // The desired routing state and its builder.
         ("desired", 3),
         // The store; pure table builders and id allocators.
@@ -168,6 +172,7 @@ mod layering {
         // Entry points.
         ("admin", 8),
         ("agent", 8),
+        ("doctor", 8),
         ("announce", 8),
         ("main", 9),
     ];

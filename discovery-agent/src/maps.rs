@@ -28,6 +28,8 @@ pub struct MapError {
 pub trait Dataplane {
     fn set_backend(&mut self, id: u32, b: Backend) -> Result<(), MapError>;
     fn clear_backend(&mut self, id: u32) -> Result<(), MapError>;
+    /// A backend's kernel ejection mark (0: none; else a boot-time second).
+    fn ejected_until(&self, id: u32) -> u32;
     fn set_slot(&mut self, key: SlotKey, slot: Slot) -> Result<(), MapError>;
     fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError>;
     fn set_service(&mut self, key: ServiceKey, svc: Service) -> Result<(), MapError>;
@@ -145,16 +147,16 @@ impl BpfMaps {
         self.udp_conns.get(&cookie, 0).ok()
     }
 
-    /// Removes the UDP tracking entries of sockets not in `live` (closed
-    /// since); returns how many.
-    pub fn prune_udp_conns(&mut self, live: &std::collections::HashSet<u64>) -> usize {
-        let gone: Vec<u64> = self
-            .udp_conns
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|c| !live.contains(c))
-            .collect();
-        gone.iter()
+    /// The cookies in the UDP tracking map now.
+    pub fn udp_conn_keys(&self) -> Vec<u64> {
+        self.udp_conns.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Removes these cookies' UDP tracking entries (sockets closed);
+    /// returns how many went.
+    pub fn remove_udp_conns(&mut self, cookies: &[u64]) -> usize {
+        cookies
+            .iter()
             .filter(|c| self.udp_conns.remove(c).is_ok())
             .count()
     }
@@ -375,6 +377,10 @@ impl Dataplane for BpfMaps {
         self.backends
             .set(id, b, 0)
             .map_err(|e| err(names::BACKENDS, "write backend", e))
+    }
+
+    fn ejected_until(&self, id: u32) -> u32 {
+        self.backends.get(&id, 0).map_or(0, |b| b.ejected)
     }
 
     fn clear_backend(&mut self, id: u32) -> Result<(), MapError> {

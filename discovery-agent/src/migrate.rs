@@ -27,8 +27,9 @@
 //! socket and cannot be listed, so when its layout changes the new map
 //! starts empty, and sockets opened before the swap lose their reverse NAT
 //! (UDP replies from the backend's address, getpeername the backend's).
-//! Counters that programs bump between the copy and the swap (well under
-//! a millisecond) stay in the old maps.
+//! What the programs write between the copy and the swap (milliseconds,
+//! up to about a second for the largest maps: counters, live counts,
+//! ejection marks, UDP tracking entries) stays in the old maps.
 use std::{
     fs, io,
     os::fd::{AsRawFd as _, BorrowedFd},
@@ -188,6 +189,40 @@ impl Journal {
         })
     }
 
+    /// The maps an interrupted migration was moving (one empty directory
+    /// per map inside the journal's), sorted.
+    pub fn maps(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
+        let dir = [
+            Self::dir(pin_dir, "swapped"),
+            Self::dir(pin_dir, "swapping"),
+        ]
+        .into_iter()
+        .find(|d| d.exists());
+        let Some(dir) = dir else {
+            return Ok(Vec::new());
+        };
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Starts a swap of `maps`: the journal records them, so a resumed
+    /// start can tell whether it would move the same ones.
+    pub fn start(pin_dir: &Path, maps: &[&str]) -> anyhow::Result<()> {
+        let tmp = Self::dir(pin_dir, "starting");
+        let _ = fs::remove_dir_all(&tmp);
+        for m in maps {
+            fs::create_dir_all(tmp.join(m))
+                .with_context(|| format!("migration journal {}", tmp.display()))?;
+        }
+        let to = Self::dir(pin_dir, "swapping");
+        fs::rename(&tmp, &to).with_context(|| format!("migration journal {}", to.display()))
+    }
+
     /// Moves to the state atomically: a directory created, renamed to the
     /// next state, removed.
     pub fn write(self, pin_dir: &Path) -> anyhow::Result<()> {
@@ -207,7 +242,7 @@ impl Journal {
             }
             Journal::None => {
                 for d in [&swapped, &swapping] {
-                    match fs::remove_dir(d) {
+                    match fs::remove_dir_all(d) {
                         Err(e) if e.kind() != io::ErrorKind::NotFound => {
                             return Err(e).with_context(|| ctx(d));
                         }
@@ -348,6 +383,12 @@ pub fn copy(
                 if value.iter().all(|b| *b == 0) {
                     continue;
                 }
+                if i >= new_entries && spec.kind == MapKind::PerCpuArray {
+                    // Counters of an id past the new size: no service or
+                    // backend can hold that id any more (their own maps
+                    // would have refused), so they are a freed id's.
+                    continue;
+                }
                 if i >= new_entries {
                     bail!(
                         "map {name}: entry {i} is in use, past the new size of {new_entries} \
@@ -416,10 +457,12 @@ mod tests {
     fn the_journal_round_trips() {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(Journal::read(d.path()).unwrap(), Journal::None);
-        Journal::Swapping.write(d.path()).unwrap();
+        Journal::start(d.path(), &["disc_b", "disc_a"]).unwrap();
         assert_eq!(Journal::read(d.path()).unwrap(), Journal::Swapping);
+        assert_eq!(Journal::maps(d.path()).unwrap(), ["disc_a", "disc_b"]);
         Journal::Swapped.write(d.path()).unwrap();
         assert_eq!(Journal::read(d.path()).unwrap(), Journal::Swapped);
+        assert_eq!(Journal::maps(d.path()).unwrap(), ["disc_a", "disc_b"]);
         Journal::None.write(d.path()).unwrap();
         assert_eq!(Journal::read(d.path()).unwrap(), Journal::None);
     }

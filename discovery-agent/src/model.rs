@@ -31,6 +31,8 @@ pub struct Model {
     allowed: Vec<AllowedFrontend>,
     defs: Definitions,
     invalid: BTreeMap<String, Invalid>,
+    /// Keys whose value applied with fields the contract does not know.
+    ignored: BTreeMap<String, Vec<crate::hints::Ignored>>,
     /// Names of services whose definition, backends or maintenance keys
     /// changed since `take_touched`.
     touched: BTreeSet<String>,
@@ -54,6 +56,7 @@ impl Model {
             allowed,
             defs: Definitions::default(),
             invalid: BTreeMap::new(),
+            ignored: BTreeMap::new(),
             touched: BTreeSet::new(),
             all_touched: true,
             routes: Desired::default(),
@@ -65,11 +68,17 @@ impl Model {
         self.defs.backends.clear();
         self.defs.maintenance.clear();
         self.invalid.clear();
+        self.ignored.clear();
         self.all_touched = true;
     }
 
     pub fn invalid_keys(&self) -> &BTreeMap<String, Invalid> {
         &self.invalid
+    }
+
+    /// Keys applied with fields ignored, and what was probably meant.
+    pub fn ignored_fields(&self) -> &BTreeMap<String, Vec<crate::hints::Ignored>> {
+        &self.ignored
     }
 
     /// Applies a put. An invalid value removes any earlier valid one for the
@@ -92,10 +101,12 @@ impl Model {
         match parsed {
             Ok(None) => Applied::Ignored,
             Ok(Some((name, Ok(def)))) => {
+                self.note_ignored(key, crate::hints::ignored_in_service(value));
                 self.defs.services.insert(name, def);
                 Applied::Changed
             }
             Ok(Some((service, Err((instance, def))))) => {
+                self.note_ignored(key, crate::hints::ignored_in_backend(value));
                 self.defs
                     .backends
                     .entry(service)
@@ -110,7 +121,14 @@ impl Model {
         }
     }
 
+    fn note_ignored(&mut self, key: &str, fields: Vec<crate::hints::Ignored>) {
+        if !fields.is_empty() {
+            self.ignored.insert(key.to_owned(), fields);
+        }
+    }
+
     pub fn delete(&mut self, key: &str) -> Applied {
+        self.ignored.remove(key);
         let was_invalid = self.invalid.remove(key).is_some();
         let parsed = parse_key(&self.prefix, key);
         if let Ok(Some(

@@ -111,14 +111,11 @@ impl<D: Dataplane> Reconciler<D> {
         })
     }
 
-    /// Lifts the kernel's ejection of a backend (rewrites its entry with
-    /// `ejected` 0), if it has an id.
-    pub fn lift_ejection(&mut self, addr: std::net::SocketAddr) -> Result<(), MapError> {
-        let addr = crate::addr::from_socket(addr);
-        match self.backend_ids.get(&addr) {
-            Some(&id) => self.dp.set_backend(id, live_backend(addr)),
-            None => Ok(()),
-        }
+    /// Whether the kernel's ejection of a backend is in force now.
+    pub fn kernel_ejected(&self, addr: std::net::SocketAddr) -> bool {
+        self.backend_ids
+            .get(&crate::addr::from_socket(addr))
+            .is_some_and(|&id| self.dp.ejected_until(id) > crate::util::boot_secs())
     }
 
     pub fn dataplane_mut(&mut self) -> &mut D {
@@ -488,6 +485,9 @@ mod tests {
             self.writes += 1;
             self.check();
             Ok(())
+        }
+        fn ejected_until(&self, id: u32) -> u32 {
+            self.backends.get(&id).map_or(0, |b| b.ejected)
         }
         fn clear_backend(&mut self, id: u32) -> Result<(), MapError> {
             self.backends.remove(&id);

@@ -581,6 +581,23 @@ fn default_protocol() -> Protocol {
     Protocol::Tcp
 }
 
+/// The fields of [`ServiceJson`], [`CheckJson`] and [`BackendJson`] as
+/// written in etcd: an unknown one is ignored and reported (see `hints`).
+/// A unit test keeps these lists equal to the structs.
+pub const SERVICE_FIELDS: &[&str] = &[
+    "frontend",
+    "protocol",
+    "policy",
+    "check",
+    "connect_timeout",
+    "user_timeout",
+    "keepalive",
+    "takeover",
+    "shutdown_sessions",
+];
+pub const CHECK_FIELDS: &[&str] = &["type", "path", "interval", "timeout", "rise", "fall"];
+pub const BACKEND_FIELDS: &[&str] = &["addr", "weight"];
+
 /// The JSON form of `<prefix>backends/<name>/<instance-id>` (a plain
 /// `ip:port` is also accepted).
 #[derive(Debug, Deserialize, Serialize)]

@@ -110,11 +110,16 @@ pub type UdpConns<'a> = dyn Fn(u64) -> Option<RevNatEntry> + Sync + 'a;
 /// the last redirected connect() went to the address it is connected to;
 /// a UDP socket one whose entry in `udp_conns` says so. sock_diag adds
 /// socket storage only for sockets with an `inet_connection_sock` (TCP;
-/// Linux 6.18 and earlier), hence the second map. Four dumps.
-pub fn dump_redirected(revnat: BorrowedFd<'_>, udp_conns: &UdpConns<'_>) -> io::Result<Found> {
+/// Linux 6.18 and earlier), hence the second map. Four dumps (two
+/// without `tcp`).
+pub fn dump_redirected(
+    revnat: BorrowedFd<'_>,
+    udp_conns: &UdpConns<'_>,
+    tcp: bool,
+) -> io::Result<Found> {
     let fd = u32::try_from(revnat.as_raw_fd()).map_err(io::Error::other)?;
     let mut found = Found::default();
-    for d in dump(Some(fd))? {
+    for d in dump(Some(fd), tcp)? {
         if d.proto == IPPROTO_UDP {
             found.udp_cookies.push(u64::from_ne_bytes(d.id.cookie));
         }
@@ -196,7 +201,7 @@ fn open() -> io::Result<Socket> {
 /// Every TCP socket connected or connecting and every connected UDP
 /// socket, with the value of the storage of map `map_fd` if asked for and
 /// present.
-fn dump(map_fd: Option<u32>) -> io::Result<Vec<Diag>> {
+fn dump(map_fd: Option<u32>, tcp: bool) -> io::Result<Vec<Diag>> {
     let sock = open()?;
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut out = Vec::new();
@@ -207,6 +212,9 @@ fn dump(map_fd: Option<u32>) -> io::Result<Vec<Diag>> {
             // What a connected UDP socket reports.
             (IPPROTO_UDP, StateFlags::ESTABLISHED),
         ] {
+            if proto == IPPROTO_TCP && !tcp {
+                continue;
+            }
             seq += 1;
             sock.send(&dump_request(seq, family, proto, states, map_fd), 0)?;
             read_dump(&sock, seq, proto, &mut buf, &mut out)?;
@@ -810,7 +818,7 @@ mod tests {
             let mut tcp = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let (mut accepted, _) = listener.accept().unwrap();
 
-            let all = dump(None).expect("sock_diag dump");
+            let all = dump(None, true).expect("sock_diag dump");
             let u = find(&all, IPPROTO_UDP, udp.local_addr().unwrap(), cookie(&udp));
             assert_eq!(u.backend, server.local_addr().unwrap());
             assert_eq!(u.src, udp.local_addr().unwrap());
@@ -878,7 +886,7 @@ mod tests {
         // What the agent runs in there: a dump, with a closure that
         // borrows from the caller.
         let ports: Vec<u16> = Vec::new();
-        let all = in_netns(&own, || dump(None).map(|d| (d.len(), ports.len()))).unwrap();
+        let all = in_netns(&own, || dump(None, true).map(|d| (d.len(), ports.len()))).unwrap();
         assert!(all.is_ok(), "{all:?}");
         // Not a namespace file: setns fails, f never runs.
         let not_ns = File::open("/proc/self/status").unwrap();
@@ -1105,7 +1113,7 @@ mod tests {
         map.set(&udp6, &revnat(&[entry(to, fe)], 1));
 
         // The map is new: only these sockets have storage in it.
-        let found = dump_redirected(map.fd(), &NONE).expect("dump with storage");
+        let found = dump_redirected(map.fd(), &NONE, true).expect("dump with storage");
         let got = |proto: u8| -> Vec<_> {
             let mut v: Vec<_> = found
                 .redirected

@@ -53,6 +53,10 @@ pub struct Snapshot {
     pub invalid: Vec<SnapInvalid>,
     #[serde(default)]
     pub invalid_total: usize,
+    /// Keys applied with fields the contract does not know (ignored), with
+    /// what was probably meant (the first [`MAX_INVALID_LISTED`]).
+    #[serde(default)]
+    pub ignored_fields: Vec<SnapIgnored>,
     /// Services the maps could not take (a map is full); they keep their
     /// previous state in the kernel.
     #[serde(default)]
@@ -86,6 +90,17 @@ pub struct EtcdStatus {
     pub error: Option<String>,
     /// Connections lost since start.
     pub losses: u64,
+}
+
+/// A field of an etcd value the agent ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapIgnored {
+    pub key: String,
+    /// Its path in the value: `balance`, `check.inter`.
+    pub field: String,
+    /// The contract's field the writer probably meant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub did_you_mean: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +239,7 @@ pub struct AgentInfo {
     pub programs: BTreeMap<String, String>,
     pub invalid: Vec<SnapInvalid>,
     pub invalid_total: usize,
+    pub ignored_fields: Vec<SnapIgnored>,
     pub not_applied: Vec<SnapNotApplied>,
     pub family: Vec<SnapFamily>,
 }
@@ -379,6 +395,7 @@ pub fn report(snap: Option<Snapshot>, k: &KernelView, paths: &HashMap<u64, Strin
             programs: s.programs,
             invalid: s.invalid,
             invalid_total: s.invalid_total,
+            ignored_fields: s.ignored_fields,
             not_applied: s.not_applied,
             family: s.family,
         }),
@@ -470,6 +487,17 @@ pub fn render(r: &Report) -> String {
                 }
                 if a.invalid_total > 10 {
                     out.push_str("  ... (status --json lists more)\n");
+                }
+            }
+            if !a.ignored_fields.is_empty() {
+                out.push_str("\nfields ignored in etcd values (not part of the contract):\n");
+                for i in &a.ignored_fields {
+                    let hint = i
+                        .did_you_mean
+                        .as_ref()
+                        .map(|m| format!(" (did you mean {m}?)"))
+                        .unwrap_or_default();
+                    let _ = writeln!(out, "  {}: {}{hint}", i.key, i.field);
                 }
             }
         }

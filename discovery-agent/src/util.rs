@@ -26,3 +26,10 @@ pub fn hostname() -> String {
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".into())
 }
+
+/// Seconds since boot, suspend included (CLOCK_BOOTTIME): the clock of the
+/// programs' `bpf_ktime_get_boot_ns`.
+pub fn boot_secs() -> u32 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map_or(0, |t| u32::try_from(t.tv_sec()).unwrap_or(u32::MAX))
+}

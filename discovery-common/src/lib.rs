@@ -431,12 +431,16 @@ pub struct Backend {
     pub port: u16,
     /// [`BACKEND_F_VALID`] when in use.
     pub flags: u16,
-    /// Nonzero: ejected in the kernel. The sock_ops program sets it when
-    /// the backend's failure streak reaches [`Config::passive_failures`]
-    /// and clears it when a connect to it succeeds; the agent clears it
-    /// when it puts the backend back after the ejection's back-off. While
-    /// set, connect() steers to another backend of the set. Read in the
-    /// same lookup as the address, so ejection costs connect() nothing.
+    /// Ejection in the kernel: 0, or the second of boot time
+    /// (`bpf_ktime_get_boot_ns` / 10^9) until which connect() steers to
+    /// another backend of the set. The sock_ops program sets it when the
+    /// backend's failure streak reaches [`Config::passive_failures`] (for
+    /// [`Config::eject_secs`]) and clears it when a connect to the backend
+    /// succeeds. Past its second the mark stays as "on trial": connects go
+    /// to the backend again, and its next failure ejects it at once. It
+    /// expires by itself, so no agent (or one with other settings) can
+    /// leave a backend out for good. Read in the same lookup as the
+    /// address: ejection costs connect() nothing.
     pub ejected: u32,
 }
 
@@ -485,7 +489,9 @@ pub struct Config {
     /// Failed connects in a row after which the sock_ops program ejects a
     /// backend ([`Backend::ejected`]); 0: the kernel never ejects.
     pub passive_failures: u32,
-    pub pad: u32,
+    /// How long a kernel ejection lasts, in seconds (`--passive-ejection`,
+    /// at least 1).
+    pub eject_secs: u32,
 }
 
 /// A backend address as a map key.

@@ -2,7 +2,7 @@
 //! Cilium's bpf/lib/lb.h): one hash lookup for the service, one for the
 //! slot, one array lookup for the backend.
 use aya_ebpf::helpers::generated::{
-    bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie,
+    bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
 };
 use discovery_common::{
     BACKEND_F_VALID, Backend, BackendKey, Counter, SVC_F_CONSISTENT, SVC_F_LEAST_CONN, ServiceKey,
@@ -102,16 +102,16 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
         attempt += 1;
         let slot = ((u64::from(r1) * u64::from(count)) >> 32) as u32;
         if let Some((id, b)) = backend_at(set_id, slot, r2) {
-            let (id, backend) = if b.ejected == 0 {
+            let (id, backend) = if !ejected_now(b) {
                 (id, b)
             } else {
                 // Ejected in the kernel: the next live slot, or this one if
                 // every slot looked at is out (all ejected: use them all,
                 // as the agent's fallback does).
-                live_after(set_id, count, slot, r2).unwrap_or((id, b))
+                live_after(set_id, count, r1, r2).unwrap_or((id, b))
             };
             return Pick::Backend(Picked {
-                backend,
+                backend: *backend,
                 backend_id: id,
                 tcp,
                 flags,
@@ -131,13 +131,13 @@ fn pick(key: &ServiceKey, draw: impl FnOnce(u32) -> (u32, u32)) -> Pick {
 
 /// Slots looked at past an ejected backend before falling back to it:
 /// the agent takes an ejected backend out of the set within one poll, so
-/// this only bridges that gap.
+/// this mostly bridges that gap (and serves while no agent runs).
 const MAX_PROBES: u32 = 8;
 
 /// The valid backend a slot names for the draw `r2` (its backend or its
 /// alias), with its id.
 #[inline(always)]
-fn backend_at(set_id: u32, slot: u32, r2: u32) -> Option<(u32, Backend)> {
+fn backend_at(set_id: u32, slot: u32, r2: u32) -> Option<(u32, &'static Backend)> {
     // SAFETY: a lookup with a key on our stack; the slot is copied before
     // the next lookup.
     let slot = unsafe { SLOTS.get(SlotKey { set_id, slot }) }?;
@@ -147,18 +147,22 @@ fn backend_at(set_id: u32, slot: u32, r2: u32) -> Option<(u32, Backend)> {
         slot.alias
     };
     let b = BACKENDS.get(id)?;
-    (b.flags & BACKEND_F_VALID != 0).then_some((id, *b))
+    (b.flags & BACKEND_F_VALID != 0).then_some((id, b))
 }
 
-/// The first backend after `slot` (wrapping, at most [`MAX_PROBES`] slots)
-/// that is not ejected. Counted as an ejected skip when found.
+/// Another slot's backend that is not ejected: slots in order from one
+/// drawn afresh (from the call's own draw, so a workload under
+/// `consistent` keeps its choice and random calls spread over the set
+/// instead of all landing on the ejected slot's neighbour), at most
+/// [`MAX_PROBES`] of them. Counted as an ejected skip when found.
 #[inline(always)]
-fn live_after(set_id: u32, count: u32, slot: u32, r2: u32) -> Option<(u32, Backend)> {
-    let mut k = 1;
-    while k <= MAX_PROBES && k < count {
-        let s = (slot + k) % count;
+fn live_after(set_id: u32, count: u32, r1: u32, r2: u32) -> Option<(u32, &'static Backend)> {
+    let start = (((mix(u64::from(r1) | (1 << 40)) >> 32) * u64::from(count)) >> 32) as u32;
+    let mut k = 0;
+    while k < MAX_PROBES && k < count {
+        let s = (start + k) % count;
         if let Some((id, b)) = backend_at(set_id, s, r2)
-            && b.ejected == 0
+            && !ejected_now(b)
         {
             stats::bump(Counter::EjectedSkip);
             return Some((id, b));
@@ -166,6 +170,14 @@ fn live_after(set_id: u32, count: u32, slot: u32, r2: u32) -> Option<(u32, Backe
         k += 1;
     }
     None
+}
+
+/// Whether a backend's kernel ejection is in force now. The clock is read
+/// only for a marked backend.
+#[inline(always)]
+fn ejected_now(b: &Backend) -> bool {
+    // SAFETY: a helper with no arguments.
+    b.ejected != 0 && ((unsafe { bpf_ktime_get_boot_ns() } / 1_000_000_000) as u32) < b.ejected
 }
 
 /// Two u32s for a weighted draw from one helper call: the kernel's

@@ -11,7 +11,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT,
         BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
-    helpers::generated::{bpf_setsockopt, bpf_sk_storage_get},
+    helpers::generated::{bpf_ktime_get_boot_ns, bpf_setsockopt, bpf_sk_storage_get},
     programs::SockOpsContext,
 };
 use discovery_common::{Addr16, Backend, BackendHealth, BackendKey, Counter, SockRevNat};
@@ -171,28 +171,34 @@ unsafe fn dec_live(h: *mut BackendHealth) {
     }
 }
 
-/// Ejects the backend (sets [`discovery_common::Backend::ejected`]) once
-/// its failure streak reaches the agent's threshold: from the next
-/// connect() on, no round trip through the agent.
+/// Ejects the backend (see [`discovery_common::Backend::ejected`]) once
+/// its failure streak reaches the agent's threshold, or at the first
+/// failure on trial after an ejection: from the next connect() on, no
+/// round trip through the agent.
 #[inline(always)]
 fn eject_if_failing(backend_id: u32, peer: &BackendKey) {
-    let threshold = CONFIG.get(0).map_or(0, |c| c.passive_failures);
+    let Some(c) = CONFIG.get(0) else { return };
+    let (threshold, secs) = (c.passive_failures, c.eject_secs.max(1));
     if threshold == 0 {
         return;
     }
+    let Some(b) = own_backend(backend_id, peer) else {
+        return;
+    };
+    // SAFETY: a live map value; other CPUs change it too.
+    let mark = unsafe { core::ptr::read_volatile(&raw const (*b).ejected) };
     // SAFETY: a lookup with a key on our stack; one u32 is read.
     let streak = unsafe { BHEALTH.get(peer) }.map_or(0, |h| h.consecutive_failures);
-    if streak < threshold {
+    if mark == 0 && streak < threshold {
         return;
     }
-    if let Some(b) = own_backend(backend_id, peer)
-        // SAFETY: a live map value; other CPUs change it too.
-        && unsafe { core::ptr::read_volatile(&raw const (*b).ejected) } == 0
-    {
-        // SAFETY: as above.
-        unsafe { atomic::store_u32(&raw mut (*b).ejected, 1) };
+    // SAFETY: a helper with no arguments.
+    let now = (unsafe { bpf_ktime_get_boot_ns() } / 1_000_000_000) as u32;
+    if mark <= now {
         stats::bump(Counter::KernelEjection);
     }
+    // SAFETY: as above.
+    unsafe { atomic::store_u32(&raw mut (*b).ejected, now.saturating_add(secs)) };
 }
 
 /// The backends-array entry `id` if it still names `peer` (the agent may

@@ -225,3 +225,48 @@ fn a_migration_killed_at_any_step_is_finished_by_the_next_start() {
     }
     check_load(&load.finish());
 }
+
+#[test]
+fn an_interrupted_upgrade_is_rolled_back_by_the_older_build_and_a_mismatch_is_refused() {
+    let (mut w, _backends) = world("migrate-rollback");
+    let before = maps(&w);
+    let mut load = w.start_load(FE, 8000);
+    load.wait_attempts(200, Duration::from_secs(5));
+    let crash = |w: &mut World, extra: &[&str]| {
+        w.agent.stop();
+        w.agent.set_binary(Some(alt_agent_bin()));
+        w.agent
+            .set_env(&[("DISCOVERY_TEST_ABORT_MIGRATION", "mid-swap")]);
+        w.agent.respawn_adding(extra);
+        let status = w.agent.wait_exit(Duration::from_secs(20));
+        assert!(status.is_some_and(|s| !s.success()), "{}", w.agent.log());
+        w.agent.set_env(&[]);
+    };
+    // The upgrade dies half-way; the build that was running before comes
+    // back and moves every program back onto the old maps.
+    crash(&mut w, &[]);
+    load.wait_attempts(100, Duration::from_secs(5));
+    w.agent.set_binary(None);
+    w.agent.respawn();
+    w.agent.wait_ready(Duration::from_secs(20));
+    let stats = discovery_common::names::SVC_STATS;
+    assert_eq!(maps(&w)[stats], before[stats], "not rolled back");
+    assert!(
+        w.agent
+            .log()
+            .contains("rolled back an interrupted map migration")
+    );
+    // The upgrade dies again; this time the next start asks for other
+    // sizes too: refused, naming both plans, and traffic keeps flowing.
+    crash(&mut w, &[]);
+    w.agent.respawn_adding(&["--max-backends", "2048"]);
+    let status = w.agent.wait_exit(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| !s.success()));
+    assert!(
+        w.agent.log().contains("an interrupted migration"),
+        "{}",
+        w.agent.log()
+    );
+    load.wait_attempts(100, Duration::from_secs(5));
+    check_load(&load.finish());
+}

@@ -217,3 +217,143 @@ fn version_names_the_build_and_its_programs() {
     assert_eq!(id.len(), 16, "{v}");
     assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{v}");
 }
+
+#[test]
+fn an_unknown_field_is_applied_around_and_reported_once_with_the_word_meant() {
+    let w = World::start(PROBE, "hints", &[]);
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    // HAProxy's word for the policy, and a typo in the check.
+    let key = "/discovery/services/web";
+    let value = r#"{"frontend":"127.0.0.1:8080","balance":"consistent","check":{"type":"tcp","inter":"1s"}}"#;
+    w.etcd.put(key, value);
+    w.backend("web", "a", &a.addr().to_string());
+    // The service still applies (random policy, as written without the
+    // unknown field).
+    w.converge("tcp", "127.0.0.1:8080", 3, |t| t.contains_key("a"));
+    let v = w
+        .agent
+        .wait_status("ignored fields", Duration::from_secs(5), |v| {
+            v["ignored_fields"].as_array().is_some_and(|l| l.len() == 2)
+        });
+    let fields: Vec<(String, String)> = v["ignored_fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            assert_eq!(f["key"], key);
+            (
+                f["field"].as_str().unwrap().to_owned(),
+                f["did_you_mean"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("balance".to_owned(), "policy".to_owned()),
+            ("check.inter".to_owned(), "interval".to_owned())
+        ]
+    );
+    // Written again (the same value): not logged again.
+    w.etcd.put(key, value);
+    w.backend("web", "a2", &a.addr().to_string());
+    w.agent.wait_status("a2", Duration::from_secs(5), |v| {
+        discovery_tests::Agent::backend_health(v, "web", "a2").is_some()
+    });
+    let log = w.agent.log();
+    assert_eq!(
+        log.matches("balance (did you mean policy?)").count(),
+        1,
+        "{log}"
+    );
+    // `status` prints it too.
+    let out = Command::new(agent_bin())
+        .args(["status", "--pin-dir"])
+        .arg(&w.agent.pin_dir)
+        .arg("--status-file")
+        .arg(&w.agent.status_file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("check.inter (did you mean interval?)"),
+        "{text}"
+    );
+}
+
+/// `discovery-agent doctor --json` with the agent's own flags: (exit ok,
+/// check name → (verdict, detail)).
+fn doctor(
+    w: &World,
+    extra: &[&str],
+) -> (bool, std::collections::HashMap<String, (String, String)>) {
+    let out = Command::new(agent_bin())
+        .arg("doctor")
+        .args(["--etcd", &w.etcd.url, "--cgroup"])
+        .arg(&w.cg.path)
+        .arg("--pin-dir")
+        .arg(&w.agent.pin_dir)
+        .args(discovery_tests::SMALL_MAPS)
+        .args(extra)
+        .arg("--json")
+        .output()
+        .expect("run doctor");
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}: {out:?}"));
+    let map = checks
+        .iter()
+        .map(|c| {
+            (
+                c["check"].as_str().unwrap().to_owned(),
+                (
+                    c["verdict"].as_str().unwrap().to_owned(),
+                    c["detail"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect();
+    (out.status.success(), map)
+}
+
+#[test]
+fn doctor_checks_the_node_the_pins_and_etcd_and_names_what_fails() {
+    let w = World::start(PROBE, "doctor", &[]);
+    w.service("web", "127.0.0.1:8080", "tcp");
+    let (ok, checks) = doctor(&w, &[]);
+    assert!(ok, "{checks:?}");
+    for name in [
+        "kernel",
+        "cgroup v2",
+        "bpffs",
+        "BTF",
+        "privileges",
+        "map layout",
+        "programs attached",
+        "etcd",
+        "services",
+    ] {
+        assert_eq!(checks[name].0, "ok", "{name}: {checks:?}");
+    }
+    assert!(
+        checks["programs attached"]
+            .1
+            .contains(&w.cg.path.display().to_string())
+    );
+    // A service outside --allowed-frontends fails the check, by key.
+    w.etcd
+        .put("/discovery/services/far", r#"{"frontend":"10.1.2.3:80"}"#);
+    let (ok, checks) = doctor(&w, &[]);
+    assert!(!ok);
+    assert_eq!(checks["services"].0, "fail");
+    assert!(
+        checks["services"].1.contains("/discovery/services/far"),
+        "{checks:?}"
+    );
+    // A map size other than the pinned one is a warning: `run` migrates.
+    let (_, checks) = doctor(&w, &["--max-backends", "4096"]);
+    assert_eq!(checks["map layout"].0, "warn", "{checks:?}");
+    // etcd that does not answer.
+    let (ok, checks) = doctor(&w, &["--etcd", "http://127.0.0.1:9"]);
+    assert!(!ok);
+    assert_eq!(checks["etcd"].0, "fail", "{checks:?}");
+}

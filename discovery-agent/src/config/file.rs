@@ -29,11 +29,11 @@ pub enum ArgsError {
 /// environment replaces the file's list.
 pub fn parse_args(args: Vec<OsString>, config_env: Option<OsString>) -> Result<Cli, ArgsError> {
     let mut cmd = Cli::command();
-    if let Some(path) = config_path(&args, config_env) {
+    if let Some((sub, path)) = config_path(&args, config_env) {
         cmd = std::fs::read_to_string(&path)
             .with_context(|| format!("reading config file {}", path.display()))
             .and_then(|text| {
-                with_file_defaults(cmd, &text)
+                with_file_defaults(cmd, &sub, &text)
                     .with_context(|| format!("config file {}", path.display()))
             })
             .map_err(ArgsError::File)?;
@@ -62,10 +62,12 @@ fn subcommand_at(args: &[OsString]) -> Option<usize> {
     None
 }
 
-/// The config file of a `run` command line: its last `--config`, else the
-/// environment's. None for other commands, which have no config file.
-fn config_path(args: &[OsString], config_env: Option<OsString>) -> Option<PathBuf> {
-    let run = subcommand_at(args).filter(|&i| args[i] == "run")?;
+/// The config file of a `run` (or `doctor`, which checks what `run` would
+/// do) command line: its last `--config`, else the environment's, with the
+/// subcommand. None for other commands, which have no config file.
+fn config_path(args: &[OsString], config_env: Option<OsString>) -> Option<(String, PathBuf)> {
+    let run = subcommand_at(args).filter(|&i| args[i] == "run" || args[i] == "doctor")?;
+    let sub = args[run].to_string_lossy().into_owned();
     let mut path = config_env.map(PathBuf::from);
     for (i, a) in args.iter().enumerate().skip(run + 1) {
         let a = a.to_string_lossy();
@@ -75,16 +77,16 @@ fn config_path(args: &[OsString], config_env: Option<OsString>) -> Option<PathBu
             path = Some(PathBuf::from(p));
         }
     }
-    path
+    path.map(|p| (sub, p))
 }
 
 /// `cmd` with the file's values as the defaults of the `run` flags (and
 /// global flags) its keys name: `max_services = 100` is `--max-services`.
 /// Unknown keys, values of the wrong type and values the flag's own parser
 /// refuses are errors naming the key.
-fn with_file_defaults(cmd: clap::Command, text: &str) -> anyhow::Result<clap::Command> {
+fn with_file_defaults(cmd: clap::Command, sub: &str, text: &str) -> anyhow::Result<clap::Command> {
     let table: toml::Table = text.parse()?;
-    let run = cmd.find_subcommand("run").expect("there is a run command");
+    let run = cmd.find_subcommand(sub).expect("the subcommand exists");
     let mut defaults = vec![];
     for (key, value) in &table {
         let long = key.replace('_', "-");
@@ -113,7 +115,7 @@ fn with_file_defaults(cmd: clap::Command, text: &str) -> anyhow::Result<clap::Co
         cmd = if global {
             cmd.mut_arg(id, set)
         } else {
-            cmd.mut_subcommand("run", |run| run.mut_arg(id, set))
+            cmd.mut_subcommand(sub, |run| run.mut_arg(id, set))
         };
     }
     Ok(cmd)
@@ -368,7 +370,12 @@ mod tests {
         let argv = ["discovery-agent", "--log", "debug", "run", "--node", "n"];
         assert_eq!(
             config_path(&os(&argv), missing.clone()),
-            Some(PathBuf::from("/nonexistent/agent.toml"))
+            Some(("run".to_owned(), PathBuf::from("/nonexistent/agent.toml")))
+        );
+        let argv = ["discovery-agent", "doctor", "--json"];
+        assert_eq!(
+            config_path(&os(&argv), missing.clone()).map(|(sub, _)| sub),
+            Some("doctor".to_owned())
         );
         assert!(matches!(
             parse_args(os(&argv), missing),

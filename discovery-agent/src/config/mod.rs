@@ -14,7 +14,7 @@ pub use self::{
     announce::{AnnounceArgs, InstanceArgs},
     etcd::EtcdArgs,
     file::{ArgsError, CONFIG_ENV, parse_args},
-    run::{MetricsAddr, PinArgs, RunArgs, StatusFileArgs},
+    run::{DoctorArgs, MetricsAddr, PinArgs, RunArgs, StatusFileArgs},
     status::StatusArgs,
 };
 use crate::util::VERSION;
@@ -62,6 +62,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Register local instances in etcd while their health checks pass.
     Announce(AnnounceArgs),
+    /// Check this node for everything `run` needs (same flags and config
+    /// file): kernel, cgroup, bpffs, BTF, privileges, pinned state, etcd,
+    /// services. Exits non-zero when a check fails.
+    Doctor(DoctorArgs),
     /// Define or remove a service (its frontend) in etcd.
     #[command(subcommand)]
     Service(ServiceCommand),

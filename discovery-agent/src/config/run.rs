@@ -38,6 +38,16 @@ pub struct StatusFileArgs {
     pub status_file: PathBuf,
 }
 
+/// `doctor`: the flags of `run`, checked rather than run.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Print the checks as a JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Args)]
 #[command(args_override_self = true)]
 pub struct RunArgs {
