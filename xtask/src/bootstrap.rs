@@ -130,6 +130,10 @@ fn wanted(nightly: bool, linker: bool) -> Vec<(&'static str, &'static str)> {
             "bind9-dnsutils",
             "dig: the DNS client of the DNS redirect tests",
         ),
+        (
+            "prometheus",
+            "promtool: tests check and unit-test the alert rules in contrib/prometheus/",
+        ),
     ];
     if !nightly {
         for pkg in ["rustc-web", "cargo-web", "rust-web-src"] {
