@@ -329,6 +329,16 @@ impl Metrics {
              services with shutdown_sessions)",
             sockets_destroyed.clone(),
         );
+        // At 0 from the start: a series born at 1 hides its first event
+        // from rate() and increase().
+        for by in ["kernel", "agent"] {
+            passive_ejections.get_or_create(&EjectorLabels { by: by.to_owned() });
+        }
+        for protocol in ["tcp", "udp"] {
+            sockets_destroyed.get_or_create(&ProtocolLabels {
+                protocol: protocol.to_owned(),
+            });
+        }
         Self {
             registry,
             passive_ejections,

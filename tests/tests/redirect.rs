@@ -530,7 +530,7 @@ fn assert_adopted(snap: &serde_json::Value) {
 }
 
 #[test]
-fn pinned_maps_of_another_layout_are_refused() {
+fn pinned_maps_whose_key_changed_are_refused_naming_both_layouts() {
     let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(discovery_tests::unique("layout"));
     std::fs::create_dir(&pin_dir).unwrap();
     struct Cleanup(std::path::PathBuf);
@@ -555,7 +555,8 @@ fn pinned_maps_of_another_layout_are_refused() {
     args.extend(SMALL_MAPS);
     let err = agent_fails(args);
     assert!(
-        err.contains("has key/value sizes 8/8, this agent expects 20/32"),
+        err.contains("disc_services (type 1, key 8 B, value 8 B, 16 entries) cannot be migrated")
+            && err.contains("key 20 B, value 32 B"),
         "{err}"
     );
     // Nothing was attached.
