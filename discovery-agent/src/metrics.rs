@@ -332,12 +332,12 @@ impl Metrics {
         // At 0 from the start: a series born at 1 hides its first event
         // from rate() and increase().
         for by in ["kernel", "agent"] {
-            passive_ejections.get_or_create(&EjectorLabels { by: by.to_owned() });
+            drop(passive_ejections.get_or_create(&EjectorLabels { by: by.to_owned() }));
         }
         for protocol in ["tcp", "udp"] {
-            sockets_destroyed.get_or_create(&ProtocolLabels {
+            drop(sockets_destroyed.get_or_create(&ProtocolLabels {
                 protocol: protocol.to_owned(),
-            });
+            }));
         }
         Self {
             registry,
