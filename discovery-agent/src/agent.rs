@@ -55,7 +55,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         seen_revision: seen_revision.clone(),
     })));
     let metrics_addr = match args.metrics_addr {
-        MetricsAddr(Some(addr)) => Some(metrics::serve(addr, metrics.clone()).await?),
+        MetricsAddr(Some(addr)) => Some(
+            crate::web::serve(
+                addr,
+                metrics.clone(),
+                crate::web::StatusSource {
+                    pin_dir: pin_dir.clone(),
+                    status_file: args.status.status_file.clone(),
+                },
+            )
+            .await?,
+        ),
         MetricsAddr(None) => None,
     };
     let loaded = loader::load_and_attach(

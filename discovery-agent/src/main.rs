@@ -30,6 +30,7 @@ mod sockets;
 mod status;
 mod tables;
 mod util;
+mod web;
 
 use std::io::IsTerminal as _;
 
@@ -167,6 +168,8 @@ mod layering {
         ("metrics", 5),
         ("status", 5),
         ("controller", 6),
+        // The HTTP listener: metrics, the stats page and its JSON.
+        ("web", 6),
         // The command line.
         ("config", 7),
         // Entry points.

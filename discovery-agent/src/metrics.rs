@@ -1,11 +1,7 @@
-//! Prometheus metrics of the agent, served as text at `/metrics`.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+//! Prometheus metrics of the agent, served as text at `/metrics` (see
+//! `web`).
 
-use anyhow::Context as _;
 use discovery_common::ServiceKey;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, text::encode},
@@ -18,8 +14,7 @@ use prometheus_client::{
     },
     registry::{Registry, Unit},
 };
-use tokio::net::TcpListener;
-use tracing::{debug, info};
+use tracing::debug;
 
 /// A service entry that could not be written to the maps.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
@@ -361,58 +356,6 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String");
         out
     }
-}
-
-fn respond(m: &Metrics, req: &Request<Incoming>) -> Response<Full<bytes::Bytes>> {
-    let (status, ctype, body) = if req.uri().path() == "/metrics" {
-        (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            m.encode(),
-        )
-    } else {
-        (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        )
-    };
-    Response::builder()
-        .status(status)
-        .header("content-type", ctype)
-        .body(Full::new(body.into()))
-        .expect("static response parts")
-}
-
-/// Binds `addr` and serves `/metrics` until the process ends; returns the
-/// bound address (useful with port 0).
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics address {addr} (--metrics-addr)"))?;
-    let local = listener.local_addr()?;
-    info!(addr = %local, "metrics listening");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                continue;
-            };
-            let m = metrics.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let resp = respond(&m, &req);
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    debug!(%peer, error = %e, "metrics connection");
-                }
-            });
-        }
-    });
-    Ok(local)
 }
 
 #[cfg(test)]

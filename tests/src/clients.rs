@@ -47,7 +47,7 @@ fn clients_dir() -> PathBuf {
 }
 
 /// The path of `bin` on PATH, or a panic naming it and what installs it.
-fn require(bin: &str, install: &str) -> PathBuf {
+pub fn require(bin: &str, install: &str) -> PathBuf {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)

@@ -107,6 +107,10 @@ fn wanted(nightly: bool, linker: bool) -> Vec<(&'static str, &'static str)> {
             "haproxy",
             "a test moves a frontend from a live HAProxy to the agent",
         ),
+        (
+            "chromium",
+            "the stats page is tested in a real browser (headless Chromium)",
+        ),
         // Debian 12's default JDK itself, not the default-jdk-headless
         // metapackage: the version is pinned, and a machine with the JDK
         // but not the metapackage needs nothing.
