@@ -19,6 +19,7 @@ mod ids;
 mod lease;
 mod listeners;
 mod loader;
+mod map;
 mod maps;
 mod metrics;
 mod migrate;
@@ -105,6 +106,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => block_on(agent::run(args)),
         Command::Announce(args) => block_on(announce::run(args)),
         Command::Doctor(args) => block_on(doctor::run(args)),
+        Command::Map(args) => block_on(map::run(args)),
         Command::Service(cmd) => block_on(admin::service(cmd)),
         Command::Backend(cmd) => block_on(admin::backend(cmd)),
         Command::Detach(args) => loader::detach(&args.pin_dir),
@@ -176,6 +178,7 @@ mod layering {
         ("admin", 8),
         ("agent", 8),
         ("doctor", 8),
+        ("map", 8),
         ("announce", 8),
         ("main", 9),
     ];

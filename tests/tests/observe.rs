@@ -357,3 +357,61 @@ fn doctor_checks_the_node_the_pins_and_etcd_and_names_what_fails() {
     assert!(!ok);
     assert_eq!(checks["etcd"].0, "fail", "{checks:?}");
 }
+
+#[test]
+fn the_fleet_map_draws_who_calls_what_from_etcd() {
+    let w = World::start(
+        PROBE,
+        "map",
+        &["--consumers-interval", "1s", "--node", "node-a"],
+    );
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    w.service("web", "127.0.0.1:8080", "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.service("lonely", "127.0.0.1:8081", "tcp");
+    w.converge("tcp", "127.0.0.1:8080", 5, |t| t.contains_key("a"));
+    // A workload that still calls a service removed since.
+    w.etcd.put(
+        "/discovery/consumers/gone/node-b",
+        r#"{"node":"node-b","updated_unix":1,"workloads":[{"cgroup":"/old.slice","calls":7}]}"#,
+    );
+    let published = wait_until(Duration::from_secs(10), || {
+        w.etcd.get("/discovery/consumers/web/node-a")
+    });
+    assert!(published.is_some(), "no consumers summary");
+    let map = |args: &[&str]| {
+        let out = Command::new(agent_bin())
+            .args(["map", "--etcd", &w.etcd.url])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dot = map(&["--format", "dot"]);
+    let cgroup = format!("/{}", w.cg.path.file_name().unwrap().to_string_lossy());
+    assert!(
+        dot.contains(&format!("\"w:node-a:{cgroup}\" -> \"s:web\"")),
+        "{dot}"
+    );
+    assert!(
+        dot.contains(&format!("\"s:web\" -> \"b:{}\"", a.addr())),
+        "{dot}"
+    );
+    assert!(dot.contains("lonely 127.0.0.1:8081 (no backend)"), "{dot}");
+    assert!(dot.contains("gone (removed)"), "{dot}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fleet.svg");
+    map(&["--out", file.to_str().unwrap()]);
+    let svg = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("gone (removed)"),
+        "{svg}"
+    );
+    // Filtered to one node: what node-b calls.
+    let only_b = map(&["--format", "dot", "--node", "node-b"]);
+    assert!(
+        only_b.contains("gone (removed)") && !only_b.contains("s:web"),
+        "{only_b}"
+    );
+}

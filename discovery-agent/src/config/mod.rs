@@ -15,7 +15,7 @@ pub use self::{
     etcd::EtcdArgs,
     file::{ArgsError, CONFIG_ENV, parse_args},
     run::{DoctorArgs, MetricsAddr, PinArgs, RunArgs, StatusFileArgs},
-    status::StatusArgs,
+    status::{MapArgs, MapFormat, StatusArgs},
 };
 use crate::util::VERSION;
 
@@ -66,6 +66,9 @@ pub enum Command {
     /// file): kernel, cgroup, bpffs, BTF, privileges, pinned state, etcd,
     /// services. Exits non-zero when a check fails.
     Doctor(DoctorArgs),
+    /// Draw who talks to whom across the fleet (workloads → services →
+    /// backends, from etcd) as SVG or DOT.
+    Map(MapArgs),
     /// Define or remove a service (its frontend) in etcd.
     #[command(subcommand)]
     Service(ServiceCommand),

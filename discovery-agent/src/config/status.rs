@@ -25,3 +25,28 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
 }
+
+/// `map`: the fleet's dependency graph.
+#[derive(Debug, clap::Args)]
+pub struct MapArgs {
+    #[command(flatten)]
+    pub etcd: super::EtcdArgs,
+    /// svg (laid out here) or dot (for graphviz).
+    #[arg(long, value_enum, default_value = "svg")]
+    pub format: MapFormat,
+    /// Write here instead of to stdout.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Only this service, its callers and backends.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only the workloads of this node and what they call.
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MapFormat {
+    Svg,
+    Dot,
+}
