@@ -62,6 +62,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 crate::web::StatusSource {
                     pin_dir: pin_dir.clone(),
                     status_file: args.status.status_file.clone(),
+                    etcd: args.etcd.config()?,
+                    prefix: args.etcd.prefix.clone(),
                 },
             )
             .await?,

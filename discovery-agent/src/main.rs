@@ -12,6 +12,7 @@ mod desired;
 mod doctor;
 mod etcd;
 mod exempt;
+mod fleet;
 mod guard;
 mod health;
 mod hints;
@@ -167,6 +168,7 @@ mod layering {
         ("resteer", 5),
         ("checks", 5),
         ("consumers", 5),
+        ("fleet", 5),
         ("metrics", 5),
         ("status", 5),
         ("controller", 6),

@@ -96,4 +96,163 @@ fn the_stats_page_shows_backends_turning_ejected_and_counters_rising() {
     // The page loads nothing from elsewhere.
     let (_, page) = w.agent.scrape("/");
     assert!(!page.contains("http://") && !page.contains("https://"));
+    // Its fleet map link draws from etcd.
+    assert!(page.contains("href=\"map.svg\""));
+    let (status, svg) = w.agent.scrape("/map.svg?service=web");
+    assert!(
+        status.contains("200") && svg.contains("<svg") && svg.contains("web 127.0.0.1:8080"),
+        "{status} {svg}"
+    );
+}
+
+/// Backend rows rendered (in the services list, not the page's script).
+fn rows(dom: &str) -> usize {
+    let list = dom.split("id=\"services\"").nth(1).unwrap_or("");
+    list.split("<script")
+        .next()
+        .unwrap_or("")
+        .matches("data-instance=")
+        .count()
+}
+
+/// Chromium's screenshot of `url` into `png`.
+fn screenshot(url: &str, png: &std::path::Path, size: &str) {
+    let chromium = require("chromium", "the browser tests use Debian's chromium");
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--window-size={size}"))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    assert!(out.status.success() && png.exists(), "chromium: {out:?}");
+}
+
+#[test]
+fn a_thousand_services_and_ten_thousand_backends_render_and_filter() {
+    let w = World::start(
+        PROBE,
+        "page-big",
+        &["--max-services", "2048", "--max-backends", "16384"],
+    );
+    let mut kvs = Vec::new();
+    for i in 0..1000 {
+        kvs.push((
+            format!("/discovery/services/s{i}"),
+            format!(
+                r#"{{"frontend":"127.0.{}.{}:9000"}}"#,
+                i / 250 + 1,
+                i % 250 + 1
+            ),
+        ));
+        for j in 0..10 {
+            kvs.push((
+                format!("/discovery/backends/s{i}/b{j}"),
+                format!("10.{}.{}.{}:80", i / 250, i % 250, j + 1),
+            ));
+        }
+    }
+    w.etcd.put_many(&kvs);
+    w.agent
+        .wait_status("1000 services", Duration::from_secs(60), |v| {
+            v["services"].as_array().is_some_and(|s| s.len() == 1000)
+        });
+    let metrics = w.agent.snapshot().unwrap()["metrics_addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let all = dom(&format!("http://{metrics}/"));
+    let count = all
+        .split("id=\"count\">")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .unwrap_or("");
+    assert_eq!(count, "1000 of 1000 services");
+    assert_eq!(rows(&all), 10_000);
+    // Filtered by name: one service and its ten backends.
+    let one = dom(&format!("http://{metrics}/?q=s999"));
+    assert!(one.contains("1 of 1000 services"), "filter");
+    assert_eq!(rows(&one), 10);
+}
+
+/// `DISCOVERY_SCREENSHOTS=DIR cargo xtask screenshots` runs this: the page
+/// and the fleet map of a small scene, as PNGs for README.
+#[test]
+#[ignore = "makes README's screenshots: cargo xtask screenshots"]
+fn screenshots() {
+    let dir = std::path::PathBuf::from(
+        std::env::var_os("DISCOVERY_SCREENSHOTS").expect("DISCOVERY_SCREENSHOTS=DIR"),
+    );
+    let w = World::start(
+        PROBE,
+        "shots",
+        &[
+            "--passive-failures",
+            "3",
+            "--passive-ejection",
+            "60s",
+            "--consumers-interval",
+            "1s",
+            "--node",
+            "node-a",
+        ],
+    );
+    let a = Backend::tcp("a", addr("127.0.0.2:0"));
+    let b = Backend::tcp("b", addr("127.0.0.3:0"));
+    let gone = {
+        let g = Backend::tcp("gone", addr("127.0.0.4:0"));
+        g.addr()
+    };
+    w.service("web", "127.0.0.1:8080", "tcp");
+    w.backend("web", "a", &a.addr().to_string());
+    w.backend("web", "b", &b.addr().to_string());
+    w.backend("web", "c", &gone.to_string());
+    w.service("memcached", "127.0.0.1:11211", "tcp");
+    w.backend("memcached", "m1", &a.addr().to_string());
+    w.etcd.put(
+        "/discovery/backends/memcached/m2",
+        &format!(r#"{{"addr":"{}","weight":0}}"#, b.addr()),
+    );
+    w.service("search", "127.0.0.1:9200", "tcp");
+    w.converge("tcp", "127.0.0.1:11211", 10, |t| t.contains_key("a"));
+    let _ = w.probe("tcp", "127.0.0.1:8080", 60);
+    w.agent
+        .wait_status("c ejected", Duration::from_secs(5), |v| {
+            discovery_tests::Agent::backend_health(v, "web", "c").as_deref() == Some("ejected")
+        });
+    w.etcd.put(
+        "/discovery/consumers/billing/node-b",
+        r#"{"node":"node-b","updated_unix":1,"workloads":[{"cgroup":"/legacy-cron.service","calls":12}]}"#,
+    );
+    wait_until(Duration::from_secs(10), || {
+        w.etcd.get("/discovery/consumers/web/node-a")
+    })
+    .expect("consumers published");
+    let metrics = w.agent.snapshot().unwrap()["metrics_addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::create_dir_all(&dir).unwrap();
+    screenshot(
+        &format!("http://{metrics}/"),
+        &dir.join("stats-page.png"),
+        "1300,900",
+    );
+    screenshot(
+        &format!("http://{metrics}/map.svg"),
+        &dir.join("fleet-map.png"),
+        "1300,700",
+    );
 }

@@ -53,6 +53,9 @@ enum Task {
         /// Only these parts: datapath, control, failover, checks.
         parts: Vec<String>,
     },
+    /// README's screenshots of the stats page and the fleet map, made in
+    /// headless Chromium against a real agent (as root): docs/*.png.
+    Screenshots,
     /// Bootstrap, lint, then run unit and integration tests (as root).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
@@ -206,6 +209,16 @@ fn main() -> anyhow::Result<()> {
             }
             c.args(parts);
             exec(c, "the benchmarks")
+        }
+        Task::Screenshots => {
+            need_root("the screenshots attach BPF programs to a child cgroup")?;
+            bootstrap::bootstrap()?;
+            let dir = build(false)?;
+            run(cargo()
+                .args(["test", "-p", "discovery-tests", "--test", "page"])
+                .args(["--", "--ignored", "--exact", "screenshots"])
+                .env("DISCOVERY_AGENT_BIN", dir.join("discovery-agent"))
+                .env("DISCOVERY_SCREENSHOTS", root().join("docs")))
         }
         Task::Test { args } => {
             need_root("the integration tests attach BPF programs to child cgroups")?;

@@ -1,7 +1,8 @@
 //! The agent's HTTP listener (`--metrics-addr`, loopback by default):
-//! `/metrics` for Prometheus, `/` a live stats page like HAProxy's, and
+//! `/metrics` for Prometheus, `/` a live stats page like HAProxy's,
 //! `/status.json`, the document of `discovery-agent status --json`, which
-//! the page polls. The page is embedded in the binary and loads nothing
+//! the page polls, and `/map.svg`, the fleet map (`discovery-agent map`,
+//! read from etcd; `?service=NAME` or `?node=NODE` narrows it). The page is embedded in the binary and loads nothing
 //! from anywhere else.
 use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -22,6 +23,34 @@ const PAGE: &str = include_str!("page.html");
 pub struct StatusSource {
     pub pin_dir: PathBuf,
     pub status_file: PathBuf,
+    /// etcd and the prefix, for the fleet map.
+    pub etcd: crate::etcd::EtcdConfig,
+    pub prefix: String,
+}
+
+/// `/map.svg`, read from etcd now.
+async fn map_svg(src: &StatusSource, query: Option<&str>) -> (StatusCode, &'static str, String) {
+    let param = |name: &str| {
+        query?.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == name).then(|| v.to_owned())
+        })
+    };
+    let (service, node) = (param("service"), param("node"));
+    let drawn = async {
+        let f = crate::fleet::read(&src.etcd, &src.prefix)
+            .await?
+            .filter(service.as_deref(), node.as_deref());
+        tokio::task::spawn_blocking(move || crate::fleet::svg(&f)).await?
+    };
+    match drawn.await {
+        Ok(svg) => (StatusCode::OK, "image/svg+xml", svg),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("fleet map: {e:#}\n"),
+        ),
+    }
 }
 
 fn status_json(src: &StatusSource) -> (StatusCode, String) {
@@ -87,10 +116,21 @@ pub async fn serve(
             };
             let (m, src) = (metrics.clone(), src.clone());
             tokio::spawn(async move {
-                let svc = service_fn(move |req| {
+                let svc = service_fn(move |req: Request<Incoming>| {
                     // status.json reads the maps: off the async workers.
                     let (m, src) = (m.clone(), src.clone());
                     async move {
+                        if req.uri().path() == "/map.svg" {
+                            let (status, ctype, body) = map_svg(&src, req.uri().query()).await;
+                            return Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(status)
+                                    .header("content-type", ctype)
+                                    .header("cache-control", "no-store")
+                                    .body(Full::new(body.into()))
+                                    .expect("static response parts"),
+                            );
+                        }
                         let resp = tokio::task::spawn_blocking(move || respond(&m, &src, &req))
                             .await
                             .unwrap_or_else(|_| {
