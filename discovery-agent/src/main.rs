@@ -4,6 +4,7 @@ mod admin;
 mod adopt;
 mod agent;
 mod announce;
+mod assets;
 mod checks;
 mod config;
 mod consumers;
@@ -112,6 +113,11 @@ fn main() -> std::process::ExitCode {
                     println!("{name} {v}");
                 }
             }),
+        Command::GenerateAssets(args) => assets::write(&args.dir).map(|files| {
+            for f in files {
+                println!("{}", f.display());
+            }
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -169,6 +175,7 @@ mod layering {
         ("admin", 8),
         ("agent", 8),
         ("announce", 8),
+        ("assets", 8),
         ("main", 9),
     ];
 
