@@ -4,6 +4,7 @@ mod admin;
 mod adopt;
 mod agent;
 mod announce;
+mod assets;
 mod checks;
 mod config;
 mod consumers;
@@ -119,6 +120,11 @@ fn main() -> std::process::ExitCode {
                     println!("{name} {v}");
                 }
             }),
+        Command::GenerateAssets(args) => assets::write(&args.dir).map(|files| {
+            for f in files {
+                println!("{}", f.display());
+            }
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -182,6 +188,7 @@ mod layering {
         ("doctor", 8),
         ("map", 8),
         ("announce", 8),
+        ("assets", 8),
         ("main", 9),
     ];
 

@@ -267,3 +267,38 @@ pub fn bootstrap() -> anyhow::Result<()> {
     eprintln!("bootstrap: ready (eBPF toolchain: {which}, {})", v.trim());
     Ok(())
 }
+
+/// Whether `tool` is an executable on PATH.
+pub fn on_path(tool: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| {
+            d.join(tool)
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// A host tool a task needs, from the Debian package `pkg`: installed when
+/// missing (as root), else an error naming the tool and the package.
+pub fn ensure_tool(tool: &str, pkg: &str, why: &str) -> anyhow::Result<()> {
+    if on_path(tool) {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!("{tool} is missing ({why}): install it with `apt-get install {pkg}` as root");
+    }
+    eprintln!("bootstrap: installing {pkg}: {why}");
+    step(
+        &format!("apt-get install {pkg}"),
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", pkg])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get's output above says why; `apt-get update` first if its lists are old.",
+    )?;
+    if !on_path(tool) {
+        bail!("{pkg} is installed but {tool} is still not on PATH");
+    }
+    Ok(())
+}

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask bootstrap|build|run|demo|test|bench|fresh-check`.
+//! Project tasks: `cargo xtask bootstrap|build|run|demo|test|bench|dist|fresh-check`.
 //!
 //! xtask depends on nothing that needs a system tool to build (no protoc, no
 //! LLVM, no etcd): on a machine with only rustup's stable toolchain it must
@@ -6,6 +6,8 @@
 //! benchmarks need etcd-client, so they are binaries of the `tests` crate,
 //! built and run after the bootstrap.
 mod bootstrap;
+mod debroot;
+mod dist;
 mod fresh;
 
 use std::{
@@ -66,6 +68,10 @@ enum Task {
     /// rustup's stable toolchain and a clean clone of HEAD, then
     /// `cargo xtask demo` and `bash .ci/run` inside it (as root; slow).
     FreshCheck(fresh::Opts),
+    /// Bootstrap, build the release agent and make a Debian package of it
+    /// in target/dist/; `--check` installs it into a clean Debian 12 root
+    /// and checks it as an operator would (as root).
+    Dist(dist::Opts),
 }
 
 pub fn root() -> PathBuf {
@@ -149,15 +155,17 @@ fn need_root(what: &str) -> anyhow::Result<()> {
 /// Builds the agent (with its programs) and every binary of the tests crate:
 /// clients, the demo and the benchmarks.
 pub fn build(release: bool) -> anyhow::Result<PathBuf> {
+    build_packages(release, &["discovery-agent", "discovery-tests"])
+}
+
+/// Builds the binaries of `packages`; returns the directory they are in.
+pub fn build_packages(release: bool, packages: &[&str]) -> anyhow::Result<PathBuf> {
     let mut c = cargo();
-    c.args([
-        "build",
-        "-p",
-        "discovery-agent",
-        "-p",
-        "discovery-tests",
-        "--bins",
-    ]);
+    c.arg("build");
+    for p in packages {
+        c.args(["-p", p]);
+    }
+    c.arg("--bins");
     if release {
         c.arg("--release");
     }
@@ -276,6 +284,12 @@ fn main() -> anyhow::Result<()> {
         Task::FreshCheck(opts) => {
             need_root("the fresh-machine check runs debootstrap, mounts and chroot")?;
             fresh::check(&opts)
+        }
+        Task::Dist(opts) => {
+            if opts.check {
+                need_root("the package check runs debootstrap, mounts and chroot")?;
+            }
+            dist::dist(&opts)
         }
     }
 }

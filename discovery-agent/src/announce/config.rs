@@ -284,6 +284,14 @@ mod tests {
     }
 
     #[test]
+    fn the_contrib_instance_file_is_valid() {
+        let v = parse(include_str!("../../../contrib/announce/memcached.toml")).unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].service, "memcached");
+        assert_eq!(v[0].addr, "198.18.0.5:11211".parse().unwrap());
+    }
+
+    #[test]
     fn file_with_defaults_and_all_check_kinds() {
         let text = r#"
 [[instance]]

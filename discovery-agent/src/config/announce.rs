@@ -93,7 +93,7 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser as _;
+    use clap::{CommandFactory as _, Parser as _};
 
     use super::super::{Cli, Command};
     use super::*;
@@ -148,5 +148,35 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Every variable contrib/announce.env sets (or shows commented out) is
+    /// one `announce` reads.
+    #[test]
+    fn the_contrib_announce_env_names_announce_variables() {
+        let cmd = Cli::command();
+        let announce = cmd.find_subcommand("announce").unwrap();
+        let known: Vec<String> = announce
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        let mut seen = 0;
+        for line in include_str!("../../../contrib/announce.env").lines() {
+            let line = line.trim_start_matches("# ");
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            if !key.starts_with("DISCOVERY_") || key.contains(' ') {
+                continue;
+            }
+            assert!(
+                known.iter().any(|k| k == key),
+                "{key} is not read by announce"
+            );
+            assert!(!value.is_empty() && !value.contains(' '), "{line}");
+            seen += 1;
+        }
+        assert!(seen >= 6, "{seen} variables");
     }
 }

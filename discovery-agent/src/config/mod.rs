@@ -75,4 +75,15 @@ pub enum Command {
     /// Take a backend out of rotation on every node, or put it back.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Write the man pages and shell completions into DIR (for packages:
+    /// `cargo xtask dist` runs it).
+    #[command(hide = true)]
+    GenerateAssets(AssetsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AssetsArgs {
+    /// Directory to write man/man1/*.1 and completions/{bash,zsh,fish}/
+    /// into; created if missing.
+    pub dir: std::path::PathBuf,
 }
