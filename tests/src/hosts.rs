@@ -155,7 +155,10 @@ impl Fleet {
             let ip = host_ip(i);
             let port = format!("p{i}");
             let sw = |args: &[&str]| {
-                must(fleet.switch.command("ip").args(args).output(), "ip in switch")
+                must(
+                    fleet.switch.command("ip").args(args).output(),
+                    "ip in switch",
+                )
             };
             sw(&[
                 "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
@@ -284,6 +287,39 @@ impl Fleet {
             .expect("the leader is a member")
     }
 
+    /// Hands the etcd leadership to host `to`'s member (`etcdctl
+    /// move-leader`, sent to the current leader), and waits until every
+    /// member agrees.
+    pub fn move_leader(&self, to: usize) {
+        let member_id = |i: usize| {
+            let out = self.ctl(i, &["endpoint", "status", "-w", "json"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v[0]["Status"]["header"]["member_id"].as_u64())
+                .expect("member id")
+        };
+        let target = format!("{:x}", member_id(to));
+        let ok = wait_until(Duration::from_secs(20), || {
+            let from = self.leader(to);
+            if from == to {
+                return Some(());
+            }
+            let _ = self.ctl(from, &["move-leader", &target]);
+            None
+        });
+        assert!(
+            ok.is_some(),
+            "leadership never moved to {}",
+            self.hosts[to].name
+        );
+        for i in 0..self.hosts.len() {
+            wait_until(Duration::from_secs(10), || {
+                (self.leader(i) == to).then_some(())
+            })
+            .unwrap_or_else(|| panic!("{} does not see the new leader", self.hosts[i].name));
+        }
+    }
+
     /// Starts `discovery-echo NAME ADDR PROTO` (`tcp`, `udp` or `both`)
     /// inside host `i`, at `host_ip(i):port`, and waits until it listens.
     pub fn backend(&self, i: usize, name: &str, port: u16, proto: &str) -> Proc {
@@ -338,9 +374,8 @@ impl Fleet {
     /// `discovery-probe MODE ADDR COUNT` on host `i`, to completion.
     pub fn probe(&self, i: usize, mode: &str, addr: &str, n: usize) -> Vec<Outcome> {
         let h = &self.hosts[i];
-        let out = h
-            .cg
-            .output(h.command(&self.probe).args([mode, addr, &n.to_string()]));
+        let out =
+            h.cg.output(h.command(&self.probe).args([mode, addr, &n.to_string()]));
         assert!(
             out.status.success(),
             "probe on {}: {}",

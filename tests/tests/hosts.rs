@@ -92,8 +92,13 @@ fn put_web(fleet: &Fleet) {
     );
 }
 
+/// Attempts that got no answer: the connect failed, or the connection
+/// closed before a backend said its name.
 fn failures(outcomes: &[Outcome]) -> Vec<&Outcome> {
-    outcomes.iter().filter(|o| o.backend.is_none()).collect()
+    outcomes
+        .iter()
+        .filter(|o| o.backend.as_deref().is_none_or(str::is_empty))
+        .collect()
 }
 
 #[test]
@@ -114,7 +119,13 @@ fn a_backend_whose_check_fails_on_host_b_is_dropped_by_every_host_with_no_failed
         &["--check-target", &check, "--ttl", "3s"],
     );
     let _ann_c = fleet.announcer(C, "web", "c", &format!("0.0.0.0:{PORT}"), &["--ttl", "3s"]);
-    wait_views(&fleet, &[A, B, C], "web", &["b", "c"], Duration::from_secs(10));
+    wait_views(
+        &fleet,
+        &[A, B, C],
+        "web",
+        &["b", "c"],
+        Duration::from_secs(10),
+    );
     // The announcers found their hosts' own addresses.
     let v = view(&fleet, A, "web").unwrap();
     let want: BTreeSet<(String, String)> = [
@@ -140,7 +151,12 @@ fn a_backend_whose_check_fails_on_host_b_is_dropped_by_every_host_with_no_failed
 
     assert!(outcomes.len() > 200, "only {} attempts", outcomes.len());
     let failed = failures(&outcomes);
-    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), failed);
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
     let late_b = outcomes
         .iter()
         .filter(|o| o.at_ms > known_dead && o.backend.as_deref() == Some("b"))
@@ -162,7 +178,13 @@ fn a_backend_killed_on_host_b_costs_at_most_the_passive_threshold_then_nothing()
     let _c = fleet.backend(C, "c", PORT, "tcp");
     let _ann_b = fleet.announcer(B, "web", "b", &format!("0.0.0.0:{PORT}"), &["--ttl", "3s"]);
     let _ann_c = fleet.announcer(C, "web", "c", &format!("0.0.0.0:{PORT}"), &["--ttl", "3s"]);
-    wait_views(&fleet, &[A, B, C], "web", &["b", "c"], Duration::from_secs(10));
+    wait_views(
+        &fleet,
+        &[A, B, C],
+        "web",
+        &["b", "c"],
+        Duration::from_secs(10),
+    );
     converge(&fleet, A, &["b", "c"], Duration::from_secs(5));
 
     let mut load = fleet.load(A, FE, 60_000);
@@ -175,11 +197,16 @@ fn a_backend_killed_on_host_b_costs_at_most_the_passive_threshold_then_nothing()
 
     let failed = failures(&outcomes);
     // Host B is up: a connect to the dead port is refused at once, and the
-    // kernel ejects b on A at the threshold (3) in a row.
-    assert!(failed.len() <= 3, "{} failed: {failed:?}", failed.len());
+    // kernel ejects b on A at the threshold (3) in a row. Besides those,
+    // the connection b's kernel had accepted when the process died closes
+    // unanswered.
+    let (refused, lost): (Vec<&Outcome>, Vec<&Outcome>) = failed
+        .iter()
+        .partition(|o| o.errno == Some(libc::ECONNREFUSED));
+    assert!(refused.len() <= 3, "{} refused: {refused:?}", refused.len());
     assert!(
-        failed.iter().all(|o| o.errno == Some(libc::ECONNREFUSED)),
-        "{failed:?}"
+        lost.len() <= 1 && lost.iter().all(|o| o.backend.as_deref() == Some("")),
+        "{lost:?}"
     );
     let late = outcomes
         .iter()
@@ -187,22 +214,48 @@ fn a_backend_killed_on_host_b_costs_at_most_the_passive_threshold_then_nothing()
         .count();
     assert_eq!(late, 0, "connects not to c after every host dropped b");
     eprintln!(
-        "{} connects, {} refused (b dead), {:?}",
+        "{} connects, {} refused and {} unanswered (b dead), {:?}",
         outcomes.len(),
-        failed.len(),
+        refused.len(),
+        lost.len(),
         tally(&outcomes)
     );
 }
 
 #[test]
 fn host_c_cut_off_expires_on_the_majority_keeps_its_last_state_and_resyncs_on_heal() {
-    let fleet = Fleet::new("hcut", 3);
+    partition("hcut", A);
+}
+
+/// Fails: with the leader's host cut off, the majority has no leader for
+/// a few seconds; B's announcer takes its unanswered keepalives (1 s) as
+/// a lost lease and waits for a new one, and the old lease, with its 3 s
+/// TTL, expires on the new leader before the announcer has registered
+/// again: the service has no backend on every host for about 2 s
+/// (connects refused at once). See the report of issue 18.
+#[test]
+#[ignore = "announcer drops a short-TTL lease across a leader election: no backend for ~2 s"]
+fn the_etcd_leaders_host_cut_off_expires_on_the_new_majority_and_resyncs_on_heal() {
+    partition("hlead", C);
+}
+
+/// Host C cut off under load from A, with the etcd leader on host
+/// `leader`, then healed.
+fn partition(tag: &str, leader: usize) {
+    let fleet = Fleet::new(tag, 3);
+    fleet.move_leader(leader);
     put_web(&fleet);
     let _b = fleet.backend(B, "b", PORT, "tcp");
     let _c = fleet.backend(C, "c", PORT, "tcp");
     let _ann_b = fleet.announcer(B, "web", "b", &format!("0.0.0.0:{PORT}"), &["--ttl", "3s"]);
     let _ann_c = fleet.announcer(C, "web", "c", &format!("0.0.0.0:{PORT}"), &["--ttl", "3s"]);
-    wait_views(&fleet, &[A, B, C], "web", &["b", "c"], Duration::from_secs(10));
+    wait_views(
+        &fleet,
+        &[A, B, C],
+        "web",
+        &["b", "c"],
+        Duration::from_secs(10),
+    );
     converge(&fleet, A, &["b", "c"], Duration::from_secs(5));
     assert_eq!(
         fleet.agent(C).snapshot().unwrap()["etcd"]["connected"],
@@ -213,6 +266,7 @@ fn host_c_cut_off_expires_on_the_majority_keeps_its_last_state_and_resyncs_on_he
     load.wait_attempts(100, Duration::from_secs(10));
     let cut_at = now_ms();
     fleet.cut(C);
+    let cut_done = now_ms();
     // The majority expires C's lease and stops routing to c.
     wait_views(&fleet, &[A, B], "web", &["b"], Duration::from_secs(20));
     let expired = now_ms();
@@ -241,29 +295,59 @@ fn host_c_cut_off_expires_on_the_majority_keeps_its_last_state_and_resyncs_on_he
             v["etcd"]["connected"] == true
         });
     // C's announcer registers c again; every host agrees.
-    wait_views(&fleet, &[A, B, C], "web", &["b", "c"], Duration::from_secs(20));
+    wait_views(
+        &fleet,
+        &[A, B, C],
+        "web",
+        &["b", "c"],
+        Duration::from_secs(20),
+    );
     let views: Vec<_> = [A, B, C].map(|i| view(&fleet, i, "web").unwrap()).into();
     assert!(views.windows(2).all(|w| w[0] == w[1]), "{views:?}");
     converge(&fleet, A, &["b", "c"], Duration::from_secs(5));
     let outcomes = load.stop();
 
-    // b was live and reachable throughout: every failure is a connect to
-    // c during the cut (timed out or unreachable), before A dropped c,
-    // and the kernel's passive ejection bounds them.
+    // b was live and reachable throughout: every failure is to c during
+    // the cut, before A dropped c: connects that timed out (the service's
+    // 300 ms) or found no route, and the kernel's passive ejection stops
+    // those at the threshold (3); besides, the one connection established
+    // to c as the cut came, whose answer never arrived (the probe's read
+    // timeout, EAGAIN).
     let failed = failures(&outcomes);
     eprintln!(
-        "{} connects, {} failed, {:?}; lease expired on the majority {} ms after the cut, C saw etcd lost after {} ms",
+        "{} connects, {} failed, {:?}; etcd leader was {}; lease expired on the majority {} ms \
+         after the cut, C saw etcd lost after {} ms",
         outcomes.len(),
         failed.len(),
         tally(&outcomes),
+        fleet.host(leader).name,
         expired - cut_at,
         lost - cut_at,
     );
+    let refused: Vec<u64> = failed
+        .iter()
+        .filter(|o| o.errno == Some(libc::ECONNREFUSED))
+        .map(|o| o.at_ms - cut_at)
+        .collect();
     assert!(
-        failed
-            .iter()
-            .all(|o| matches!(o.errno, Some(libc::ETIMEDOUT | libc::EHOSTUNREACH))),
-        "{failed:?}"
+        refused.is_empty(),
+        "{} connects refused at once (no backend) from {:?} to {:?} ms after the cut",
+        refused.len(),
+        refused.first(),
+        refused.last()
+    );
+    let (connects, reads): (Vec<&Outcome>, Vec<&Outcome>) = failed
+        .iter()
+        .partition(|o| matches!(o.errno, Some(libc::ETIMEDOUT | libc::EHOSTUNREACH)));
+    assert!(
+        connects.len() <= 3,
+        "{} failed: {:?}",
+        connects.len(),
+        &connects[..connects.len().min(5)]
+    );
+    assert!(
+        reads.len() <= 1 && reads.iter().all(|o| o.errno == Some(libc::EAGAIN)),
+        "{reads:?}"
     );
     assert!(
         failed
@@ -271,10 +355,9 @@ fn host_c_cut_off_expires_on_the_majority_keeps_its_last_state_and_resyncs_on_he
             .all(|o| o.at_ms >= cut_at && o.at_ms <= expired),
         "a failure outside the cut: {failed:?}"
     );
-    assert!(failed.len() <= 3, "{} failed: {failed:?}", failed.len());
     let c_during_cut = outcomes
         .iter()
-        .filter(|o| o.at_ms > cut_at && o.at_ms < lost && o.backend.as_deref() == Some("c"))
+        .filter(|o| o.at_ms > cut_done && o.at_ms < lost && o.backend.as_deref() == Some("c"))
         .count();
     assert_eq!(c_during_cut, 0, "c answered across the cut");
 }
@@ -284,7 +367,13 @@ fn cross_host_clients_see_the_frontend_and_backends_see_the_client_host() {
     let fleet = Fleet::new("hpeer", 2);
     put_web(&fleet);
     let _b = fleet.backend(B, "b", PORT, "both");
-    let _ann = fleet.announcer(B, "web", "b", &format!("0.0.0.0:{PORT}"), &["--check", "none"]);
+    let _ann = fleet.announcer(
+        B,
+        "web",
+        "b",
+        &format!("0.0.0.0:{PORT}"),
+        &["--check", "none"],
+    );
     wait_views(&fleet, &[A, B], "web", &["b"], Duration::from_secs(10));
     for mode in ["tcp", "udp", "udp-connected"] {
         let out = fleet.probe(A, mode, FE, 5);
@@ -295,9 +384,9 @@ fn cross_host_clients_see_the_frontend_and_backends_see_the_client_host() {
     }
 
     // A TCP backend on B that records its peers.
-    let listener: TcpListener = fleet.host(B).within(|| {
-        TcpListener::bind((host_ip(B), PORT + 1)).expect("bind on B")
-    });
+    let listener: TcpListener = fleet
+        .host(B)
+        .within(|| TcpListener::bind((host_ip(B), PORT + 1)).expect("bind on B"));
     let peers = Arc::new(Mutex::new(Vec::<SocketAddr>::new()));
     let p = peers.clone();
     std::thread::spawn(move || {
@@ -326,9 +415,59 @@ fn cross_host_clients_see_the_frontend_and_backends_see_the_client_host() {
     let seen = peers.lock().unwrap().clone();
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert!(
-        seen.iter().all(|p| p.ip() == std::net::IpAddr::V4(host_ip(A))),
+        seen.iter()
+            .all(|p| p.ip() == std::net::IpAddr::V4(host_ip(A))),
         "the backend saw {seen:?}"
     );
     // The recorder thread blocks in accept; the listener goes with the
     // process.
+}
+
+#[test]
+fn every_agent_restarted_one_host_at_a_time_under_load_loses_no_connect() {
+    let mut fleet = Fleet::new("hroll", 3);
+    put_web(&fleet);
+    let _b = fleet.backend(B, "b", PORT, "tcp");
+    let _c = fleet.backend(C, "c", PORT, "tcp");
+    let _ann_b = fleet.announcer(B, "web", "b", &format!("0.0.0.0:{PORT}"), &["--ttl", "3s"]);
+    let _ann_c = fleet.announcer(C, "web", "c", &format!("0.0.0.0:{PORT}"), &["--ttl", "3s"]);
+    wait_views(
+        &fleet,
+        &[A, B, C],
+        "web",
+        &["b", "c"],
+        Duration::from_secs(10),
+    );
+    converge(&fleet, A, &["b", "c"], Duration::from_secs(5));
+
+    let mut load = fleet.load(A, FE, 120_000);
+    load.wait_attempts(100, Duration::from_secs(10));
+    for i in [A, B, C] {
+        fleet.restart_agent(i);
+        let ready = fleet.agent(i).wait_ready(Duration::from_secs(30));
+        let programs = ready["programs"].as_object().expect("programs");
+        assert!(programs.values().all(|h| h == "adopted"), "{ready}");
+        load.wait_attempts(100, Duration::from_secs(10));
+    }
+    wait_views(
+        &fleet,
+        &[A, B, C],
+        "web",
+        &["b", "c"],
+        Duration::from_secs(10),
+    );
+    let outcomes = load.stop();
+    let failed = failures(&outcomes);
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let t = tally(&outcomes);
+    assert!(t.contains_key("b") && t.contains_key("c"), "{t:?}");
+    eprintln!(
+        "rolling restart: {} connects, 0 failed, {t:?}",
+        outcomes.len()
+    );
 }
