@@ -25,6 +25,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub mod clients;
+pub mod hosts;
 pub mod net;
 
 /// One attempt of `discovery-probe`.
@@ -238,6 +239,12 @@ pub struct Etcd {
     /// Extra server flags (TLS) and etcdctl flags (TLS, root user).
     server_args: Vec<String>,
     ctl_args: Vec<String>,
+    /// `--listen-client-urls` when it differs from `url` (a member that
+    /// also listens on its host's loopback).
+    listen_client: Option<String>,
+    /// A network namespace (`/run/netns/NAME`) the member and its etcdctl
+    /// run in, through nsenter; None: the calling thread's.
+    netns: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -371,6 +378,8 @@ impl Etcd {
                 name: "default".into(),
                 server_args: Vec::new(),
                 ctl_args: Vec::new(),
+                listen_client: None,
+                netns: None,
                 dir: etcd_dir(),
             };
             if e.spawn() {
@@ -393,12 +402,13 @@ impl Etcd {
             .append(true)
             .open(self.dir.path().join("etcd.log"))
             .expect("etcd log");
-        let child = Command::new("etcd")
+        let listen = self.listen_client.as_deref().unwrap_or(&self.url);
+        let child = net::command_in(self.netns.as_deref(), "etcd")
             .process_group(0)
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &self.url])
+            .args(["--listen-client-urls", listen])
             .args(["--advertise-client-urls", &self.url])
             .args(["--listen-peer-urls", &self.peer_url])
             .args(["--initial-advertise-peer-urls", &self.peer_url])
@@ -439,7 +449,7 @@ impl Etcd {
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new("etcdctl")
+        net::command_in(self.netns.as_deref(), "etcdctl")
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", &self.url, "--command-timeout", "5s"])
             .args(&self.ctl_args)
@@ -491,6 +501,8 @@ impl Etcd {
                 "--key".into(),
                 f("client.key"),
             ],
+            listen_client: None,
+            netns: None,
             dir: etcd_dir(),
         };
         assert!(e.spawn(), "secure etcd did not start:\n{}", e.log());
@@ -587,7 +599,7 @@ impl Etcd {
                 input.push_str(&format!("put {k} {v}\n"));
             }
             input.push_str("\n\n");
-            let mut child = Command::new("etcdctl")
+            let mut child = net::command_in(self.netns.as_deref(), "etcdctl")
                 .args(["--endpoints", &self.url, "txn"])
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
@@ -655,6 +667,8 @@ impl EtcdCluster {
                     .map(String::from)
                     .to_vec(),
                 ctl_args: Vec::new(),
+                listen_client: None,
+                netns: None,
                 dir: etcd_dir(),
             })
             .collect();
@@ -1046,6 +1060,9 @@ pub struct Proc {
     env: Vec<(String, String)>,
     /// A test cgroup to start (and restart) the process in.
     cgroup: Option<PathBuf>,
+    /// A network namespace (`/run/netns/NAME`) to start it in, through
+    /// nsenter (which execs it: the child's PID is the process's own).
+    netns: Option<String>,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -1058,14 +1075,27 @@ impl Proc {
     /// Starts it as a process inside the cgroup at `cgroup` (one of the
     /// test's own), as a workload there would run.
     pub fn spawn_in(args: Vec<String>, cgroup: Option<PathBuf>) -> Self {
+        Self::spawn_on(None, args, cgroup, None)
+    }
+
+    /// Starts `bin` (None: the agent under test) with `args`, in the test
+    /// cgroup `cgroup` if given, and in the network namespace `netns`
+    /// (`/run/netns/NAME`) if given.
+    pub fn spawn_on(
+        bin: Option<PathBuf>,
+        args: Vec<String>,
+        cgroup: Option<PathBuf>,
+        netns: Option<String>,
+    ) -> Self {
         net::isolate();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut p = Self {
             child: None,
             args,
-            bin: None,
+            bin,
             env: Vec::new(),
             cgroup,
+            netns,
             log: dir.path().join("log"),
             _dir: dir,
         };
@@ -1085,7 +1115,10 @@ impl Proc {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut cmd = Command::new(self.bin.clone().unwrap_or_else(agent_bin));
+        let mut cmd = net::command_in(
+            self.netns.as_deref(),
+            self.bin.clone().unwrap_or_else(agent_bin),
+        );
         cmd.process_group(0)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -1104,7 +1137,9 @@ impl Proc {
             // SAFETY: only async-signal-safe calls between fork and exec.
             unsafe { cmd.pre_exec(move || move_self(fd)) };
         }
-        let child = cmd.spawn().expect("spawn discovery-agent");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.binary().display()));
         drop(procs);
         self.child = Some(child);
     }
@@ -1341,6 +1376,19 @@ impl Agent {
     }
 
     fn spawn_with(etcd_url: &str, cgroup: &TestCgroup, extra: &[&str], inside: bool) -> Self {
+        Self::spawn_netns(etcd_url, cgroup, extra, inside, None)
+    }
+
+    /// Starts it without waiting for etcd, in the network namespace
+    /// `netns` (`/run/netns/NAME`, through nsenter) if given: an agent of
+    /// its own host (see [`hosts`]).
+    pub fn spawn_netns(
+        etcd_url: &str,
+        cgroup: &TestCgroup,
+        extra: &[&str],
+        inside: bool,
+        netns: Option<&str>,
+    ) -> Self {
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("pins"));
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -1363,7 +1411,12 @@ impl Agent {
         args.extend(["--status-file".into(), status_file.display().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         Self {
-            proc: Proc::spawn_in(args, inside.then(|| cgroup.path.clone())),
+            proc: Proc::spawn_on(
+                None,
+                args,
+                inside.then(|| cgroup.path.clone()),
+                netns.map(str::to_owned),
+            ),
             pin_dir,
             status_file,
         }

@@ -150,6 +150,22 @@ pub fn add_host_address(cidr: &str) {
     ip(&[family, "route", "add", "default", "dev", "host0"]);
 }
 
+/// `program` as a command, run inside the network namespace
+/// `/run/netns/NAME` through nsenter when `netns` is given (nsenter execs
+/// it, so the child's PID is the program's own), else in the caller's.
+pub fn command_in(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match netns {
+        Some(name) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{name}"))
+                .arg("--")
+                .arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// A network namespace of the test's own besides its main one (a
 /// container's, say), with loopback up; deleted on drop. Enter it with
 /// [`Netns::command`].
@@ -174,11 +190,7 @@ impl Netns {
     /// `program` run inside the namespace, through nsenter (not `ip netns
     /// exec`, which remounts /sys and hides the cgroup and bpffs mounts).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.name))
-            .arg("--")
-            .arg(program);
-        c
+        command_in(Some(&self.name), program)
     }
 }
 
