@@ -1,18 +1,36 @@
 //! The one lease keeper: a connection to etcd holding a lease, kept alive
-//! at a third of its TTL by a task that reports the first sign of loss
-//! (keepalive error, an unanswered keepalive, the stream closing, or etcd
-//! answering TTL 0, i.e. expired). The announcer and the consumers
+//! at a third of its TTL by a task that reports the loss once it is real:
+//! etcd answering TTL 0 (expired), or no keepalive answered until the
+//! lease's TTL ran out. Until then it keeps retrying, on a fresh stream. The announcer and the consumers
 //! publisher both write under a [`LeaseSession`]; neither runs its own
 //! keepalive loop.
 use std::time::Duration;
 
 use anyhow::Context as _;
-use etcd_client::{Client, PutOptions};
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 use tokio::{
     sync::oneshot,
     task::JoinHandle,
-    time::{sleep, timeout},
+    time::{Instant, sleep, timeout},
 };
+
+/// How soon a keepalive that went unanswered is tried again.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// One keepalive: the TTL etcd says is left (0: the lease is gone).
+async fn renew(
+    keeper: &mut LeaseKeeper,
+    stream: &mut LeaseKeepAliveStream,
+    wait: Duration,
+) -> Result<i64, String> {
+    keeper.keep_alive().await.map_err(|e| e.to_string())?;
+    match timeout(wait.max(Duration::from_secs(1)), stream.message()).await {
+        Ok(Ok(Some(r))) => Ok(r.ttl()),
+        Ok(Ok(None)) => Err("the keepalive stream closed".to_owned()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("not answered".to_owned()),
+    }
+}
 
 use crate::etcd::{EtcdConfig, connect};
 
@@ -52,18 +70,34 @@ impl LeaseSession {
             .with_context(|| format!("starting keepalive of lease {lease:x}"))?;
         let (lost_tx, lost) = oneshot::channel();
         let period = ttl / 3;
+        let mut again = client.clone();
         let keepalive = tokio::spawn(async move {
+            // The lease lives until etcd says it ended or its TTL is over
+            // with no keepalive answered: a member that lost its leader for
+            // a moment (an election, a partition healing) is no reason to
+            // give up a lease that is still valid, and with it every key
+            // under it.
+            let mut expires = Instant::now() + ttl;
+            let mut wait = period;
             let reason = loop {
-                sleep(period).await;
-                if let Err(e) = keeper.keep_alive().await {
-                    break format!("keepalive of lease {lease:x}: {e}");
-                }
-                match timeout(period.max(Duration::from_secs(1)), stream.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => continue,
-                    Ok(Ok(Some(_))) => break format!("lease {lease:x} expired"),
-                    Ok(Ok(None)) => break format!("keepalive stream of lease {lease:x} closed"),
-                    Ok(Err(e)) => break format!("keepalive of lease {lease:x}: {e}"),
-                    Err(_) => break format!("keepalive of lease {lease:x} not answered"),
+                sleep(wait).await;
+                match renew(&mut keeper, &mut stream, period).await {
+                    Ok(left) if left > 0 => {
+                        expires = Instant::now() + Duration::from_secs(left as u64);
+                        wait = period;
+                    }
+                    Ok(_) => break format!("lease {lease:x} expired"),
+                    Err(e) if Instant::now() >= expires => {
+                        break format!("keepalive of lease {lease:x}: {e}; its TTL is over");
+                    }
+                    Err(_) => {
+                        // Try again soon, on a fresh stream (the old one
+                        // may be dead with its connection).
+                        if let Ok((k, st)) = again.lease_keep_alive(lease).await {
+                            (keeper, stream) = (k, st);
+                        }
+                        wait = RETRY.min(period);
+                    }
                 }
             };
             let _ = lost_tx.send(reason);

@@ -237,7 +237,6 @@ fn host_c_cut_off_expires_on_the_majority_keeps_its_last_state_and_resyncs_on_he
 /// lease keeper gives a lease up at its first unanswered keepalive (1 s)
 /// and waits for a new one, which is the likely cause.
 #[test]
-#[ignore = "announcer drops a short-TTL lease across a leader election: no backend for ~2 s"]
 fn the_etcd_leaders_host_cut_off_expires_on_the_new_majority_and_resyncs_on_heal() {
     partition("hlead", C);
 }
