@@ -287,9 +287,18 @@ fn doctor(
     w: &World,
     extra: &[&str],
 ) -> (bool, std::collections::HashMap<String, (String, String)>) {
+    doctor_at(w, &w.etcd.url, extra)
+}
+
+/// The same against the etcd at `etcd`.
+fn doctor_at(
+    w: &World,
+    etcd: &str,
+    extra: &[&str],
+) -> (bool, std::collections::HashMap<String, (String, String)>) {
     let out = Command::new(agent_bin())
         .arg("doctor")
-        .args(["--etcd", &w.etcd.url, "--cgroup"])
+        .args(["--etcd", etcd, "--cgroup"])
         .arg(&w.cg.path)
         .arg("--pin-dir")
         .arg(&w.agent.pin_dir)
@@ -353,7 +362,7 @@ fn doctor_checks_the_node_the_pins_and_etcd_and_names_what_fails() {
     let (_, checks) = doctor(&w, &["--max-backends", "4096"]);
     assert_eq!(checks["map layout"].0, "warn", "{checks:?}");
     // etcd that does not answer.
-    let (ok, checks) = doctor(&w, &["--etcd", "http://127.0.0.1:9"]);
+    let (ok, checks) = doctor_at(&w, "http://127.0.0.1:9", &[]);
     assert!(!ok);
     assert_eq!(checks["etcd"].0, "fail", "{checks:?}");
 }
