@@ -151,58 +151,7 @@ impl Fleet {
             .collect::<Vec<_>>()
             .join(",");
         for (i, name) in names.iter().enumerate() {
-            let ns = Netns::new(&format!("{tag}-{name}"));
-            let ip = host_ip(i);
-            let port = format!("p{i}");
-            let sw = |args: &[&str]| {
-                must(
-                    fleet.switch.command("ip").args(args).output(),
-                    "ip in switch",
-                )
-            };
-            sw(&[
-                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-            ]);
-            sw(&["link", "set", &port, "master", "br0"]);
-            sw(&["link", "set", &port, "up"]);
-            let h = |args: &[&str]| must(ns.command("ip").args(args).output(), "ip in host");
-            h(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-            h(&["link", "set", "eth0", "up"]);
-            h(&["route", "add", "default", "dev", "eth0"]);
-            let url = format!("http://{ip}:2379");
-            let etcd = Etcd {
-                child: None,
-                listen_client: Some(format!("{url},{LOCAL_ETCD}")),
-                url,
-                peer_url: format!("http://{ip}:2380"),
-                name: name.clone(),
-                initial_cluster: initial_cluster.clone(),
-                // Relaxed raft timing for a loaded 2-core machine; pre-vote
-                // so that a healed member does not depose the leader.
-                server_args: [
-                    "--heartbeat-interval",
-                    "150",
-                    "--election-timeout",
-                    "1500",
-                    "--pre-vote",
-                ]
-                .map(String::from)
-                .to_vec(),
-                ctl_args: Vec::new(),
-                netns: Some(ns.name.clone()),
-                dir: etcd_dir(),
-            };
-            let cg = TestCgroup::new(&format!("{tag}-{name}"));
-            fleet.hosts.push(Host {
-                index: i,
-                name: name.clone(),
-                ip,
-                agent: None,
-                cg,
-                etcd,
-                ns,
-                agent_args: Vec::new(),
-            });
+            fleet.add_host(tag, i, name, &initial_cluster, &[]);
         }
         // Every member must run before any is healthy (quorum).
         fleet.hosts.iter_mut().for_each(|h| h.etcd.launch());
@@ -227,6 +176,121 @@ impl Fleet {
             h.agent().wait_ready(Duration::from_secs(30));
         }
         fleet
+    }
+
+    /// Makes host `i` (namespace, switch port, address, its etcd member's
+    /// settings and its cgroup); launches nothing.
+    fn add_host(
+        &mut self,
+        tag: &str,
+        i: usize,
+        name: &str,
+        initial_cluster: &str,
+        etcd_extra: &[&str],
+    ) {
+        let ns = Netns::new(&format!("{tag}-{name}"));
+        let ip = host_ip(i);
+        let port = format!("p{i}");
+        let sw = |args: &[&str]| {
+            must(
+                self.switch.command("ip").args(args).output(),
+                "ip in switch",
+            )
+        };
+        sw(&[
+            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        sw(&["link", "set", &port, "master", "br0"]);
+        sw(&["link", "set", &port, "up"]);
+        let h = |args: &[&str]| must(ns.command("ip").args(args).output(), "ip in host");
+        h(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        h(&["link", "set", "eth0", "up"]);
+        h(&["route", "add", "default", "dev", "eth0"]);
+        let url = format!("http://{ip}:2379");
+        let mut server_args: Vec<String> = [
+            // Relaxed raft timing for a loaded 2-core machine; pre-vote so
+            // that a healed member does not depose the leader.
+            "--heartbeat-interval",
+            "150",
+            "--election-timeout",
+            "1500",
+            "--pre-vote",
+        ]
+        .map(String::from)
+        .to_vec();
+        server_args.extend(etcd_extra.iter().map(|s| s.to_string()));
+        let etcd = Etcd {
+            child: None,
+            listen_client: Some(format!("{url},{LOCAL_ETCD}")),
+            url,
+            peer_url: format!("http://{ip}:2380"),
+            name: name.to_owned(),
+            initial_cluster: initial_cluster.to_owned(),
+            server_args,
+            ctl_args: Vec::new(),
+            netns: Some(ns.name.clone()),
+            dir: etcd_dir(),
+        };
+        let cg = TestCgroup::new(&format!("{tag}-{name}"));
+        self.hosts.push(Host {
+            index: i,
+            name: name.to_owned(),
+            ip,
+            agent: None,
+            cg,
+            etcd,
+            ns,
+            agent_args: Vec::new(),
+        });
+    }
+
+    /// A new host joins the running fleet: its etcd member is added to the
+    /// cluster (`member add`, then started with the cluster as it is), its
+    /// agent started with the others' flags. Returns its index once the
+    /// agent is ready (it applied a full list of etcd).
+    pub fn join(&mut self, tag: &str) -> usize {
+        let i = self.hosts.len();
+        let name = format!("host-{}", (b'a' + i as u8) as char);
+        let peer = format!("http://{}:2380", host_ip(i));
+        // etcd refuses a new member until every member has been up for a
+        // few seconds ("unhealthy cluster"): retry within a deadline.
+        let mut last = None;
+        let added = wait_until(Duration::from_secs(30), || {
+            let out = self.ctl(0, &["member", "add", &name, &format!("--peer-urls={peer}")]);
+            let ok = out.status.success();
+            last = Some(out);
+            ok.then_some(())
+        });
+        assert!(added.is_some(), "member add: {last:?}");
+        let cluster = self
+            .hosts
+            .iter()
+            .map(|h| format!("{}={}", h.name, h.etcd.peer_url))
+            .chain([format!("{name}={peer}")])
+            .collect::<Vec<_>>()
+            .join(",");
+        self.add_host(
+            tag,
+            i,
+            &name,
+            &cluster,
+            &["--initial-cluster-state", "existing"],
+        );
+        let h = self.hosts.last_mut().expect("just added");
+        h.etcd.launch();
+        assert!(
+            h.etcd.wait_healthy(),
+            "etcd member {name} exited:\n{}",
+            h.etcd.log()
+        );
+        let mut args = self.hosts[0].agent_args.clone();
+        if let Some(at) = args.iter().position(|a| a == "--node") {
+            args[at + 1] = name.clone();
+        }
+        self.hosts[i].agent_args = args;
+        self.start_agent(i);
+        self.agent(i).wait_ready(Duration::from_secs(30));
+        i
     }
 
     pub fn host(&self, i: usize) -> &Host {

@@ -482,3 +482,46 @@ fn every_agent_restarted_one_host_at_a_time_under_load_loses_no_connect() {
         outcomes.len()
     );
 }
+
+#[test]
+fn a_new_host_joins_and_serves_from_its_first_sync() {
+    let mut fleet = Fleet::new("hjoin", 3);
+    put_web(&fleet);
+    let _b = fleet.backend(B, "b", PORT, "tcp");
+    let _c = fleet.backend(C, "c", PORT, "tcp");
+    let _ann_b = fleet.announcer(B, "web", "b", &format!("0.0.0.0:{PORT}"), &["--ttl", "3s"]);
+    let _ann_c = fleet.announcer(C, "web", "c", &format!("0.0.0.0:{PORT}"), &["--ttl", "3s"]);
+    wait_views(
+        &fleet,
+        &[A, B, C],
+        "web",
+        &["b", "c"],
+        Duration::from_secs(10),
+    );
+    // The fleet keeps serving while a fourth host (a new etcd member and
+    // agent) joins.
+    let mut load = fleet.load(A, FE, 60_000);
+    load.wait_attempts(100, Duration::from_secs(10));
+    let d = fleet.join("hjoin");
+    // From its first sync (ready: a full list applied), its clients reach
+    // both backends, with no failed connect and no warm-up.
+    let first = fleet.probe(d, "tcp", FE, 40);
+    assert!(failures(&first).is_empty(), "{first:?}");
+    let t = tally(&first);
+    assert!(t.contains_key("b") && t.contains_key("c"), "{t:?}");
+    assert_eq!(
+        fleet
+            .ctl(d, &["member", "list"])
+            .stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        4
+    );
+    load.wait_attempts(100, Duration::from_secs(10));
+    let outcomes = load.stop();
+    assert!(
+        failures(&outcomes).is_empty(),
+        "the fleet lost connects while a host joined"
+    );
+}
