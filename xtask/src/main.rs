@@ -44,7 +44,11 @@ enum Task {
     },
     /// A private etcd, the agent on a child cgroup, backends on 127.0.0.x and
     /// a client being redirected and rebalanced. Cleans up on exit or Ctrl-C.
-    Demo,
+    Demo {
+        /// Three hosts in network namespaces, one cut off and back.
+        #[arg(long)]
+        hosts: bool,
+    },
     /// Benchmarks against direct, nftables DNAT and HAProxy, and the
     /// classic etcd → confd → HAProxy reload pipeline; writes BENCHMARKS.md
     /// and benchmarks.png (as root; not part of the tests).
@@ -200,11 +204,15 @@ fn main() -> anyhow::Result<()> {
             c.arg("run").args(flags);
             exec(c, "discovery-agent")
         }
-        Task::Demo => {
+        Task::Demo { hosts } => {
             need_root("the demo attaches BPF programs to a child cgroup")?;
             bootstrap::bootstrap()?;
             let dir = build(false)?;
-            exec(Command::new(dir.join("discovery-demo")), "the demo")
+            let mut demo = Command::new(dir.join("discovery-demo"));
+            if hosts {
+                demo.arg("--hosts");
+            }
+            exec(demo, "the demo")
         }
         Task::Bench { quick, parts } => {
             need_root("the benchmarks attach BPF programs to a child cgroup")?;

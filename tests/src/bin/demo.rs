@@ -42,7 +42,71 @@ fn main() -> anyhow::Result<()> {
     let bin_dir = exe
         .parent()
         .context("discovery-demo has no parent directory")?;
-    demo(bin_dir)
+    match std::env::args().nth(1).as_deref() {
+        None => demo(bin_dir),
+        Some("--hosts") => hosts(bin_dir),
+        Some(other) => bail!("unknown argument {other:?}: expected nothing or --hosts"),
+    }
+}
+
+/// `--hosts`: three hosts in network namespaces on a switch (198.18.0.0/24,
+/// nothing routed outside), an etcd member and an agent each; backends on
+/// hosts b and c announced with a 3 s lease, a client on host a; then host
+/// c is cut off and traffic moves to b, and comes back when c returns.
+fn hosts(bin_dir: &Path) -> anyhow::Result<()> {
+    use discovery_tests::hosts::Fleet;
+    // SAFETY: single-threaded at this point; read by the harness later.
+    unsafe { std::env::set_var("DISCOVERY_AGENT_BIN", bin_dir.join("discovery-agent")) };
+    println!("== discovery demo: three hosts, one cut off ==");
+    println!("\n[1/4] three hosts (namespaces on a switch), an etcd member and an agent on each");
+    let fleet = Fleet::new("demo", 3);
+    for h in &fleet.hosts {
+        println!("      {} at {}", h.name, h.ip);
+    }
+    fleet.put(
+        0,
+        "/discovery/services/web",
+        r#"{"frontend":"127.0.0.1:8080","connect_timeout":"300ms"}"#,
+    );
+    println!("\n[2/4] backends on host-b and host-c, announced with --addr 0.0.0.0:9000 --ttl 3s");
+    let _b = fleet.backend(1, "backend-on-b", 9000, "tcp");
+    let _c = fleet.backend(2, "backend-on-c", 9000, "tcp");
+    let _ab = fleet.announcer(1, "web", "b", "0.0.0.0:9000", &["--ttl", "3s"]);
+    let _ac = fleet.announcer(2, "web", "c", "0.0.0.0:9000", &["--ttl", "3s"]);
+    let seen = |want: usize| {
+        wait_until(Duration::from_secs(15), || {
+            let t = tally(&fleet.probe(0, "tcp", "127.0.0.1:8080", 20));
+            (t.len() == want).then_some(t)
+        })
+    };
+    let t = seen(2).context("host-a never reached both backends")?;
+    println!(
+        "      host-a's client to 127.0.0.1:8080: {:?}",
+        t.into_iter().collect::<BTreeMap<_, _>>()
+    );
+    println!("\n[3/4] host-c cut off from the switch");
+    fleet.cut(2);
+    let started = Instant::now();
+    let t = wait_until(Duration::from_secs(20), || {
+        let t = tally(&fleet.probe(0, "tcp", "127.0.0.1:8080", 20));
+        (t.len() == 1 && t.contains_key("backend-on-b")).then_some(t)
+    })
+    .context("traffic never left host-c")?;
+    println!(
+        "      after {:.1} s: {:?}\n      (connects to host-c time out at 300 ms and the kernel ejects it; \
+         its lease expires on the majority after the 3 s TTL)",
+        started.elapsed().as_secs_f64(),
+        t.into_iter().collect::<BTreeMap<_, _>>()
+    );
+    println!("\n[4/4] host-c back on the switch");
+    fleet.heal(2);
+    let t = seen(2).context("host-c never came back")?;
+    println!(
+        "      host-a's client again: {:?}",
+        t.into_iter().collect::<BTreeMap<_, _>>()
+    );
+    println!("\ndone: cleaning up the hosts");
+    Ok(())
 }
 
 fn demo(bin_dir: &Path) -> anyhow::Result<()> {
