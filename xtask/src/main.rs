@@ -56,7 +56,8 @@ enum Task {
         /// A short smoke run (one round, fewer changes, smaller sizes).
         #[arg(long)]
         quick: bool,
-        /// Only these parts: datapath, control, failover, checks.
+        /// Only these parts: datapath, control, failover, checks, hosts (a
+        /// run of some parts writes BENCHMARKS-<parts>.md, not BENCHMARKS.md).
         parts: Vec<String>,
     },
     /// README's screenshots of the stats page and the fleet map, made in

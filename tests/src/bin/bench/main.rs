@@ -5,6 +5,7 @@
 //! and pin dir removed, also on failure.
 mod control;
 mod datapath;
+mod hosts;
 mod report;
 
 use std::{
@@ -74,10 +75,10 @@ fn main() -> anyhow::Result<()> {
     for a in std::env::args().skip(1) {
         match a.as_str() {
             "--quick" => quick = true,
-            "datapath" | "control" | "failover" | "checks" => parts.push(a),
+            "datapath" | "control" | "failover" | "checks" | "hosts" => parts.push(a),
             other => bail!(
                 "unknown argument {other:?}: expected --quick or parts among \
-                 datapath, control, failover, checks"
+                 datapath, control, failover, checks, hosts"
             ),
         }
     }
@@ -153,7 +154,13 @@ fn run(bins: Bins, plan: Plan, parts: &[String]) -> anyhow::Result<()> {
         let r = rt.block_on(control::active_checks(&bins, &plan, &mut results));
         part("active checks", r, &mut results);
     }
-    results.write(&root())?;
+    if want("hosts") {
+        let r = hosts::run(&plan, &mut results);
+        part("across hosts", r, &mut results);
+    }
+    // A run of some parts writes a report of its own: it must not replace
+    // the full run's BENCHMARKS.md.
+    results.write(&root(), parts)?;
     if !failed.is_empty() {
         bail!("benchmark parts failed: {}", failed.join(", "));
     }

@@ -52,6 +52,16 @@ pub struct Failover {
     pub note: Option<String>,
 }
 
+/// One row of the across-hosts table.
+#[derive(Debug)]
+pub struct HostsRow {
+    pub setup: String,
+    /// Agents whose maps were timed (every agent but the writer's host's).
+    pub watchers: usize,
+    pub changes: usize,
+    pub ms: Summary,
+}
+
 pub struct Results {
     pub machine: Vec<(String, String)>,
     pub tcp: Vec<PathSample>,
@@ -61,6 +71,7 @@ pub struct Results {
     pub pipeline: Vec<Pipeline>,
     pub failover: Vec<Failover>,
     pub checks: BTreeMap<String, String>,
+    pub hosts: Vec<HostsRow>,
     pub notes: Vec<String>,
 }
 
@@ -127,16 +138,25 @@ impl Results {
             pipeline: vec![],
             failover: vec![],
             checks: BTreeMap::new(),
+            hosts: vec![],
             notes: vec![],
         })
     }
 
-    pub fn write(&self, root: &Path) -> anyhow::Result<()> {
+    /// BENCHMARKS.md and benchmarks.png for a full run; for a run of some
+    /// parts, BENCHMARKS-<parts>.md only.
+    pub fn write(&self, root: &Path, parts: &[String]) -> anyhow::Result<()> {
         let md = self.markdown();
         println!("{md}");
-        std::fs::write(root.join("BENCHMARKS.md"), &md)?;
-        self.plot(&root.join("benchmarks.png"))?;
-        eprintln!("bench: wrote BENCHMARKS.md and benchmarks.png");
+        if parts.is_empty() {
+            std::fs::write(root.join("BENCHMARKS.md"), &md)?;
+            self.plot(&root.join("benchmarks.png"))?;
+            eprintln!("bench: wrote BENCHMARKS.md and benchmarks.png");
+        } else {
+            let name = format!("BENCHMARKS-{}.md", parts.join("-"));
+            std::fs::write(root.join(&name), &md)?;
+            eprintln!("bench: wrote {name}");
+        }
         Ok(())
     }
 
@@ -361,6 +381,27 @@ impl Results {
                     let _ = writeln!(o, "{}: {note}.\n", f.label);
                 }
             }
+        }
+        if !self.hosts.is_empty() {
+            let _ = writeln!(
+                o,
+                "## Across hosts: etcd write to every other agent's map\n\nHosts are network \
+                 namespaces on a switch (tests/src/hosts.rs), each with an etcd member (one \
+                 3-member cluster) and an agent. A backend is put or deleted through host A's \
+                 member (`etcdctl`, so the time includes starting it); timed from before the \
+                 write to the service's entry changing in each other agent's pinned map, \
+                 polled every 50 µs.\n"
+            );
+            let _ = writeln!(o, "| setup | agents timed | changes | p50 | p99 | max |");
+            let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|");
+            for h in &self.hosts {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {:.2} ms | {:.2} ms | {:.2} ms |",
+                    h.setup, h.watchers, h.changes, h.ms.p50, h.ms.p99, h.ms.max
+                );
+            }
+            o.push('\n');
         }
         if !self.checks.is_empty() {
             let _ = writeln!(
