@@ -48,49 +48,59 @@ pub fn run(plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
             .chain(watchers.iter().map(|(_, a)| a))
             .map(|a| a.pin_dir.clone())
             .collect();
-        let maps: Vec<KernelMaps> = pins
-            .iter()
-            .map(|p| KernelMaps::open(p))
-            .collect::<anyhow::Result<_>>()?;
         let changes = if plan.changes < 1000 { 40 } else { 200 };
-        let mut ms = Vec::new();
-        for k in 0..changes {
-            let before: Vec<u32> = maps
-                .iter()
-                .map(|m| m.service(&key).map_or(0, |s| s.set_id))
-                .collect();
-            let t = Instant::now();
-            if k % 2 == 0 {
-                fleet.put(0, "/discovery/backends/web/extra", "198.18.0.12:9000");
-            } else {
-                let out = fleet.ctl(0, &["del", "/discovery/backends/web/extra"]);
-                if !out.status.success() {
-                    bail!("etcdctl del: {out:?}");
-                }
-            }
-            let mut pending: Vec<usize> = (0..maps.len()).collect();
-            while !pending.is_empty() {
-                pending.retain(|&i| {
-                    let changed = maps[i].service(&key).is_some_and(|s| s.set_id != before[i]);
-                    if changed {
-                        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        // The writer runs inside host A (an etcd client of its local
+        // member); the maps are pinned in the one bpffs and read from here.
+        let (ms, timed) = fleet
+            .host(0)
+            .within(|| -> anyhow::Result<(Vec<f64>, usize)> {
+                let maps: Vec<KernelMaps> = pins
+                    .iter()
+                    .map(|p| KernelMaps::open(p))
+                    .collect::<anyhow::Result<_>>()?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let mut c = rt.block_on(super::etcd("http://127.0.0.1:2379"))?;
+                let mut ms = Vec::new();
+                for k in 0..changes {
+                    let before: Vec<u32> = maps
+                        .iter()
+                        .map(|m| m.service(&key).map_or(0, |s| s.set_id))
+                        .collect();
+                    let t = Instant::now();
+                    let key_path = "/discovery/backends/web/extra";
+                    if k % 2 == 0 {
+                        rt.block_on(c.put(key_path, "198.18.0.12:9000", None))?;
+                    } else {
+                        rt.block_on(c.delete(key_path, None))?;
                     }
-                    !changed
-                });
-                if t.elapsed() > Duration::from_secs(10) {
-                    bail!("change {k} not on {} agents after 10 s", pending.len());
+                    let mut pending: Vec<usize> = (0..maps.len()).collect();
+                    while !pending.is_empty() {
+                        pending.retain(|&i| {
+                            let changed =
+                                maps[i].service(&key).is_some_and(|s| s.set_id != before[i]);
+                            if changed {
+                                ms.push(t.elapsed().as_secs_f64() * 1e3);
+                            }
+                            !changed
+                        });
+                        if t.elapsed() > Duration::from_secs(10) {
+                            bail!("change {k} not on {} agents after 10 s", pending.len());
+                        }
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
                 }
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        }
-        let agents = maps.len() + 1;
+                Ok((ms, maps.len()))
+            })?;
+        let agents = timed + 1;
         let row = HostsRow {
             setup: if label.is_empty() {
                 format!("3 hosts + {extra} more agents on host A: {agents} agents, attached")
             } else {
                 label.to_owned()
             },
-            watchers: maps.len(),
+            watchers: timed,
             changes,
             ms: summarise(&ms),
         };

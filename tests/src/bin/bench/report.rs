@@ -388,9 +388,9 @@ impl Results {
                 "## Across hosts: etcd write to every other agent's map\n\nHosts are network \
                  namespaces on a switch (tests/src/hosts.rs), each with an etcd member (one \
                  3-member cluster) and an agent. A backend is put or deleted through host A's \
-                 member (`etcdctl`, so the time includes starting it); timed from before the \
-                 write to the service's entry changing in each other agent's pinned map, \
-                 polled every 50 µs.\n"
+                 member (an etcd client inside host A; etcd fsyncs the write); timed from \
+                 before the write to the service's entry changing in each other agent's pinned \
+                 map, polled every 50 µs.\n"
             );
             let _ = writeln!(o, "| setup | agents timed | changes | p50 | p99 | max |");
             let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|");
