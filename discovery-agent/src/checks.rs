@@ -253,7 +253,7 @@ impl ActiveChecks {
         for s in falling_back.difference(&self.falling_back) {
             warn!(
                 service = s,
-                "every backend fails its check from this node; using all registered backends"
+                "every backend fails its check or is ejected on this node; using all registered backends"
             );
         }
         for s in self.falling_back.difference(&falling_back) {

@@ -454,9 +454,6 @@ fn read_acks(sock: &Socket, buf: &mut Vec<u8>, pending: &mut HashSet<u32>) -> io
     Ok(codes)
 }
 
-/// Runs `f` on a thread in network namespace `ns` (a `/proc/PID/ns/net`
-/// file): sockets it opens, sock_diag ones included, are that
-/// namespace's. The caller's threads stay where they are.
 /// A network namespace's identity (device and inode of its nsfs file).
 pub fn netns_id_of(f: &File) -> io::Result<(u64, u64)> {
     let m = f.metadata()?;
@@ -470,6 +467,9 @@ pub fn netns_id(path: &Path) -> io::Result<(u64, u64)> {
     Ok((m.dev(), m.ino()))
 }
 
+/// Runs `f` on a thread in network namespace `ns` (a `/proc/PID/ns/net`
+/// file): sockets it opens, sock_diag ones included, are that
+/// namespace's. The caller's threads stay where they are.
 pub fn in_netns<T: Send>(ns: &File, f: impl FnOnce() -> T + Send) -> io::Result<T> {
     let fd = ns.as_raw_fd();
     std::thread::scope(|scope| {
