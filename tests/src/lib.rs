@@ -903,9 +903,9 @@ impl TestCgroup {
         Self { path }
     }
 
-    /// Starts `cmd` as a process inside this cgroup (a server that must be
-    /// redirected, such as a DNS forwarder). The caller ends it.
-    pub fn spawn(&self, cmd: &mut Command) -> Child {
+    /// Makes `cmd`'s process move itself into this cgroup between fork and
+    /// exec; the returned file must stay open until it has been spawned.
+    fn enter_on_exec(&self, cmd: &mut Command) -> fs::File {
         let procs = fs::OpenOptions::new()
             .write(true)
             .open(self.path.join("cgroup.procs"))
@@ -913,23 +913,20 @@ impl TestCgroup {
         let fd = procs.as_raw_fd();
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe { cmd.pre_exec(move || move_self(fd)) };
-        let child = cmd.spawn().expect("spawn a process in the test cgroup");
-        drop(procs);
-        child
+        procs
+    }
+
+    /// Starts `cmd` as a process inside this cgroup (a server that must be
+    /// redirected, such as a DNS forwarder). The caller ends it.
+    pub fn spawn(&self, cmd: &mut Command) -> Child {
+        let _procs = self.enter_on_exec(cmd);
+        cmd.spawn().expect("spawn a process in the test cgroup")
     }
 
     /// Runs `cmd` to completion as a process inside this cgroup.
     pub fn output(&self, cmd: &mut Command) -> Output {
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .open(self.path.join("cgroup.procs"))
-            .expect("open cgroup.procs");
-        let fd = procs.as_raw_fd();
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe { cmd.pre_exec(move || move_self(fd)) };
-        let out = cmd.output().expect("spawn client in test cgroup");
-        drop(procs);
-        out
+        let _procs = self.enter_on_exec(cmd);
+        cmd.output().expect("spawn client in test cgroup")
     }
 
     /// Starts `discovery-probe load ADDR MILLIS` in the cgroup: new
@@ -948,14 +945,8 @@ impl TestCgroup {
     /// Starts `cmd` (a client printing one JSON outcome per line) in the
     /// cgroup, its stdout piped.
     pub fn start_command(&self, mut cmd: Command) -> Load {
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .open(self.path.join("cgroup.procs"))
-            .expect("open cgroup.procs");
-        let fd = procs.as_raw_fd();
         cmd.stdout(std::process::Stdio::piped());
-        // SAFETY: as in `output`.
-        unsafe { cmd.pre_exec(move || move_self(fd)) };
+        let _procs = self.enter_on_exec(&mut cmd);
         Load {
             child: cmd.spawn().expect("spawn probe"),
             lines: None,

@@ -11,11 +11,12 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// The page's DOM after its scripts ran (and fetched status.json).
-fn dom(url: &str) -> String {
+/// Headless Chromium on a fresh profile, with nothing but the page to
+/// load, given `args` and `url`.
+fn chromium(args: &[&str], url: &str) -> std::process::Output {
     let chromium = require("chromium", "the browser tests use Debian's chromium");
     let profile = tempfile::tempdir().unwrap();
-    let out = Command::new(chromium)
+    Command::new(chromium)
         .args([
             "--headless",
             "--no-sandbox",
@@ -24,13 +25,20 @@ fn dom(url: &str) -> String {
             "--disable-component-update",
             "--disable-sync",
             "--no-first-run",
+            // The page's scripts run, and fetch status.json, before the
+            // DOM is dumped or the picture taken.
             "--virtual-time-budget=5000",
-            "--dump-dom",
         ])
+        .args(args)
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(url)
         .output()
-        .expect("run chromium");
+        .expect("run chromium")
+}
+
+/// The page's DOM after its scripts ran (and fetched status.json).
+fn dom(url: &str) -> String {
+    let out = chromium(&["--dump-dom"], url);
     assert!(out.status.success(), "chromium: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -117,26 +125,14 @@ fn rows(dom: &str) -> usize {
 
 /// Chromium's screenshot of `url` into `png`.
 fn screenshot(url: &str, png: &std::path::Path, size: &str) {
-    let chromium = require("chromium", "the browser tests use Debian's chromium");
-    let profile = tempfile::tempdir().unwrap();
-    let out = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
+    let out = chromium(
+        &[
             "--hide-scrollbars",
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!("--window-size={size}"))
-        .arg(format!("--screenshot={}", png.display()))
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(url)
-        .output()
-        .expect("run chromium");
+            &format!("--window-size={size}"),
+            &format!("--screenshot={}", png.display()),
+        ],
+        url,
+    );
     assert!(out.status.success() && png.exists(), "chromium: {out:?}");
 }
 
