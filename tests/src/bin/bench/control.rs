@@ -552,8 +552,7 @@ pub async fn active_checks(_bins: &Bins, plan: &Plan, results: &mut Results) -> 
             .filter(|v| *v >= n as f64)
     })
     .context("active checks never marked every backend down")?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = super::clock_hz();
     let (t, before) = (Instant::now(), cpu_ticks(pid));
     tokio::time::sleep(Duration::from_secs(10)).await;
     let cpu = (cpu_ticks(pid) - before) as f64 / hz / t.elapsed().as_secs_f64() * 100.0;

@@ -15,37 +15,38 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use discovery_tests::{Agent, Etcd, TestCgroup, unique, wait_until};
+use discovery_tests::{Agent, Etcd, TestCgroup, net::command_in, unique, wait_until};
 
-use super::{Bins, KernelMaps, Owned, Plan, free_tcp_port, free_udp_port, tcp_key, wait_tcp};
-use crate::report::{Micro, PathSample, Results};
+use super::{
+    Bins, CpuMeter, KernelMaps, Owned, Plan, free_tcp_port, free_udp_port, tcp_key, wait_tcp,
+};
+use crate::report::{Micro, PathSample, ProgramCost, Results};
 
 pub const PATHS: [&str; 4] = ["direct", "discovery", "nft DNAT", "HAProxy"];
 
 /// A redis-benchmark target: (index in [`PATHS`], host, port).
-type Target = (usize, String, u16);
+pub type Target = (usize, String, u16);
 
-/// (name, redis-benchmark flags). connect-heavy stays far below local port
-/// exhaustion: 8000 connections per run, and a pause after each.
-const WORKLOADS: [(&str, &[&str]); 3] = [
-    ("keep-alive (-c 50)", &["-c", "50", "-n", "200000"]),
-    (
-        "pipelined (-P 16)",
-        &["-c", "50", "-n", "1000000", "-P", "16"],
-    ),
-    (
-        "connect-heavy (-k 0)",
-        &["-c", "50", "-n", "8000", "-k", "0"],
-    ),
+/// (name, requests, redis-benchmark flags). connect-heavy stays far below
+/// local port exhaustion: 8000 connections per run, and a pause after each.
+const WORKLOADS: [(&str, u64, &[&str]); 3] = [
+    ("keep-alive (-c 50)", 200_000, &["-c", "50"]),
+    ("pipelined (-P 16)", 1_000_000, &["-c", "50", "-P", "16"]),
+    ("connect-heavy (-k 0)", 8_000, &["-c", "50", "-k", "0"]),
 ];
 
-/// An nftables table of ours, deleted on drop.
-struct NftTable(String);
+/// An nftables table of ours (in a host's namespace, or the bench's own),
+/// deleted on drop.
+pub struct NftTable {
+    name: String,
+    netns: Option<String>,
+}
 
 impl NftTable {
-    fn new(name: &str, body: &str) -> anyhow::Result<Self> {
+    /// `body` is the table's chains, one statement per line.
+    pub fn new(netns: Option<&str>, name: &str, body: &str) -> anyhow::Result<Self> {
         let script = format!("table ip {name} {{\n{body}\n}}\n");
-        let mut c = Command::new("nft")
+        let mut c = command_in(netns, "nft")
             .args(["-f", "-"])
             .stdin(std::process::Stdio::piped())
             .spawn()
@@ -58,27 +59,30 @@ impl NftTable {
         if !c.wait()?.success() {
             bail!("nft rejected:\n{script}");
         }
-        Ok(Self(name.to_owned()))
+        Ok(Self {
+            name: name.to_owned(),
+            netns: netns.map(str::to_owned),
+        })
     }
 }
 
 impl Drop for NftTable {
     fn drop(&mut self) {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "ip", &self.0])
+        let _ = command_in(self.netns.as_deref(), "nft")
+            .args(["delete", "table", "ip", &self.name])
             .status();
     }
 }
 
 /// Counts datagrams arriving at one address.
-struct Sink {
+pub struct Sink {
     count: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
 impl Sink {
-    fn new(addr: SocketAddr) -> anyhow::Result<Self> {
+    pub fn new(addr: SocketAddr) -> anyhow::Result<Self> {
         let s = UdpSocket::bind(addr).with_context(|| format!("bind {addr}"))?;
         s.set_read_timeout(Some(Duration::from_millis(100)))?;
         let (count, stop) = (
@@ -126,10 +130,153 @@ fn redis_rps(out: &std::process::Output) -> anyhow::Result<f64> {
         })
 }
 
+/// A UDP case: (family label, index in [`PATHS`], target, the sink it
+/// reaches).
+pub type UdpCase<'a> = (&'static str, usize, String, &'a Sink);
+
+/// The paths of one setting (loopback, or across hosts): where each
+/// leads, and how a client of each runs.
+pub struct Setting<'a> {
+    /// Where clients run: a network namespace, or the bench's own.
+    pub netns: Option<&'a str>,
+    /// (family label, targets), run with every workload.
+    pub tcp: Vec<(&'static str, Vec<Target>)>,
+    pub udp: Vec<UdpCase<'a>>,
+    /// Runs a client of path `p` to completion (in its cgroup).
+    pub client: &'a dyn Fn(usize, &mut Command) -> std::process::Output,
+    /// Counts the clients' and servers' CPU.
+    pub cpu: CpuMeter,
+}
+
+impl Setting<'_> {
+    /// One interleaved round: every TCP workload over every path (A B C D),
+    /// then every UDP case, unconnected and connected. Each run records
+    /// its rate and the machine's CPU time per request.
+    pub fn round(
+        &self,
+        bins: &Bins,
+        round: usize,
+        tcp: &mut Vec<PathSample>,
+        udp: &mut Vec<PathSample>,
+    ) -> anyhow::Result<()> {
+        for (family, targets) in &self.tcp {
+            for (name, requests, flags) in WORKLOADS {
+                for (p, host, port) in targets {
+                    let mut cmd = command_in(self.netns, "redis-benchmark");
+                    cmd.args(["-h", host, "-p", &port.to_string(), "-t", "get", "--csv"])
+                        .args(["-n", &requests.to_string()])
+                        .args(flags);
+                    let cpu = self.cpu.start();
+                    let out = (self.client)(*p, &mut cmd);
+                    let cpu_us = cpu.micros_per(requests as f64);
+                    let rps = redis_rps(&out)?;
+                    let workload = format!("{family}{name}");
+                    eprintln!(
+                        "bench: round {} {workload} {}: {rps:.0} req/s, {cpu_us:.1} µs CPU/req",
+                        round + 1,
+                        PATHS[*p]
+                    );
+                    tcp.push(PathSample {
+                        workload,
+                        path: PATHS[*p].to_owned(),
+                        value: rps,
+                        cpu_us,
+                    });
+                    if flags.contains(&"-k") {
+                        // Let TIME_WAIT drain a little between connect-heavy runs.
+                        thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+        for how in ["unconnected", "connected"] {
+            for (family, p, target, sink) in &self.udp {
+                let before = sink.count.load(Ordering::Relaxed);
+                let cpu = self.cpu.start();
+                let t = Instant::now();
+                let mut cmd = command_in(self.netns, &bins.load);
+                cmd.args(["udp-send", target, "2000", how]);
+                let out = (self.client)(*p, &mut cmd);
+                if !out.status.success() {
+                    bail!("udp-send {target}: {out:?}");
+                }
+                // Datagrams still in the socket buffer arrive right after.
+                thread::sleep(Duration::from_millis(100));
+                let got = sink.count.load(Ordering::Relaxed) - before;
+                let rate = got as f64 / (t.elapsed().as_secs_f64() - 0.1);
+                let cpu_us = cpu.micros_per(got as f64);
+                eprintln!(
+                    "bench: round {} {family}udp {how} {}: {rate:.0} datagrams/s delivered, \
+                     {cpu_us:.2} µs CPU/datagram",
+                    round + 1,
+                    PATHS[*p]
+                );
+                udp.push(PathSample {
+                    workload: format!("{family}UDP {how}"),
+                    path: PATHS[*p].to_owned(),
+                    value: rate,
+                    cpu_us,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Where a redirected TCP connection's time in the programs goes: one
+    /// more connect-heavy run of the discovery path (target `discovery`)
+    /// with the kernel's program stats on, counted for the programs
+    /// attached to `cgroup`.
+    pub fn program_cost(
+        &self,
+        setting: &str,
+        cgroup: &std::path::Path,
+        out: &mut Vec<ProgramCost>,
+    ) -> anyhow::Result<()> {
+        let (_, host, port) = self
+            .tcp
+            .first()
+            .and_then(|(_, t)| t.iter().find(|t| t.0 == 1))
+            .context("no discovery target")?;
+        let (_, connections, flags) = WORKLOADS[2];
+        // Stats stay on while the fd is open, and go off with it.
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .context("enabling the kernel's BPF program stats")?;
+        let before = super::program_runs(cgroup)?;
+        let mut cmd = command_in(self.netns, "redis-benchmark");
+        cmd.args(["-h", host, "-p", &port.to_string(), "-t", "get", "--csv"])
+            .args(["-n", &connections.to_string()])
+            .args(flags);
+        let cpu = self.cpu.start();
+        let run = (self.client)(1, &mut cmd);
+        let cpu_us = cpu.micros_per(connections as f64);
+        let rps = redis_rps(&run)?;
+        eprintln!(
+            "bench: {setting}: connect-heavy discovery with program stats: {rps:.0} req/s, \
+             {cpu_us:.1} µs CPU/req; {:?}",
+            self.cpu.breakdown()
+        );
+        for (name, (runs, ns)) in super::program_runs(cgroup)? {
+            let (r0, ns0) = before.get(&name).copied().unwrap_or_default();
+            if runs > r0 {
+                out.push(ProgramCost {
+                    setting: setting.to_owned(),
+                    program: name,
+                    runs_per_connection: (runs - r0) as f64 / connections as f64,
+                    ns_per_connection: (ns - ns0) as f64 / connections as f64,
+                    cpu_us_per_connection: cpu_us,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()> {
     eprintln!("bench: data path");
     let etcd = Etcd::start();
     let cg = TestCgroup::new("bench-data");
+    // Servers and proxies run here: their CPU is counted.
+    let servers = TestCgroup::new("bench-servers");
     let agent = Agent::start(
         &etcd.url,
         &cg,
@@ -140,13 +287,13 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
     // One redis on four addresses: one per path.
     let port = free_tcp_port("127.0.0.2");
     let _redis = Owned(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.2 127.0.0.3 127.0.0.4 127.0.0.5"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .args(["--logfile", "/dev/null"])
-            .spawn()
-            .context("starting redis-server")?,
+        servers.spawn(
+            Command::new("redis-server")
+                .args(["--port", &port.to_string()])
+                .args(["--bind", "127.0.0.2 127.0.0.3 127.0.0.4 127.0.0.5"])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(["--logfile", "/dev/null"]),
+        ),
     );
     for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
         wait_tcp(format!("{ip}:{port}").parse()?, "redis-server")?;
@@ -157,14 +304,16 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
     let _redis6 = port6
         .iter()
         .map(|p| {
-            let child = Command::new("redis-server")
-                .args(["--port", &p.to_string(), "--bind", "::1"])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .args(["--logfile", "/dev/null"])
-                .spawn()
-                .context("starting redis-server on ::1")?;
+            let child = Owned(
+                servers.spawn(
+                    Command::new("redis-server")
+                        .args(["--port", &p.to_string(), "--bind", "::1"])
+                        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                        .args(["--logfile", "/dev/null"]),
+                ),
+            );
             wait_tcp(format!("[::1]:{p}").parse()?, "redis-server on ::1")?;
-            Ok(Owned(child))
+            Ok(child)
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let udp_port = free_udp_port("127.0.0.2");
@@ -234,6 +383,7 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
     let dnat_udp = free_udp_port("127.0.0.1");
     let table = unique("bench_dnat").replace('-', "_");
     let _nft = NftTable::new(
+        None,
         &table,
         &format!(
             " chain out {{\n  type nat hook output priority -100; policy accept;\n  \
@@ -254,13 +404,7 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
              default_backend b\nbackend b\n  server r 127.0.0.5:{port}\n"
         ),
     )?;
-    let _haproxy = Owned(
-        Command::new("haproxy")
-            .args(["-db", "-f"])
-            .arg(&cfg)
-            .spawn()
-            .context("starting haproxy")?,
-    );
+    let _haproxy = Owned(servers.spawn(Command::new("haproxy").args(["-db", "-f"]).arg(&cfg)));
     wait_tcp(format!("127.0.0.6:{hp}").parse()?, "haproxy")?;
 
     let targets = [
@@ -274,7 +418,7 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
     // scheduled the same way (a client beside the bench in its cgroup
     // would compete differently with redis-server for the two cores).
     let plain = TestCgroup::new("bench-plain");
-    let run_client = |path: usize, cmd: &mut Command| {
+    let client = |path: usize, cmd: &mut Command| {
         if path == 1 {
             cg.output(cmd)
         } else {
@@ -285,118 +429,71 @@ pub fn run(bins: &Bins, plan: &Plan, results: &mut Results) -> anyhow::Result<()
     // the IPv4 frontend (v4-mapped), and IPv6 end to end. Paths without a
     // target here (DNAT, HAProxy) are AF_INET only.
     let mapped = |a: &str| format!("::ffff:{a}");
-    let tcp_families: [(&str, Vec<Target>); 3] = [
+    let udp_targets = [
+        format!("127.0.0.2:{udp_port}"),
+        fe_udp.to_string(),
+        format!("127.0.0.1:{dnat_udp}"),
+    ];
+    // AF_INET; AF_INET6 to the v4-mapped frontend (the kernel runs the
+    // IPv4 hooks for it); IPv6.
+    let mut udp: Vec<UdpCase> = udp_targets
+        .iter()
+        .enumerate()
+        .map(|(p, t)| ("", p, t.clone(), &sinks[p]))
+        .collect();
+    udp.extend([
         (
-            "",
-            targets
-                .iter()
-                .enumerate()
-                .map(|(p, t)| {
-                    let a: SocketAddr = t.parse().expect("ip:port");
-                    (p, a.ip().to_string(), a.port())
-                })
-                .collect(),
+            "AF_INET6 v4-mapped: ",
+            0,
+            format!("[::ffff:127.0.0.2]:{udp_port}"),
+            &sinks[0],
         ),
         (
             "AF_INET6 v4-mapped: ",
-            vec![
-                (0, mapped("127.0.0.2"), port),
-                (1, mapped("127.0.0.1"), fe_tcp.port()),
-            ],
+            1,
+            format!("[::ffff:127.0.0.1]:{}", fe_udp.port()),
+            &sinks[1],
         ),
-        (
-            "IPv6: ",
-            vec![
-                (0, "::1".into(), port6[0]),
-                (1, "::1".into(), fe6_tcp.port()),
-            ],
-        ),
-    ];
+        ("IPv6: ", 0, format!("[::1]:{}", udp6_port[0]), &sinks6[0]),
+        ("IPv6: ", 1, fe6_udp.to_string(), &sinks6[1]),
+    ]);
+    let setting = Setting {
+        netns: None,
+        tcp: vec![
+            (
+                "",
+                targets
+                    .iter()
+                    .enumerate()
+                    .map(|(p, t)| {
+                        let a: SocketAddr = t.parse().expect("ip:port");
+                        (p, a.ip().to_string(), a.port())
+                    })
+                    .collect(),
+            ),
+            (
+                "AF_INET6 v4-mapped: ",
+                vec![
+                    (0, mapped("127.0.0.2"), port),
+                    (1, mapped("127.0.0.1"), fe_tcp.port()),
+                ],
+            ),
+            (
+                "IPv6: ",
+                vec![
+                    (0, "::1".into(), port6[0]),
+                    (1, "::1".into(), fe6_tcp.port()),
+                ],
+            ),
+        ],
+        udp,
+        client: &client,
+        cpu: CpuMeter::new(&[&cg.path, &plain.path, &servers.path]),
+    };
     for round in 0..plan.rounds {
-        for (family, family_targets) in &tcp_families {
-            for (w, (_, flags)) in WORKLOADS.iter().enumerate() {
-                for (p, host, port) in family_targets {
-                    let p = *p;
-                    let mut cmd = Command::new("redis-benchmark");
-                    cmd.args(["-h", host, "-p", &port.to_string(), "-t", "get", "--csv"])
-                        .args(*flags);
-                    let out = run_client(p, &mut cmd);
-                    let rps = redis_rps(&out)?;
-                    let workload = format!("{family}{}", WORKLOADS[w].0);
-                    eprintln!(
-                        "bench: round {} {workload} {}: {rps:.0} req/s",
-                        round + 1,
-                        PATHS[p]
-                    );
-                    results.tcp.push(PathSample {
-                        workload,
-                        path: PATHS[p].to_owned(),
-                        value: rps,
-                    });
-                    if flags.contains(&"-k") {
-                        // Let TIME_WAIT drain a little between connect-heavy runs.
-                        thread::sleep(Duration::from_secs(1));
-                    }
-                }
-            }
-        }
-        // UDP: A, B, C (HAProxy has no UDP).
-        let udp_targets = [
-            format!("127.0.0.2:{udp_port}"),
-            fe_udp.to_string(),
-            format!("127.0.0.1:{dnat_udp}"),
-        ];
-        // (family, path, target, sink): AF_INET; AF_INET6 to the v4-mapped
-        // frontend (the kernel runs the IPv4 hooks for it); IPv6.
-        let mut udp_cases: Vec<(&str, usize, String, &Sink)> = udp_targets
-            .iter()
-            .enumerate()
-            .map(|(p, t)| ("", p, t.clone(), &sinks[p]))
-            .collect();
-        udp_cases.extend([
-            (
-                "AF_INET6 v4-mapped: ",
-                0,
-                format!("[::ffff:127.0.0.2]:{udp_port}"),
-                &sinks[0],
-            ),
-            (
-                "AF_INET6 v4-mapped: ",
-                1,
-                format!("[::ffff:127.0.0.1]:{}", fe_udp.port()),
-                &sinks[1],
-            ),
-            ("IPv6: ", 0, format!("[::1]:{}", udp6_port[0]), &sinks6[0]),
-            ("IPv6: ", 1, fe6_udp.to_string(), &sinks6[1]),
-        ]);
-        for how in ["unconnected", "connected"] {
-            for (family, p, target, sink) in &udp_cases {
-                let (p, target) = (*p, target.as_str());
-                let before = sink.count.load(Ordering::Relaxed);
-                let t = Instant::now();
-                let mut cmd = Command::new(&bins.load);
-                cmd.args(["udp-send", target, "2000", how]);
-                let out = run_client(p, &mut cmd);
-                if !out.status.success() {
-                    bail!("udp-send {target}: {out:?}");
-                }
-                // Datagrams still in the socket buffer arrive right after.
-                thread::sleep(Duration::from_millis(100));
-                let got = sink.count.load(Ordering::Relaxed) - before;
-                let rate = got as f64 / (t.elapsed().as_secs_f64() - 0.1);
-                eprintln!(
-                    "bench: round {} {family}udp {how} {}: {rate:.0} datagrams/s delivered",
-                    round + 1,
-                    PATHS[p]
-                );
-                results.udp.push(PathSample {
-                    workload: format!("{family}UDP {how}"),
-                    path: PATHS[p].to_owned(),
-                    value: rate,
-                });
-            }
-        }
+        setting.round(bins, round, &mut results.tcp, &mut results.udp)?;
     }
+    setting.program_cost("loopback", &cg.path, &mut results.programs)?;
 
     // The hook alone: re-connect one UDP socket (no packet is sent).
     let micro = |label: &str, results: &mut Results| -> anyhow::Result<()> {

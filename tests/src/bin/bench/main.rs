@@ -1,15 +1,17 @@
-//! `discovery-bench`, run by `cargo xtask bench`: the data path against direct, nftables DNAT and
-//! HAProxy; the control plane against the classic etcd → confd → HAProxy
-//! reload pipeline; scale and failover. Loopback only, clients in a child
-//! cgroup of our own, every process we start ended by PID, every nft table
-//! and pin dir removed, also on failure.
+//! `discovery-bench`, run by `cargo xtask bench`: the data path against
+//! direct, nftables DNAT and HAProxy, on loopback and across hosts; the
+//! control plane against the classic etcd → confd → HAProxy reload
+//! pipeline; scale and failover. Loopback, or network namespaces of our
+//! own; clients in a child cgroup of our own, every process we start ended
+//! by PID, every nft table and pin dir removed, also on failure.
 mod control;
 mod datapath;
 mod hosts;
 mod report;
+mod wire;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{SocketAddr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command},
@@ -75,10 +77,10 @@ fn main() -> anyhow::Result<()> {
     for a in std::env::args().skip(1) {
         match a.as_str() {
             "--quick" => quick = true,
-            "datapath" | "control" | "failover" | "checks" | "hosts" => parts.push(a),
+            "datapath" | "wire" | "control" | "failover" | "checks" | "hosts" => parts.push(a),
             other => bail!(
                 "unknown argument {other:?}: expected --quick or parts among \
-                 datapath, control, failover, checks, hosts"
+                 datapath, wire, control, failover, checks, hosts"
             ),
         }
     }
@@ -139,6 +141,10 @@ fn run(bins: Bins, plan: Plan, parts: &[String]) -> anyhow::Result<()> {
     if want("datapath") {
         let r = datapath::run(&bins, &plan, &mut results);
         part("data path", r, &mut results);
+    }
+    if want("wire") {
+        let r = wire::run(&bins, &plan, &mut results);
+        part("data path across hosts", r, &mut results);
     }
     if want("control") {
         let r = rt.block_on(control::convergence(&bins, &plan, &mut results));
@@ -340,6 +346,124 @@ pub fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// CPU time spent on a data path: the cgroups its clients and servers run
+/// in (cgroup v2 `cpu.stat` usage_usec, which counts the kernel's work in
+/// their syscalls and the softirqs run on their way out), this process
+/// (the UDP sinks are its threads) and the kernel's softirq threads (which
+/// take over packet processing under load). Unlike the machine's busy time
+/// this leaves out whatever else runs meanwhile; unlike the rate it does
+/// not move with how the two cores are shared.
+pub struct CpuMeter {
+    cgroups: Vec<PathBuf>,
+    pids: Vec<u32>,
+}
+
+impl CpuMeter {
+    pub fn new(cgroups: &[&Path]) -> Self {
+        let ksoftirqd = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.starts_with("ksoftirqd/"))
+            });
+        Self {
+            cgroups: cgroups.iter().map(|p| p.to_path_buf()).collect(),
+            pids: ksoftirqd.chain([std::process::id()]).collect(),
+        }
+    }
+
+    /// Seconds of CPU so far.
+    fn now(&self) -> f64 {
+        self.breakdown().iter().map(|(_, secs)| secs).sum()
+    }
+
+    /// Seconds of CPU so far of each source (cgroup name or pid), for a
+    /// log line.
+    pub fn breakdown(&self) -> Vec<(String, f64)> {
+        let cgroups = self.cgroups.iter().map(|c| {
+            let name = c
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into());
+            (name, cgroup_cpu_secs(c))
+        });
+        let pids = self
+            .pids
+            .iter()
+            .map(|&p| (p.to_string(), cpu_ticks(p) as f64 / clock_hz()));
+        cgroups.chain(pids).collect()
+    }
+
+    pub fn start(&self) -> Busy<'_> {
+        Busy {
+            meter: self,
+            at: self.now(),
+        }
+    }
+}
+
+/// A cgroup's CPU time so far (`cpu.stat` usage_usec), in seconds.
+fn cgroup_cpu_secs(cg: &Path) -> f64 {
+    std::fs::read_to_string(cg.join("cpu.stat"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .map_or(0.0, |us| us as f64 / 1e6)
+}
+
+/// Clock ticks per second, the unit of /proc/PID/stat's times.
+pub fn clock_hz() -> f64 {
+    // SAFETY: sysconf only reads a constant of the system.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}
+
+/// A [`CpuMeter`] reading taken at the start of a run.
+pub struct Busy<'a> {
+    meter: &'a CpuMeter,
+    at: f64,
+}
+
+impl Busy<'_> {
+    /// Microseconds of CPU per unit of `n` since the start.
+    pub fn micros_per(&self, n: f64) -> f64 {
+        let spent = self.meter.now() - self.at;
+        if n > 0.0 { spent * 1e6 / n } else { f64::NAN }
+    }
+}
+
+/// Runs and run time (ns) so far of each program attached to `cgroup`, by
+/// program name: the kernel's own accounting, counted while the stats are
+/// enabled (`aya::sys::enable_stats`).
+pub fn program_runs(cgroup: &Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .context("bpftool cgroup show")?;
+    let attached: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("bpftool cgroup show output")?;
+    let ids: Vec<u64> = attached
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    let mut runs = BTreeMap::new();
+    for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+        if ids.contains(&u64::from(info.id())) {
+            let name = info.name_as_str().unwrap_or("?").to_owned();
+            let e = runs.entry(name).or_insert((0, 0));
+            e.0 += info.run_count();
+            e.1 += info.run_time().as_nanos() as u64;
+        }
+    }
+    Ok(runs)
 }
 
 /// utime + stime of a process, in clock ticks.

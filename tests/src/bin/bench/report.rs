@@ -13,6 +13,16 @@ pub struct PathSample {
     pub workload: String,
     pub path: String,
     pub value: f64,
+    /// CPU time per request (or datagram delivered), in microseconds: the
+    /// client's, server's and proxy's (see `CpuMeter`).
+    pub cpu_us: f64,
+}
+
+/// One path of one workload, over the rounds.
+struct PathRow {
+    path: String,
+    rate: Summary,
+    cpu_us: Summary,
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +62,17 @@ pub struct Failover {
     pub note: Option<String>,
 }
 
+/// One program's share of a redirected connection (connect-heavy).
+#[derive(Debug)]
+pub struct ProgramCost {
+    pub setting: String,
+    pub program: String,
+    pub runs_per_connection: f64,
+    pub ns_per_connection: f64,
+    /// The whole run's CPU per connection, for scale.
+    pub cpu_us_per_connection: f64,
+}
+
 /// One row of the across-hosts table.
 #[derive(Debug)]
 pub struct HostsRow {
@@ -72,6 +93,10 @@ pub struct Results {
     pub failover: Vec<Failover>,
     pub checks: BTreeMap<String, String>,
     pub hosts: Vec<HostsRow>,
+    /// The data path across hosts (the `wire` part).
+    pub wire_tcp: Vec<PathSample>,
+    pub wire_udp: Vec<PathSample>,
+    pub programs: Vec<ProgramCost>,
     pub notes: Vec<String>,
 }
 
@@ -139,6 +164,9 @@ impl Results {
             failover: vec![],
             checks: BTreeMap::new(),
             hosts: vec![],
+            wire_tcp: vec![],
+            wire_udp: vec![],
+            programs: vec![],
             notes: vec![],
         })
     }
@@ -160,17 +188,18 @@ impl Results {
         Ok(())
     }
 
-    /// (workload, path) → summary of the rounds, in first-seen order.
-    fn by_path(samples: &[PathSample]) -> Vec<(String, Vec<(String, Summary)>)> {
+    /// (workload, [(path, rate, CPU per request)]): summaries of the
+    /// rounds, workloads in first-seen order.
+    fn by_path(samples: &[PathSample]) -> Vec<(String, Vec<PathRow>)> {
         let mut order: Vec<String> = Vec::new();
-        let mut m: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+        let mut m: BTreeMap<(String, String), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
         for s in samples {
             if !order.contains(&s.workload) {
                 order.push(s.workload.clone());
             }
-            m.entry((s.workload.clone(), s.path.clone()))
-                .or_default()
-                .push(s.value);
+            let e = m.entry((s.workload.clone(), s.path.clone())).or_default();
+            e.0.push(s.value);
+            e.1.push(s.cpu_us);
         }
         order
             .into_iter()
@@ -178,8 +207,11 @@ impl Results {
                 let rows = PATHS
                     .iter()
                     .filter_map(|p| {
-                        m.get(&(w.clone(), (*p).to_owned()))
-                            .map(|v| ((*p).to_owned(), summarise(v)))
+                        m.get(&(w.clone(), (*p).to_owned())).map(|(v, c)| PathRow {
+                            path: (*p).to_owned(),
+                            rate: summarise(v),
+                            cpu_us: summarise(c),
+                        })
                     })
                     .collect();
                 (w, rows)
@@ -193,8 +225,9 @@ impl Results {
         let _ = writeln!(
             o,
             "Produced by `cargo xtask bench` (see README.md). Every figure comes from the run \
-             below; nothing is edited by hand. Loopback only; clients of the discovery path run \
-             in a child cgroup with the programs attached, the others in a sibling child cgroup \
+             below; nothing is edited by hand. Nothing leaves the machine: loopback, and \
+             network namespaces joined by a bridge for the across-hosts parts; clients of the \
+             discovery path run in a child cgroup with the programs attached, the others in a sibling child cgroup \
              without them.\n"
         );
         for (k, v) in &self.machine {
@@ -204,38 +237,105 @@ impl Results {
         for n in &self.notes {
             let _ = writeln!(o, "> {n}\n");
         }
-        for (title, samples, unit) in [
+        for (title, samples, unit, per) in [
             (
                 "TCP: redis-benchmark GET, one redis-server",
                 &self.tcp,
                 "requests/s",
+                "request",
             ),
             (
                 "UDP: 64-byte datagrams from one socket for 2 s",
                 &self.udp,
                 "datagrams/s delivered",
+                "datagram delivered",
+            ),
+            (
+                "Across hosts, TCP: redis-benchmark GET on host A, redis-server on host B",
+                &self.wire_tcp,
+                "requests/s",
+                "request",
+            ),
+            (
+                "Across hosts, UDP: 64-byte datagrams from host A to sinks on host B for 2 s",
+                &self.wire_udp,
+                "datagrams/s delivered",
+                "datagram delivered",
             ),
         ] {
             if samples.is_empty() {
                 continue;
             }
+            let _ = writeln!(o, "## {title}\n");
+            if std::ptr::eq(samples, &self.wire_tcp) {
+                let _ = writeln!(
+                    o,
+                    "Two hosts (network namespaces) on a switch (tests/src/hosts.rs), an etcd \
+                     member and an agent each; every client runs on host A and every backend \
+                     on host B (one redis-server on four addresses of B, one per path, so \
+                     TIME_WAIT never crosses paths). direct: B's address; discovery: a \
+                     loopback frontend on A redirected at connect; nft DNAT: a loopback \
+                     address on A translated in the output hook, with route_localnet and \
+                     masquerade (as the classic setup needs once the backend is remote); \
+                     HAProxy: on A's loopback, TCP mode, 2 threads. AF_INET only.\n"
+                );
+            }
             let _ = writeln!(
                 o,
-                "## {title}\n\nMedian of the interleaved rounds, {unit}; the spread is min–max \
-                 over rounds; the ratio is the median against direct.\n"
+                "Median of the interleaved rounds, {unit}; the spread is min–max over rounds; \
+                 the ratio is the median against direct. CPU is the time spent by the clients', \
+                 servers' and proxy's processes (with the kernel's work in their syscalls) and \
+                 the kernel's softirq threads, per {per}, in µs; anything else running on the \
+                 machine is left out.\n"
             );
-            let _ = writeln!(o, "| workload | path | median | spread | ratio to direct |");
-            let _ = writeln!(o, "|---|---|---:|---:|---:|");
+            let _ = writeln!(
+                o,
+                "| workload | path | median | spread | ratio to direct | CPU µs per {per} | CPU spread | CPU ratio |"
+            );
+            let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|");
             for (w, rows) in Self::by_path(samples) {
-                let direct = rows.iter().find(|(p, _)| p == "direct").map(|(_, s)| s.p50);
-                for (p, s) in rows {
-                    let ratio = direct.map_or("".into(), |d| format!("{:.2}x", s.p50 / d));
+                let direct = rows.iter().find(|r| r.path == "direct");
+                for r in &rows {
+                    let (s, c) = (r.rate, r.cpu_us);
+                    let ratio = direct.map_or("".into(), |d| format!("{:.2}x", s.p50 / d.rate.p50));
+                    let cpu_ratio =
+                        direct.map_or("".into(), |d| format!("{:.2}x", c.p50 / d.cpu_us.p50));
+                    let digits = if c.p50 < 10.0 { 2 } else { 1 };
                     let _ = writeln!(
                         o,
-                        "| {w} | {p} | {:.0} | {:.0}–{:.0} (n={}) | {ratio} |",
-                        s.p50, s.min, s.max, s.n
+                        "| {w} | {} | {:.0} | {:.0}–{:.0} (n={}) | {ratio} | {:.digits$} | \
+                         {:.digits$}–{:.digits$} | {cpu_ratio} |",
+                        r.path, s.p50, s.min, s.max, s.n, c.p50, c.min, c.max
                     );
                 }
+            }
+            o.push('\n');
+        }
+        if !self.programs.is_empty() {
+            let _ = writeln!(
+                o,
+                "## A redirected connection in the programs\n\nOne more connect-heavy run of \
+                 the discovery path with the kernel's program stats on \
+                 (`BPF_ENABLE_STATS`): runs and time of each program attached to the \
+                 client's cgroup, per connection, beside the run's CPU per connection \
+                 (counted as in the tables above). The rest of a connection's cost beyond \
+                 direct is the kernel's, around the programs.\n"
+            );
+            let _ = writeln!(
+                o,
+                "| setting | program | runs per connection | ns per connection | CPU µs per connection (whole run) |"
+            );
+            let _ = writeln!(o, "|---|---|---:|---:|---:|");
+            for p in &self.programs {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {:.1} | {:.0} | {:.1} |",
+                    p.setting,
+                    p.program,
+                    p.runs_per_connection,
+                    p.ns_per_connection,
+                    p.cpu_us_per_connection
+                );
             }
             o.push('\n');
         }
@@ -469,8 +569,8 @@ impl Results {
                 .iter()
                 .enumerate()
                 .filter_map(|(g, (_, rows))| {
-                    let direct = rows.iter().find(|(n, _)| n == "direct")?.1.p50;
-                    let s = rows.iter().find(|(n, _)| n == path_name)?.1;
+                    let direct = rows.iter().find(|r| r.path == "direct")?.rate.p50;
+                    let s = rows.iter().find(|r| r.path == *path_name)?.rate;
                     let x0 = g as f64 + 0.1 + p as f64 * 0.2;
                     Some(Rectangle::new(
                         [(x0, 0.0), (x0 + 0.18, s.p50 / direct)],
