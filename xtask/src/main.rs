@@ -56,7 +56,7 @@ enum Task {
         /// A short smoke run (one round, fewer changes, smaller sizes).
         #[arg(long)]
         quick: bool,
-        /// Only these parts: datapath, control, failover, checks, hosts (a
+        /// Only these parts: datapath, control, failover, checks, hosts, page (a
         /// run of some parts writes BENCHMARKS-<parts>.md, not BENCHMARKS.md).
         parts: Vec<String>,
     },

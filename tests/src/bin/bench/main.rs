@@ -1,11 +1,13 @@
 //! `discovery-bench`, run by `cargo xtask bench`: the data path against direct, nftables DNAT and
 //! HAProxy; the control plane against the classic etcd → confd → HAProxy
-//! reload pipeline; scale and failover. Loopback only, clients in a child
+//! reload pipeline; scale and failover; the stats page and the fleet map
+//! in headless Chromium. Loopback only, clients in a child
 //! cgroup of our own, every process we start ended by PID, every nft table
 //! and pin dir removed, also on failure.
 mod control;
 mod datapath;
 mod hosts;
+mod page;
 mod report;
 
 use std::{
@@ -75,10 +77,10 @@ fn main() -> anyhow::Result<()> {
     for a in std::env::args().skip(1) {
         match a.as_str() {
             "--quick" => quick = true,
-            "datapath" | "control" | "failover" | "checks" | "hosts" => parts.push(a),
+            "datapath" | "control" | "failover" | "checks" | "hosts" | "page" => parts.push(a),
             other => bail!(
                 "unknown argument {other:?}: expected --quick or parts among \
-                 datapath, control, failover, checks, hosts"
+                 datapath, control, failover, checks, hosts, page"
             ),
         }
     }
@@ -157,6 +159,10 @@ fn run(bins: Bins, plan: Plan, parts: &[String]) -> anyhow::Result<()> {
     if want("hosts") {
         let r = hosts::run(&plan, &mut results);
         part("across hosts", r, &mut results);
+    }
+    if want("page") {
+        let r = page::run(&bins, &plan, &mut results);
+        part("stats page and fleet map", r, &mut results);
     }
     // A run of some parts writes a report of its own: it must not replace
     // the full run's BENCHMARKS.md.
