@@ -424,9 +424,11 @@ impl Results {
                  Debian's headless Chromium, driven over the DevTools protocol, in real time \
                  (no virtual time), 1300×900 window; times in the browser are the page's \
                  performance.now() (zero at navigation start), \"frame painted\" is the first \
-                 task after the next animation frame, after a forced layout. A filter starts \
-                 right after a poll's frame, so the page's own 1 s poll does not land in it. \
-                 The first page load of a run is a fresh profile's first.\n"
+                 task after the next animation frame, after a forced layout. The page builds \
+                 its list in slices (the first screen in one task, then 1,000 rows a task), so \
+                 both the first frame and the one after the last row are given. A filter \
+                 starts right after a poll's frame, so the page's own 1 s poll does not land \
+                 in it. The first page load of a run is a fresh profile's first.\n"
             );
             let _ = writeln!(o, "| figure | spans | median | max | n |");
             let _ = writeln!(o, "|---|---|---:|---:|---:|");
