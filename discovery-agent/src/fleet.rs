@@ -385,7 +385,7 @@ fn columns(f: &Fleet) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
          viewBox=\"0 0 {width:.0} {height:.0}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <style>rect{{stroke:#444}} .w,.b{{fill:#fff}} path{{fill:none;stroke:#888}} \
-         .c path{{stroke-opacity:.45}} .c:hover path{{stroke:#d00;stroke-opacity:1;stroke-width:2}} \
+         .c{{stroke-opacity:.45}} .c:hover{{stroke:#d00;stroke-opacity:1;stroke-width:2}} \
          .who{{fill:#555}}</style>"
     );
     let _ = writeln!(
@@ -402,8 +402,8 @@ fn columns(f: &Fleet) -> String {
         let xm = (x1 + x2) / 2.0;
         let _ = writeln!(
             o,
-            "<g class=\"c\"><title>{} → {}: {calls} calls</title><path d=\"M{x1:.0},{y1:.0} \
-             C{xm:.0},{y1:.0} {xm:.0},{y2:.0} {x2:.0},{y2:.0}\"/></g>",
+            "<path class=\"c\" d=\"M{x1:.0},{y1:.0} C{xm:.0},{y1:.0} {xm:.0},{y2:.0} \
+             {x2:.0},{y2:.0}\"><title>{} → {}: {calls} calls</title></path>",
             xml(&format!("{n} {c}")),
             xml(s),
         );
@@ -578,7 +578,7 @@ mod tests {
         assert!(s.starts_with("<svg"), "{s:.300}");
         assert_eq!(s.matches(">10 backends</text>").count(), 1000);
         assert!(s.contains(">s999 127.0.0.1:1999</text>"));
-        assert_eq!(s.matches("<g class=\"c\">").count(), 1000);
+        assert_eq!(s.matches("<path class=\"c\"").count(), 1000);
         assert!(s.contains("<title>n4 /app.slice → s999: 999 calls</title>"));
         assert!(s.contains(">1 caller, 999 calls</text>"));
         // In natural order: s2 above s10.
