@@ -9,7 +9,8 @@ use crate::{
 pub async fn run(args: MapArgs) -> anyhow::Result<()> {
     let f = fleet::read(&args.etcd.config()?, &args.etcd.prefix)
         .await?
-        .filter(args.service.as_deref(), args.node.as_deref());
+        .filter(args.service.as_deref(), args.node.as_deref())
+        .collapse_above(args.collapse_above);
     if f.is_empty() {
         bail!(
             "nothing to draw under {} (no services{})",

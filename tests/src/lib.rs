@@ -24,6 +24,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub mod cdp;
 pub mod clients;
 pub mod hosts;
 pub mod net;

@@ -3,7 +3,7 @@
 //! would see: the service, its backends' states and counters.
 use std::{net::SocketAddr, process::Command, time::Duration};
 
-use discovery_tests::{Backend, World, clients::require, wait_until};
+use discovery_tests::{Backend, World, cdp::Browser, clients::require, wait_until};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_discovery-probe");
 
@@ -60,6 +60,17 @@ fn connects(dom: &str, instance: &str) -> Option<u64> {
     cell.split('<').next()?.trim().parse().ok()
 }
 
+/// An open page's row of backend `instance`: its class and connects.
+fn live_row(page: &mut Browser, instance: &str) -> Option<(String, u64)> {
+    let v = page
+        .eval(&format!(
+            "(() => {{ const tr = document.querySelector('tr[data-instance=\"{instance}\"]'); \
+             return tr && [tr.className, tr.querySelector('.connects').textContent]; }})()"
+        ))
+        .ok()?;
+    Some((v[0].as_str()?.to_owned(), v[1].as_str()?.parse().ok()?))
+}
+
 #[test]
 fn the_stats_page_shows_backends_turning_ejected_and_counters_rising() {
     let w = World::start(
@@ -88,6 +99,18 @@ fn the_stats_page_shows_backends_turning_ejected_and_counters_rising() {
     assert_eq!(row_class(&first, "b").as_deref(), Some("up"), "{first}");
     assert_eq!(row_class(&first, "gone").as_deref(), Some("up"));
     let before = connects(&first, "b").expect("b's connects on the page");
+    // A page left open, in real time: its poll must keep it current.
+    let mut live = Browser::start(
+        &require("chromium", "the browser tests use Debian's chromium"),
+        "1300,900",
+    )
+    .expect("chromium over the DevTools protocol");
+    live.navigate(&url).expect("load the page");
+    let shown = wait_until(Duration::from_secs(10), || live_row(&mut live, "gone"));
+    assert_eq!(shown.map(|r| r.0).as_deref(), Some("up"));
+    // Marks gone's row: a poll that only changes cells keeps the element.
+    live.eval("document.querySelector('tr[data-instance=\"gone\"]').dataset.mark = '1'")
+        .unwrap();
     // Traffic: the refusing backend is ejected in the kernel, b counts up.
     let _ = w.probe("tcp", "127.0.0.1:8080", 50);
     w.agent
@@ -101,6 +124,20 @@ fn the_stats_page_shows_backends_turning_ejected_and_counters_rising() {
     .expect("the page never showed gone as ejected");
     assert!(connects(&later, "b").unwrap() > before, "{later}");
     assert!(later.contains("ejected by kernel"), "{later}");
+    // The open page caught up by itself, updating the rows in place.
+    let ejected = wait_until(Duration::from_secs(10), || {
+        live_row(&mut live, "gone").filter(|(class, _)| class.starts_with("ejected"))
+    });
+    assert!(ejected.is_some(), "the open page never showed gone ejected");
+    assert!(live_row(&mut live, "b").unwrap().1 > before);
+    let health = live
+        .eval(
+            "(() => { const tr = document.querySelector('tr[data-instance=\"gone\"]'); \
+             return [tr.dataset.mark || '', tr.querySelector('.health').textContent]; })()",
+        )
+        .unwrap();
+    assert_eq!(health, serde_json::json!(["1", "ejected by kernel"]));
+    drop(live);
     // The page loads nothing from elsewhere.
     let (_, page) = w.agent.scrape("/");
     assert!(!page.contains("http://") && !page.contains("https://"));

@@ -56,8 +56,9 @@ enum Task {
         /// A short smoke run (one round, fewer changes, smaller sizes).
         #[arg(long)]
         quick: bool,
-        /// Only these parts: datapath, wire, control, failover, checks, hosts (a
-        /// run of some parts writes BENCHMARKS-<parts>.md, not BENCHMARKS.md).
+        /// Only these parts: datapath, wire, control, failover, checks, hosts,
+        /// page (a run of some parts writes BENCHMARKS-<parts>.md, not
+        /// BENCHMARKS.md).
         parts: Vec<String>,
     },
     /// README's screenshots of the stats page and the fleet map, made in

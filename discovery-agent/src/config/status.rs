@@ -43,6 +43,11 @@ pub struct MapArgs {
     /// Only the workloads of this node and what they call.
     #[arg(long)]
     pub node: Option<String>,
+    /// With more backends than this on the map (after --node), each
+    /// service's backends are drawn as one node with their count; a map of
+    /// one service (--service) shows each.
+    #[arg(long, value_name = "N", default_value_t = crate::fleet::COLLAPSE_ABOVE)]
+    pub collapse_above: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -2,8 +2,9 @@
 //! `/metrics` for Prometheus, `/` a live stats page like HAProxy's,
 //! `/status.json`, the document of `discovery-agent status --json`, which
 //! the page polls, and `/map.svg`, the fleet map (`discovery-agent map`,
-//! read from etcd; `?service=NAME` or `?node=NODE` narrows it). The page is embedded in the binary and loads nothing
-//! from anywhere else.
+//! read from etcd; `?service=NAME` or `?node=NODE` narrows it,
+//! `?collapse_above=N` is `map --collapse-above`). The page is embedded in
+//! the binary and loads nothing from anywhere else.
 use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
@@ -37,10 +38,22 @@ async fn map_svg(src: &StatusSource, query: Option<&str>) -> (StatusCode, &'stat
         })
     };
     let (service, node) = (param("service"), param("node"));
+    let collapse = match param("collapse_above").map(|n| n.parse::<usize>()) {
+        None => crate::fleet::COLLAPSE_ABOVE,
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("fleet map: collapse_above: {e}\n"),
+            );
+        }
+    };
     let drawn = async {
         let f = crate::fleet::read(&src.etcd, &src.prefix)
             .await?
-            .filter(service.as_deref(), node.as_deref());
+            .filter(service.as_deref(), node.as_deref())
+            .collapse_above(collapse);
         tokio::task::spawn_blocking(move || crate::fleet::svg(&f)).await?
     };
     match drawn.await {

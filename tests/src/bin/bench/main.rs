@@ -1,12 +1,14 @@
 //! `discovery-bench`, run by `cargo xtask bench`: the data path against
 //! direct, nftables DNAT and HAProxy, on loopback and across hosts; the
 //! control plane against the classic etcd → confd → HAProxy reload
-//! pipeline; scale and failover. Loopback, or network namespaces of our
-//! own; clients in a child cgroup of our own, every process we start ended
-//! by PID, every nft table and pin dir removed, also on failure.
+//! pipeline; scale and failover; the stats page and the fleet map in
+//! headless Chromium. Loopback, or network namespaces of our own; clients
+//! in a child cgroup of our own, every process we start ended by PID,
+//! every nft table and pin dir removed, also on failure.
 mod control;
 mod datapath;
 mod hosts;
+mod page;
 mod report;
 mod wire;
 
@@ -77,10 +79,12 @@ fn main() -> anyhow::Result<()> {
     for a in std::env::args().skip(1) {
         match a.as_str() {
             "--quick" => quick = true,
-            "datapath" | "wire" | "control" | "failover" | "checks" | "hosts" => parts.push(a),
+            "datapath" | "wire" | "control" | "failover" | "checks" | "hosts" | "page" => {
+                parts.push(a)
+            }
             other => bail!(
                 "unknown argument {other:?}: expected --quick or parts among \
-                 datapath, wire, control, failover, checks, hosts"
+                 datapath, wire, control, failover, checks, hosts, page"
             ),
         }
     }
@@ -163,6 +167,10 @@ fn run(bins: Bins, plan: Plan, parts: &[String]) -> anyhow::Result<()> {
     if want("hosts") {
         let r = hosts::run(&plan, &mut results);
         part("across hosts", r, &mut results);
+    }
+    if want("page") {
+        let r = page::run(&bins, &plan, &mut results);
+        part("stats page and fleet map", r, &mut results);
     }
     // A run of some parts writes a report of its own: it must not replace
     // the full run's BENCHMARKS.md.

@@ -83,6 +83,16 @@ pub struct HostsRow {
     pub ms: Summary,
 }
 
+/// One figure of the stats page and fleet map section.
+#[derive(Debug)]
+pub struct PageRow {
+    /// What was measured; empty for a part of the row above.
+    pub figure: String,
+    /// From when to when.
+    pub spans: String,
+    pub ms: Summary,
+}
+
 pub struct Results {
     pub machine: Vec<(String, String)>,
     pub tcp: Vec<PathSample>,
@@ -97,6 +107,7 @@ pub struct Results {
     pub wire_tcp: Vec<PathSample>,
     pub wire_udp: Vec<PathSample>,
     pub programs: Vec<ProgramCost>,
+    pub page: Vec<PageRow>,
     pub notes: Vec<String>,
 }
 
@@ -167,6 +178,7 @@ impl Results {
             wire_tcp: vec![],
             wire_udp: vec![],
             programs: vec![],
+            page: vec![],
             notes: vec![],
         })
     }
@@ -499,6 +511,32 @@ impl Results {
                     o,
                     "| {} | {} | {} | {:.2} ms | {:.2} ms | {:.2} ms |",
                     h.setup, h.watchers, h.changes, h.ms.p50, h.ms.p99, h.ms.max
+                );
+            }
+            o.push('\n');
+        }
+        if !self.page.is_empty() {
+            let _ = writeln!(
+                o,
+                "## Stats page and fleet map at 1k services / 10k backends\n\nOne agent with \
+                 1,000 services of 10 backends each in etcd (100 draining, 20 in maintenance) \
+                 and consumers summaries from 20 nodes (100 workloads, 2,000 calls edges). \
+                 Debian's headless Chromium, driven over the DevTools protocol, in real time \
+                 (no virtual time), 1300×900 window; times in the browser are the page's \
+                 performance.now() (zero at navigation start), \"frame painted\" is the first \
+                 task after the next animation frame, after a forced layout. The page builds \
+                 its list in slices (the first screen in one task, then 1,000 rows a task), so \
+                 both the first frame and the one after the last row are given. A filter \
+                 starts right after a poll's frame, so the page's own 1 s poll does not land \
+                 in it. The first page load of a run is a fresh profile's first.\n"
+            );
+            let _ = writeln!(o, "| figure | spans | median | max | n |");
+            let _ = writeln!(o, "|---|---|---:|---:|---:|");
+            for r in &self.page {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {:.1} ms | {:.1} ms | {} |",
+                    r.figure, r.spans, r.ms.p50, r.ms.max, r.ms.n
                 );
             }
             o.push('\n');
