@@ -22,6 +22,20 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
+/// Headless Chromium with nothing of its own to do: no GPU, no sandbox
+/// (root), no network of its own, no first-run or background work. Every
+/// browser the tests and benchmarks start gets these, and a fresh
+/// `--user-data-dir`.
+pub const CHROMIUM_FLAGS: [&str; 7] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+];
+
 /// How long one command (or one awaited promise) may take.
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -48,22 +62,14 @@ impl Browser {
         let (cmd_r, cmd_w) = io::pipe().context("creating the DevTools command pipe")?;
         let (ev_r, ev_w) = io::pipe().context("creating the DevTools event pipe")?;
         let mut c = Command::new(chromium);
-        c.args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--remote-debugging-pipe",
-        ])
-        .arg(format!("--window-size={size}"))
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("about:blank")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
+        c.args(CHROMIUM_FLAGS)
+            .arg("--remote-debugging-pipe")
+            .arg(format!("--window-size={size}"))
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
         let (r, w) = (cmd_r.as_raw_fd(), ev_w.as_raw_fd());
         // SAFETY: between fork and exec the closure calls only fcntl and
         // dup2 (async-signal-safe) on fds that stay open until spawn returns

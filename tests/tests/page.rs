@@ -17,18 +17,10 @@ fn chromium(args: &[&str], url: &str) -> std::process::Output {
     let chromium = require("chromium", "the browser tests use Debian's chromium");
     let profile = tempfile::tempdir().unwrap();
     Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            // The page's scripts run, and fetch status.json, before the
-            // DOM is dumped or the picture taken.
-            "--virtual-time-budget=5000",
-        ])
+        .args(discovery_tests::cdp::CHROMIUM_FLAGS)
+        // The page's scripts run, and fetch status.json, before the DOM is
+        // dumped or the picture taken.
+        .arg("--virtual-time-budget=5000")
         .args(args)
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(url)
